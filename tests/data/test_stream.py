@@ -1,0 +1,157 @@
+"""Streams: exactly-once per epoch across ranks x workers, bad samples, mixing, and the DataLoader."""
+
+import io
+import itertools
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from toy_shards import write_robot, write_vl
+
+from vla_scale.config.schema import DataConfig, SourceConfig
+from vla_scale.data.batch import IGNORE_INDEX, Batch
+from vla_scale.data.loader import MixedBatches, build_dataloader, source_schedule
+from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream, epoch_assignment
+
+
+def stream(folder, reader, window=1, chunk=1, buffer=1, policy="skip", seed=0):
+    return SourceStream(folder, reader, seed, buffer, True, window, chunk, BadSamples(policy))
+
+
+def one_epoch_episode_keys(folder, world, workers, window):
+    """Episode keys each reader yields in epoch 0 (window = episode length → one item per episode)."""
+    seen = {}
+    for rank, worker in itertools.product(range(world), range(workers)):
+        s = stream(folder, Reader(rank, world, worker, workers), window=window)
+        seen[(rank, worker)] = [w.key.split("/")[0] for w in s._epoch_items()]
+    return seen
+
+
+@pytest.mark.parametrize(
+    "episodes, per_shard, world, workers",
+    [(12, 3, 2, 2), (10, 3, 2, 1), (7, 2, 2, 2), (5, 5, 2, 2), (3, 1, 2, 2)],
+    ids=["even", "uneven", "odd-shards", "one-shard-4-readers", "fewer-samples-per-reader"],
+)
+def test_each_episode_read_exactly_once_per_epoch(tmp_path, episodes, per_shard, world, workers):
+    write_robot(tmp_path, [4] * episodes, per_shard)
+    seen = one_epoch_episode_keys(tmp_path, world, workers, window=4)
+    everything = [k for keys in seen.values() for k in keys]
+    assert Counter(everything) == Counter(f"ep{i:04d}" for i in range(episodes))
+    if episodes >= world * workers:
+        assert all(seen.values()), "no reader may be left without samples"
+
+
+def test_shard_order_changes_between_epochs_but_split_stays_complete():
+    shards = [f"s{i}" for i in range(6)]
+    readers = [Reader(r, 2, w, 1) for r in range(2) for w in range(1)]
+    e0 = [epoch_assignment(shards, 0, 0, r, True)[0] for r in readers]
+    e1 = [epoch_assignment(shards, 1, 0, r, True)[0] for r in readers]
+    assert sorted(sum(e0, [])) == sorted(shards) == sorted(sum(e1, []))
+    assert e0 != e1
+
+
+def test_uneven_readers_never_run_dry(tmp_path):
+    """Infinite streams: a reader with a smaller share starts its next epoch instead of stopping."""
+    write_robot(tmp_path, [3] * 5, per_shard=2)  # 3 shards over 2 readers: 4 vs 1 episodes
+    small = iter(stream(tmp_path, Reader(1, 2, 0, 1)))
+    items = [next(small) for _ in range(40)]
+    assert len(items) == 40
+
+
+def test_windows_carry_normalised_actions_and_masks(tmp_path):
+    write_robot(tmp_path, [6, 6], per_shard=1)
+    s = stream(tmp_path, Reader(), window=2, chunk=3)
+    windows = list(s._epoch_items())
+    assert len(windows) == 2 * 5
+    w = windows[-1]
+    assert w.images.dtype == np.uint8 and w.images.shape == (2, 16, 16, 3)
+    assert w.action.shape == (2, 3, 4) and w.action_mask[-1].tolist() == [True, False, False]
+    assert set(np.unique(w.action[..., -1])) <= {0.0, 1.0}
+    assert abs(float(np.concatenate([x.action[:, 0, 0] for x in windows]).mean())) < 1.0
+
+
+def _corrupt_first_image(shard_path):
+    """Rewrite a shard with the first frame's bytes replaced by garbage (a real corrupt JPEG/PNG)."""
+    with tarfile.open(shard_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith(".0000.png"))
+    with tarfile.open(shard_path, "w") as tar:
+        for m, data in members:
+            if m.name == victim:
+                data = b"not an image at all"
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return victim
+
+
+def test_bad_sample_skipped_counted_and_named(tmp_path, caplog):
+    write_robot(tmp_path, [3] * 4, per_shard=2)
+    victim = _corrupt_first_image(tmp_path / "shard-000000.tar")
+    s = stream(tmp_path, Reader(), window=3)
+    keys = [w.key.split("/")[0] for w in s._epoch_items()]
+    assert len(keys) == 3 and victim.split(".")[0] not in keys
+    assert s.bad.counts["toy_robot"] == 1
+    assert "shard-000000.tar" in caplog.text and victim.split(".")[0] in caplog.text
+
+
+def test_bad_sample_fail_policy_raises_with_location(tmp_path):
+    write_robot(tmp_path, [3] * 2, per_shard=2)
+    _corrupt_first_image(tmp_path / "shard-000000.tar")
+    s = stream(tmp_path, Reader(), window=3, policy="fail")
+    with pytest.raises(DataError, match=r"shard-000000\.tar:ep0000.*undecodable image.*bad_sample_policy=skip"):
+        list(s._epoch_items())
+
+
+def test_truncated_shard_is_reported_not_fatal(tmp_path):
+    write_robot(tmp_path, [3] * 4, per_shard=2)
+    path = tmp_path / "shard-000001.tar"
+    path.write_bytes(path.read_bytes()[:700])
+    s = stream(tmp_path, Reader(), window=3)
+    keys = {w.key.split("/")[0] for w in s._epoch_items()}
+    assert {"ep0000", "ep0001"} <= keys and s.bad.counts["toy_robot"] >= 1
+
+
+def test_source_schedule_matches_weights_and_is_rank_independent():
+    weights = np.array([0.7, 0.3])
+    picks = [source_schedule(5, i, weights) for i in range(4000)]
+    assert abs(picks.count(0) / len(picks) - 0.7) < 0.03
+    assert picks == [source_schedule(5, i, weights) for i in range(4000)]
+
+
+def test_mixed_loader_with_workers_yields_typed_batches(tmp_path, tokenizer):
+    robot = write_robot(tmp_path / "robot", [5] * 8, per_shard=2)
+    vl = write_vl(tmp_path / "vl", 8, per_shard=4)
+    cfg = DataConfig(
+        sources=[SourceConfig(str(robot), 0.5), SourceConfig(str(vl), 0.5)],
+        window_size=2,
+        fwd_pred_next_n=2,
+        num_workers=2,
+        shuffle_buffer=4,
+        max_text_len=16,
+    )
+    loader = build_dataloader(cfg, seed=0, rank=0, world_size=1, tokenizer=tokenizer, micro_batch_size=3)
+    batches: list[Batch] = list(itertools.islice(iter(loader), 12))
+    sources = [b.data_source for b in batches]
+    assert set(sources) == {"robot", "vl"}
+    expected = [source_schedule(0, i, np.array([0.5, 0.5])) for i in range(12)]
+    assert sources == ["robot" if e == 0 else "vl" for e in expected], "batch order must follow the global schedule"
+    robot_b = next(b for b in batches if b.data_source == "robot")
+    assert robot_b.images.shape == (3, 2, 3, 16, 16) and robot_b.images.dtype == torch.uint8
+    assert robot_b.action.shape == (3, 2, 2, 4) and robot_b.action_mask.shape == (3, 2, 2)
+    assert robot_b.state.shape == (3, 2, 4) and robot_b.text_ids.shape[0] == 3
+    assert (robot_b.text_labels == IGNORE_INDEX).all() and robot_b.text_mask.any(1).all()
+    vl_b = next(b for b in batches if b.data_source == "vl")
+    assert vl_b.images.shape == (3, 1, 3, 16, 16) and vl_b.action is None
+    supervised = vl_b.text_labels != IGNORE_INDEX
+    assert supervised.any(1).all() and (~supervised).any(1).all()
+    eos = tokenizer.eos_token_id
+    assert all(eos in vl_b.text_labels[i].tolist() for i in range(3))
+    assert {b.meta["worker"] for b in batches} == {0, 1}
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path, tokenizer):
+    cfg = DataConfig(sources=[SourceConfig(str(tmp_path / "nope"), 1.0)])
+    with pytest.raises(ValueError, match="not a vla_scale dataset"):
+        MixedBatches(cfg, 0, 0, 1, tokenizer, 2)

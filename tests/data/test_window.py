@@ -1,0 +1,52 @@
+"""Windowing with chunked future actions, and normalisation from stats.json."""
+
+import numpy as np
+import pytest
+from toy_shards import make_episode, write_robot
+
+from vla_scale.data.format import load_stats
+from vla_scale.data.normalize import Normalizer
+from vla_scale.data.window import chunk_actions, iter_windows
+
+
+def test_chunk_actions_and_mask_at_episode_end():
+    action = np.arange(10, dtype=np.float32).reshape(5, 2)
+    chunks, mask = chunk_actions(action, 3)
+    assert chunks.shape == (5, 3, 2) and mask.shape == (5, 3)
+    np.testing.assert_array_equal(chunks[1], action[1:4])
+    np.testing.assert_array_equal(chunks[3, :2], action[3:5])
+    np.testing.assert_array_equal(chunks[3, 2], 0)
+    assert mask[2].all() and mask[3].tolist() == [True, True, False] and mask[4].tolist() == [True, False, False]
+
+
+def test_windows_cover_every_start_with_matching_frames_state_and_chunks():
+    ep = make_episode(3, length=6)
+    windows = list(iter_windows(ep, window_size=2, chunk=3, static_camera="rgb_static", wrist_camera=None))
+    assert [w.key for w in windows] == [f"ep0003/{s}" for s in range(5)]
+    w = windows[4]  # frames 4, 5
+    assert w.images.shape == (2, 16, 16, 3) and w.state.shape == (2, 4) and w.action.shape == (2, 3, 4)
+    np.testing.assert_array_equal(w.images[1], ep.frames["rgb_static"][5])
+    np.testing.assert_array_equal(w.state, ep.state[4:6])
+    np.testing.assert_array_equal(w.action[0, :2], ep.action[4:6])
+    assert w.action_mask.tolist() == [[True, True, False], [True, False, False]]
+    assert w.wrist_images is None
+
+
+def test_short_episode_yields_no_window_and_missing_camera_is_named():
+    ep = make_episode(0, length=2)
+    assert list(iter_windows(ep, 3, 1, "rgb_static", None)) == []
+    with pytest.raises(KeyError, match="rgb_front"):
+        list(iter_windows(ep, 1, 1, "rgb_front", None))
+
+
+def test_normalizer_zscores_arm_and_binarises_gripper(tmp_path):
+    write_robot(tmp_path, [5, 7, 9], per_shard=2)
+    stats = load_stats(tmp_path)
+    norm = Normalizer(stats)
+    raw = np.concatenate([make_episode(i, n).action for i, n in enumerate([5, 7, 9])])
+    out = norm.normalize_action(raw)
+    np.testing.assert_allclose(out[:, :-1].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(out[:, :-1].std(0), 1, atol=1e-3)
+    assert set(np.unique(out[:, -1]).tolist()) <= {0.0, 1.0}
+    back = norm.unnormalize_action(out[:, :-1], out[:, -1:])
+    np.testing.assert_allclose(back, raw, atol=1e-4)

@@ -1,0 +1,99 @@
+"""Config loading: typed schema, overrides, and errors that name the key before anything starts."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vla_scale.config import ConfigError, config_hash, load_config, save_config
+from vla_scale.train.ds_config import build_ds_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["debug.yaml", "demo_cpu.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.model.backbone.family == "llava"
+    assert cfg.data.sources and cfg.data.sources[0].path
+
+
+def test_overrides_nested_and_list_items():
+    cfg = load_config(
+        ROOT / "configs/debug.yaml",
+        ["train.zero_stage=3", "optim.lr=0.5", "data.sources.1.weight=0", "model.backbone.tiny.num_layers=3"],
+    )
+    assert cfg.train.zero_stage == 3
+    assert cfg.optim.lr == 0.5
+    assert cfg.data.sources[1].weight == 0.0
+    assert cfg.model.backbone.tiny.num_layers == 3
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.max_step'.*'max_steps'"):
+        load_config(ROOT / "configs/debug.yaml", ["train.max_step=5"])
+
+
+def test_unknown_section_suggests():
+    with pytest.raises(ConfigError, match=r"'trian'.*'train'"):
+        load_config(None, ["trian.max_steps=5"])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    tree = yaml.safe_load((ROOT / "configs/debug.yaml").read_text())
+    tree["model"]["head"]["hiden_size"] = 3
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"model\.head\.hiden_size.*'hidden_size'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("train.max_steps=ten", r"train\.max_steps: expected an integer"),
+        ("train.bf16=1", r"train\.bf16: expected true or false"),
+        ("optim.lr=fast", r"optim\.lr: expected a number"),
+        ("model.head.arm_loss=l1", r"model\.head\.arm_loss: 'l1' is not one of"),
+        ("data.bad_sample_policy=skp", r"Did you mean 'skip'"),
+    ],
+)
+def test_wrong_types_name_the_key(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(ROOT / "configs/debug.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("train.zero_stage=4", r"zero_stage"),
+        ("train.global_batch_size=7", r"multiple of train\.micro_batch_size"),
+        ("data.sources.0.weight=-1", r"data\.sources\.0\.weight must be >= 0"),
+        ("data.window_size=0", r"data\.window_size must be >= 1"),
+        ("model.backbone.pretrained=", r"model\.backbone\.pretrained is empty"),
+    ],
+)
+def test_impossible_values(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(ROOT / "configs/debug.yaml", [override])
+
+
+def test_world_size_batch_check_and_ds_config():
+    cfg = load_config(ROOT / "configs/debug.yaml")  # global 8, micro 2
+    assert build_ds_config(cfg, 2)["gradient_accumulation_steps"] == 2
+    assert build_ds_config(cfg, 4)["gradient_accumulation_steps"] == 1
+    with pytest.raises(ConfigError, match="micro_batch_size x world"):
+        build_ds_config(cfg, 3)
+    ds = build_ds_config(load_config(ROOT / "configs/debug.yaml", ["train.zero_stage=3", "train.bf16=true"]), 2)
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["bf16"]["enabled"] is True
+    assert ds["train_batch_size"] == 8
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs/debug.yaml", ["optim.lr=0.25"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert config_hash(again) == config_hash(cfg)
+    assert config_hash(load_config(ROOT / "configs/debug.yaml")) != config_hash(cfg)

@@ -1,0 +1,74 @@
+"""`vla-scale` command line: prepare a run (used by launchers/train.sh) and summarise one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vla_scale.config import ConfigError
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from vla_scale.train.prepare import prepare_run
+
+    run_dir = prepare_run(args.config, args.overrides, args.world_size)
+    print(run_dir)
+    return 0
+
+
+def summarize(run_dir: str | Path, key: str = "loss_arm") -> str:
+    """Human summary of a finished run from its metrics.jsonl."""
+    from vla_scale.train.metrics import read_metrics
+
+    records = [r for r in read_metrics(run_dir) if key in r]
+    if not records:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no '{key}' values")
+    first, last = records[0], records[-1]
+    ratio = last[key] / first[key] if first[key] else float("nan")
+    lines = [
+        f"run directory: {Path(run_dir).resolve()}",
+        f"steps logged:  {len(records)} (last step {last['step']})",
+        f"first {key}: {first[key]:.4f} (step {first['step']})",
+        f"last  {key}: {last[key]:.4f} (step {last['step']})",
+        f"ratio last/first: {ratio:.3f}",
+    ]
+    return "\n".join(lines)
+
+
+def _summary(args: argparse.Namespace) -> int:
+    print(summarize(args.run_dir, args.key))
+    if args.max_ratio is not None:
+        from vla_scale.train.metrics import read_metrics
+
+        values = [r[args.key] for r in read_metrics(args.run_dir) if args.key in r]
+        if values[-1] > args.max_ratio * values[0]:
+            print(f"FAILED: last {args.key} is above {args.max_ratio:.0%} of the first", file=sys.stderr)
+            return 1
+        print(f"OK: last {args.key} is at most {args.max_ratio:.0%} of the first")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vla-scale", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="validate a config and lay out its run directory; prints the run directory")
+    p.add_argument("config", help="YAML run config, e.g. configs/debug.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--world-size", type=int, default=1, help="total ranks the job will start")
+    p.set_defaults(fn=_prepare)
+    s = sub.add_parser("summary", help="first/last loss of a run from its metrics.jsonl")
+    s.add_argument("run_dir")
+    s.add_argument("--key", default="loss_arm")
+    s.add_argument("--max-ratio", type=float, default=None, help="exit 1 unless last/first <= this")
+    s.set_defaults(fn=_summary)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""YAML → typed `Config`, with `a.b.c=value` overrides and errors that name the key.
+
+All checks here run before any process group starts: the launcher calls
+`load_config` in its prepare step, so a typo costs seconds, not a cluster queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from vla_scale.config.schema import Config
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which key and what to change."""
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=3, cutoff=0.5)
+    if close:
+        return f" Did you mean {' or '.join(repr(c) for c in close)}?"
+    return f" Valid keys: {', '.join(sorted(options))}."
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and build nested dataclasses."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            hint = _suggest(str(value), [str(a) for a in allowed]) if isinstance(value, str) else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}.{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_convert(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        _, val_tp = get_args(tp)
+        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'.{_suggest(str(key), names)}")
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    """Set `value` at `path` in a plain dict tree; list items are addressed by index."""
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(node, list):
+        idx = int(last)
+        if idx >= len(node):
+            raise ConfigError(f"override {'.'.join(path)}: list has only {len(node)} items")
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML run file, apply overrides, type-check and validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+    for text in overrides:
+        keys, value = _parse_override(text)
+        apply_override(tree, keys, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Reject combinations that cannot run; `world_size` adds the batch-size check."""
+    t = cfg.train
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage: {t.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+    for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})"
+        )
+    if world_size is not None and t.global_batch_size % (t.micro_batch_size * world_size):
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size x world size ({t.micro_batch_size} x {world_size}); "
+            "change one of them or the number of ranks"
+        )
+    d = cfg.data
+    if not d.sources:
+        raise ConfigError("data.sources is empty: list at least one dataset folder with a manifest.json")
+    for i, src in enumerate(d.sources):
+        if not src.path:
+            raise ConfigError(f"data.sources.{i}.path is empty")
+        if src.weight < 0:
+            raise ConfigError(f"data.sources.{i}.weight must be >= 0, got {src.weight}")
+    if sum(s.weight for s in d.sources) <= 0:
+        raise ConfigError("data.sources: at least one weight must be > 0")
+    for key in ("window_size", "fwd_pred_next_n", "max_text_len", "shuffle_buffer"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    m = cfg.model
+    if m.latent_num < 1:
+        raise ConfigError(f"model.latent_num must be >= 1, got {m.latent_num}")
+    if not m.backbone.pretrained:
+        raise ConfigError("model.backbone.pretrained is empty: give a local folder or a hub id")
+    for key, w in dataclasses.asdict(m.loss_weights).items():
+        if w < 0:
+            raise ConfigError(f"model.loss_weights.{key} must be >= 0, got {w}")
+    o = cfg.optim
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas needs two numbers, got {o.betas}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain-data view of a config (what gets written to the run directory)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Config) -> str:
+    """Stable short hash of the resolved config, stored in checkpoints."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with `load_config`)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,151 @@
+"""The typed run configuration: one dataclass per YAML section.
+
+Every field has a default that is safe for a tiny CPU run; the YAML files in
+`configs/` override what a recipe needs. The loader in `vla_scale.config.load`
+turns YAML into these classes and rejects unknown keys and wrong types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and what makes it reproducible."""
+
+    name: str = "debug"
+    output_dir: str = "runs"  # the run directory is <output_dir>/<name>
+    seed: int = 0
+
+
+@dataclass
+class SourceConfig:
+    """One dataset (a folder with manifest.json, stats.json and shards) and its mixing weight."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """How shards become batches: windowing, mixing, workers and the bad-sample policy."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    window_size: int = 1  # frames of history per training sample
+    fwd_pred_next_n: int = 1  # action chunk length predicted at each frame
+    num_workers: int = 1  # DataLoader workers per rank
+    prefetch_factor: int = 2
+    shuffle_buffer: int = 64  # windows held for shuffling, per worker
+    shard_shuffle: bool = True
+    max_text_len: int = 48  # token budget for instructions and VL conversations
+    bad_sample_policy: Literal["skip", "fail"] = "skip"
+
+
+@dataclass
+class TinyBackboneConfig:
+    """Sizes of a random-weight backbone built from the family's real config class (tests, CPU demo)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    vision_hidden_size: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    image_size: int = 64
+    patch_size: int = 16
+
+
+@dataclass
+class BackboneConfig:
+    """Which VLM is turned into the policy and how it is loaded."""
+
+    family: str = "llava"
+    pretrained: str = ""  # local folder or hub id passed to from_pretrained
+    # When set and `pretrained` is a missing local folder, a random-weight backbone of
+    # these sizes is written there with save_pretrained before training starts.
+    tiny: TinyBackboneConfig | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class ActionHeadConfig:
+    """The head that turns action-token hidden states into an action chunk."""
+
+    type: Literal["mlp"] = "mlp"
+    hidden_size: int = 256
+    arm_loss: Literal["mse", "huber"] = "mse"
+
+
+@dataclass
+class LossWeightsConfig:
+    """Weights of the named loss terms in the total `loss`."""
+
+    arm: float = 1.0
+    gripper: float = 0.01
+    vl: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """RoboVLM: the backbone plus fusion, action tokens and heads."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    action_space: Literal["continuous"] = "continuous"
+    history_type: Literal["post"] = "post"
+    latent_num: int = 1  # learnable action tokens inserted per frame
+    head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
+    loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The DeepSpeed engine and the loop around it."""
+
+    max_steps: int = 10
+    micro_batch_size: int = 2  # per rank, per forward
+    global_batch_size: int = 4  # micro_batch_size x world_size x grad accumulation
+    zero_stage: int = 2
+    bf16: bool = False
+    grad_clip: float = 1.0
+    log_every: int = 1
+    ckpt_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    process_group_timeout_s: int = 600
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases; `auto` means online with an API key, offline without."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "vla_scale"
+    entity: str | None = None
+
+
+@dataclass
+class Config:
+    """One run, as described by one YAML file plus `section.key=value` overrides."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)

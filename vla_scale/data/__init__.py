@@ -1,0 +1,9 @@
+"""Data path: shard format, per-source streams, windowing, normalisation, mixing and collate.
+
+Knows nothing of the model or the trainer; both consume its `Batch`.
+"""
+
+from vla_scale.data.batch import IGNORE_INDEX, Batch
+from vla_scale.data.loader import SkipTracker, build_dataloader
+
+__all__ = ["IGNORE_INDEX", "Batch", "SkipTracker", "build_dataloader"]

@@ -1,0 +1,65 @@
+"""The batch contract between the data stream and the model: names and shapes, in one place.
+
+B = batch, T = window (frames of history), N = action chunk length
+(`fwd_pred_next_n`), A = action dims (arm dims then one gripper dim), S = state dims,
+L = text tokens, C/H/W = image channels/height/width.
+
+| field          | dtype   | shape            | robot batch                         | VL batch                   |
+|----------------|---------|------------------|-------------------------------------|----------------------------|
+| data_source    | str     | -                | "robot"                             | "vl"                       |
+| images         | uint8   | [B, T, C, H, W]  | static camera frames of the window  | the image, T = 1           |
+| wrist_images   | uint8   | [B, T, C, H, W]  | wrist camera if the dataset has one | None                       |
+| text_ids       | int64   | [B, L]           | instruction tokens (right-padded)   | conversation tokens        |
+| text_mask      | bool    | [B, L]           | True on real tokens                 | True on real tokens        |
+| text_labels    | int64   | [B, L]           | all -100                            | ids on assistant turns, else -100 |
+| state          | float32 | [B, T, S]        | proprioceptive state per frame      | None                       |
+| action         | float32 | [B, T, N, A]     | normalised arm dims, gripper in {0,1} | None                     |
+| action_mask    | bool    | [B, T, N]        | False past the episode end          | None                       |
+
+Images stay uint8 until the model: the backbone adapter resizes and normalises them
+the way its vision tower expects, so the data path knows nothing of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    data_source: Literal["robot", "vl"]
+    images: torch.Tensor
+    text_ids: torch.Tensor
+    text_mask: torch.Tensor
+    text_labels: torch.Tensor
+    wrist_images: torch.Tensor | None = None
+    state: torch.Tensor | None = None
+    action: torch.Tensor | None = None
+    action_mask: torch.Tensor | None = None
+    # Loader bookkeeping, not model input: source name, worker id, cumulative skip counts.
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Move every tensor to `device` (non_blocking where pinned)."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        return Batch(**moved)
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader when `pin_memory=True`."""
+        pinned = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            pinned[f.name] = value.pin_memory() if isinstance(value, torch.Tensor) else value
+        return Batch(**pinned)

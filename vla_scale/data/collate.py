@@ -1,0 +1,91 @@
+"""Lists of windows or VL samples → one typed `Batch` (see `vla_scale.data.batch`).
+
+Text is tokenised here, in the DataLoader workers, without special tokens: the model
+adds BOS/EOS around the fused sequence itself. VL conversations are rendered as
+`USER: ... ASSISTANT: ...<eos>` turns and only assistant turns (and their EOS) are
+supervised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from vla_scale.data.batch import IGNORE_INDEX, Batch
+from vla_scale.data.format import VLSample
+from vla_scale.data.window import Window, to_channels_first
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _pad(rows: Sequence[list[int]], pad_id: int, fill: int | None = None) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), pad_id if fill is None else fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def collate_robot(windows: Sequence[Window], tokenizer: Any, max_text_len: int) -> Batch:
+    """Robot windows (already normalised) → robot `Batch`."""
+    ids = [_tokenize(tokenizer, w.instruction)[:max_text_len] for w in windows]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    text_ids = _pad(ids, pad_id)
+    text_mask = _pad([[1] * len(r) for r in ids], 0).bool()
+    has_wrist = all(w.wrist_images is not None for w in windows)
+    return Batch(
+        data_source="robot",
+        images=torch.from_numpy(to_channels_first(np.stack([w.images for w in windows]))),
+        wrist_images=(
+            torch.from_numpy(to_channels_first(np.stack([w.wrist_images for w in windows]))) if has_wrist else None
+        ),
+        text_ids=text_ids,
+        text_mask=text_mask,
+        text_labels=torch.full_like(text_ids, IGNORE_INDEX),
+        state=torch.from_numpy(np.stack([w.state for w in windows])).float(),
+        action=torch.from_numpy(np.stack([w.action for w in windows])).float(),
+        action_mask=torch.from_numpy(np.stack([w.action_mask for w in windows])),
+    )
+
+
+def render_conversation(tokenizer: Any, conversations: list[dict], max_text_len: int) -> tuple[list[int], list[int]]:
+    """LLaVA-style turns → token ids and labels (assistant turns supervised, truncated to max_text_len)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    labels: list[int] = []
+    for turn in conversations:
+        role = turn.get("from", "")
+        text = str(turn.get("value", "")).replace(IMAGE_PLACEHOLDER, "").strip()
+        if role in ("human", "user"):
+            part = _tokenize(tokenizer, f"USER: {text} ASSISTANT:")
+            ids += part
+            labels += [IGNORE_INDEX] * len(part)
+        elif role in ("gpt", "assistant"):
+            part = _tokenize(tokenizer, f" {text}") + ([eos] if eos is not None else [])
+            ids += part
+            labels += part
+        else:
+            raise ValueError(f"conversation turn with unknown role {role!r}; expected human/user or gpt/assistant")
+    return ids[:max_text_len], labels[:max_text_len]
+
+
+def collate_vl(samples: Sequence[VLSample], tokenizer: Any, max_text_len: int) -> Batch:
+    """VL samples → VL `Batch` (images get T = 1)."""
+    rendered = [render_conversation(tokenizer, s.conversations, max_text_len) for s in samples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = [r[0] for r in rendered]
+    images = np.stack([s.image for s in samples])[:, None]
+    return Batch(
+        data_source="vl",
+        images=torch.from_numpy(to_channels_first(images)),
+        text_ids=_pad(ids, pad_id),
+        text_mask=_pad([[1] * len(r) for r in ids], 0).bool(),
+        text_labels=_pad([r[1] for r in rendered], IGNORE_INDEX, fill=IGNORE_INDEX),
+    )

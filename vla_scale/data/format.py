@@ -1,0 +1,252 @@
+"""The on-disk dataset format, defined once for the writers (`data_tools`) and the reader.
+
+A dataset is a folder with:
+- `shard-NNNNNN.tar` webdataset shards;
+- `manifest.json` (`Manifest`): kind, schema version, shards with sample counts;
+- `stats.json` (robot only): per-dimension statistics of `action` and `state`.
+
+Robot sample = one episode, so windows are cut on the reader side without storing
+frames twice. Its tar members share the key `<episode key>`:
+- `meta.json`: `{"instruction": str, "length": L, "cameras": [...], ...}`
+- `action.npy`: float32 `[L, A]` (last dimension = gripper, 0 open / 1 closed)
+- `state.npy`: float32 `[L, S]`
+- `<camera>.<t:04d>.<jpg|png|webp>`: one compressed frame per step and camera
+
+VL sample = one image and one LLaVA-style conversation:
+- `jpg` / `png` / `webp`: the image
+- `json`: `{"conversations": [{"from": "human", "value": "<image>\\n..."},
+  {"from": "gpt", "value": "..."}, ...]}`
+
+Arrays are `.npy` read with `allow_pickle=False`; no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+SCHEMA_VERSION = 1
+IMAGE_EXTS = ("jpg", "png", "webp")
+STAT_KEYS = ("mean", "std", "min", "max", "q01", "q99")
+
+
+class FormatError(ValueError):
+    """A sample or dataset folder that does not follow this format."""
+
+
+@dataclass
+class Episode:
+    """One robot episode in memory: what a converter produces and the reader yields."""
+
+    key: str
+    instruction: str
+    action: np.ndarray  # float32 [L, A]
+    state: np.ndarray  # float32 [L, S]
+    frames: dict[str, list[np.ndarray]]  # camera -> L uint8 [H, W, 3]
+    meta: dict = field(default_factory=dict)  # extra metadata kept verbatim
+
+    @property
+    def length(self) -> int:
+        return int(self.action.shape[0])
+
+
+@dataclass
+class VLSample:
+    """One image + LLaVA-style conversation."""
+
+    key: str
+    image: np.ndarray  # uint8 [H, W, 3]
+    conversations: list[dict]
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the dataset folder
+    samples: int
+    frames: int = 0  # robot: total steps in the shard
+
+
+@dataclass
+class Manifest:
+    """What a dataset folder holds; written last, so its presence means the dataset is complete."""
+
+    name: str
+    kind: Literal["robot", "vl"]
+    shards: list[ShardInfo]
+    schema_version: int = SCHEMA_VERSION
+    cameras: list[str] = field(default_factory=list)
+    action_dim: int = 0
+    state_dim: int = 0
+    image_size: list[int] = field(default_factory=list)  # [H, W]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def save(self, folder: str | Path) -> None:
+        data = asdict(self)
+        tmp = Path(folder) / "manifest.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(Path(folder) / "manifest.json")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / "manifest.json"
+        if not path.is_file():
+            raise FormatError(
+                f"{path} not found: {folder} is not a vla_scale dataset "
+                "(write one with `python -m data_tools synth` or a converter)"
+            )
+        data = json.loads(path.read_text())
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise FormatError(
+                f"{path}: schema_version {version} is not supported (this vla_scale reads "
+                f"{SCHEMA_VERSION}); re-convert the dataset with this version of data_tools"
+            )
+        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+        return cls(**data)
+
+
+def load_stats(folder: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """Read stats.json as `{"action": {"mean": array, ...}, "state": {...}}`."""
+    path = Path(folder) / "stats.json"
+    if not path.is_file():
+        raise FormatError(f"{path} not found: robot datasets need stats.json (run `python -m data_tools stats`)")
+    raw = json.loads(path.read_text())
+    return {k: {s: np.asarray(v[s], dtype=np.float32) for s in STAT_KEYS} for k, v in raw.items()}
+
+
+def compute_stats(arrays: list[np.ndarray]) -> dict[str, list[float]]:
+    """Per-dimension statistics over the concatenation of `[L, D]` arrays."""
+    x = np.concatenate(arrays, axis=0).astype(np.float64)
+    return {
+        "mean": x.mean(0).tolist(),
+        "std": x.std(0).tolist(),
+        "min": x.min(0).tolist(),
+        "max": x.max(0).tolist(),
+        "q01": np.quantile(x, 0.01, axis=0).tolist(),
+        "q99": np.quantile(x, 0.99, axis=0).tolist(),
+    }
+
+
+def encode_image(img: np.ndarray, ext: str = "jpg", quality: int = 95) -> bytes:
+    if ext not in IMAGE_EXTS:
+        raise FormatError(f"image extension {ext!r} not in {IMAGE_EXTS}")
+    buf = io.BytesIO()
+    pil = Image.fromarray(np.asarray(img, dtype=np.uint8))
+    if ext == "jpg":
+        pil.save(buf, format="JPEG", quality=quality)
+    elif ext == "png":
+        pil.save(buf, format="PNG")
+    else:
+        pil.save(buf, format="WEBP", quality=quality)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Compressed bytes → uint8 `[H, W, 3]`; raises FormatError when undecodable."""
+    try:
+        with Image.open(io.BytesIO(data)) as pil:
+            return np.asarray(pil.convert("RGB"), dtype=np.uint8)
+    except Exception as err:  # PIL raises several types for corrupt data
+        raise FormatError(f"undecodable image ({err})") from err
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as err:
+        raise FormatError(f"unreadable .npy ({err})") from err
+
+
+def encode_episode(ep: Episode, image_ext: str = "jpg") -> dict[str, bytes | str]:
+    """Episode → webdataset sample dict (for `webdataset.TarWriter.write`)."""
+    if ep.action.ndim != 2 or ep.state.ndim != 2 or ep.state.shape[0] != ep.length:
+        raise FormatError(f"episode {ep.key}: action [L, A] and state [L, S] must share L")
+    meta = dict(ep.meta)
+    meta.update(instruction=ep.instruction, length=ep.length, cameras=sorted(ep.frames), image_ext=image_ext)
+    sample: dict[str, bytes | str] = {
+        "__key__": ep.key,
+        "meta.json": json.dumps(meta).encode(),
+        "action.npy": encode_npy(ep.action.astype(np.float32)),
+        "state.npy": encode_npy(ep.state.astype(np.float32)),
+    }
+    for cam, frames in ep.frames.items():
+        if len(frames) != ep.length:
+            raise FormatError(f"episode {ep.key}: camera {cam} has {len(frames)} frames, expected {ep.length}")
+        for t, frame in enumerate(frames):
+            sample[f"{cam}.{t:04d}.{image_ext}"] = encode_image(frame, image_ext)
+    return sample
+
+
+def decode_episode(sample: dict) -> Episode:
+    """webdataset sample dict (raw bytes) → Episode; raises FormatError on anything wrong."""
+    key = sample.get("__key__", "?")
+    try:
+        meta = json.loads(sample["meta.json"])
+    except KeyError:
+        raise FormatError(f"sample {key}: no meta.json (not a robot episode)") from None
+    except ValueError as err:
+        raise FormatError(f"sample {key}: meta.json is not JSON ({err})") from err
+    for name in ("action.npy", "state.npy"):
+        if name not in sample:
+            raise FormatError(f"sample {key}: missing {name}")
+    action = decode_npy(sample["action.npy"]).astype(np.float32)
+    state = decode_npy(sample["state.npy"]).astype(np.float32)
+    length = int(meta.get("length", action.shape[0]))
+    if action.shape[0] != length or state.shape[0] != length:
+        raise FormatError(f"sample {key}: action/state length {action.shape[0]}/{state.shape[0]} != {length}")
+    if not (np.isfinite(action).all() and np.isfinite(state).all()):
+        raise FormatError(f"sample {key}: NaN or infinite values in action or state")
+    ext = meta.get("image_ext", "jpg")
+    frames: dict[str, list[np.ndarray]] = {}
+    for cam in meta.get("cameras", []):
+        frames[cam] = []
+        for t in range(length):
+            name = f"{cam}.{t:04d}.{ext}"
+            if name not in sample:
+                raise FormatError(f"sample {key}: missing frame {name}")
+            try:
+                frames[cam].append(decode_image(sample[name]))
+            except FormatError as err:
+                raise FormatError(f"sample {key}: {name}: {err}") from err
+    extra = {k: v for k, v in meta.items() if k not in ("instruction", "length", "cameras", "image_ext")}
+    return Episode(key, meta.get("instruction", ""), action, state, frames, extra)
+
+
+def encode_vl(sample: VLSample, image_ext: str = "jpg") -> dict[str, bytes | str]:
+    return {
+        "__key__": sample.key,
+        image_ext: encode_image(sample.image, image_ext),
+        "json": json.dumps({"conversations": sample.conversations}).encode(),
+    }
+
+
+def decode_vl(sample: dict) -> VLSample:
+    key = sample.get("__key__", "?")
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None or "json" not in sample:
+        raise FormatError(f"sample {key}: a VL sample needs an image (jpg/png/webp) and a json conversation")
+    try:
+        conv = json.loads(sample["json"])["conversations"]
+    except (ValueError, KeyError) as err:
+        raise FormatError(f"sample {key}: json has no 'conversations' list ({err})") from err
+    try:
+        image = decode_image(sample[ext])
+    except FormatError as err:
+        raise FormatError(f"sample {key}: {ext}: {err}") from err
+    return VLSample(key, image, conv)

@@ -1,0 +1,38 @@
+"""Action and state normalisation from a dataset's stats.json.
+
+Arm action dimensions are z-scored with the dataset mean/std so every dimension has
+a comparable loss scale; the last action dimension is the gripper and becomes a
+binary target in {0, 1} (closed when > 0.5) for the BCE head. The policy uses
+`unnormalize_action` to give users actions in their robot's units again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-6
+
+
+class Normalizer:
+    """Holds one dataset's action/state statistics."""
+
+    def __init__(self, stats: dict[str, dict[str, np.ndarray]]):
+        self.action_mean = stats["action"]["mean"][:-1]
+        self.action_std = stats["action"]["std"][:-1]
+        self.state_mean = stats["state"]["mean"]
+        self.state_std = stats["state"]["std"]
+
+    def normalize_action(self, action: np.ndarray) -> np.ndarray:
+        """`[..., A]` raw → arm z-scored, gripper in {0, 1}."""
+        out = np.empty_like(action, dtype=np.float32)
+        out[..., :-1] = (action[..., :-1] - self.action_mean) / (self.action_std + EPS)
+        out[..., -1] = (action[..., -1] > 0.5).astype(np.float32)
+        return out
+
+    def unnormalize_action(self, arm: np.ndarray, gripper: np.ndarray) -> np.ndarray:
+        """Normalised arm `[..., A-1]` and gripper probability `[..., 1]` → raw `[..., A]`."""
+        raw_arm = arm * (self.action_std + EPS) + self.action_mean
+        return np.concatenate([raw_arm, (gripper > 0.5).astype(raw_arm.dtype)], axis=-1)
+
+    def normalize_state(self, state: np.ndarray) -> np.ndarray:
+        return ((state - self.state_mean) / (self.state_std + EPS)).astype(np.float32)

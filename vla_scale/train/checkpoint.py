@@ -1,0 +1,68 @@
+"""Training checkpoints: DeepSpeed engine state + our client state, a `latest` pointer, keep-last-K.
+
+Layout under `<run_dir>/checkpoints/`:
+- `step_XXXXXXXX/` — what `engine.save_checkpoint` writes (model, optimizer and
+  scheduler states per rank, DeepSpeed's `zero_to_fp32.py`) plus our client state;
+- `latest` — the tag of the newest *complete* checkpoint, in DeepSpeed's own format,
+  replaced atomically only after every rank has finished writing, so a job killed
+  during a save resumes from the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_latest(ckpt_dir: str | Path) -> str | None:
+    """Tag named by the `latest` pointer, or None when there is no complete checkpoint."""
+    path = Path(ckpt_dir) / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    return tag if (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def _write_latest(ckpt_dir: Path, tag: str) -> None:
+    tmp = ckpt_dir / f".{LATEST}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, ckpt_dir / LATEST)
+
+
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int) -> str:
+    """Collective: every rank calls it. Returns the tag written."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _write_latest(ckpt_dir, tag)
+        if keep_last > 0:
+            _prune(ckpt_dir, keep_last, protect=tag)
+    dist.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: Path, keep_last: int, protect: str) -> None:
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in tags[:-keep_last]:
+        if old != protect:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+def load_latest(engine, ckpt_dir: str | Path) -> dict | None:
+    """Restore the engine from `latest`; returns the client state, or None when starting fresh."""
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        return None
+    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    return client_state

@@ -1,0 +1,36 @@
+"""The DeepSpeed JSON, generated from our config so the two can never disagree."""
+
+from __future__ import annotations
+
+from vla_scale.config.load import ConfigError
+from vla_scale.config.schema import Config
+
+
+def grad_accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step that keep `global_batch_size` fixed at any world size."""
+    per_step = cfg.train.micro_batch_size * world_size
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) is not a multiple of "
+            f"micro_batch_size x world_size ({cfg.train.micro_batch_size} x {world_size})"
+        )
+    return cfg.train.global_batch_size // per_step
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict:
+    """DeepSpeed config dict for `deepspeed.initialize` (optimizer and scheduler are passed as objects)."""
+    t = cfg.train
+    zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        # Without this, ZeRO-3 save_16bit_model silently writes nothing.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accumulation_steps(cfg, world_size),
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.bf16},
+        "steps_per_print": 10**9,  # our metrics sinks do the printing
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,19 @@
+"""Per-rank entry point started by the `deepspeed` launcher (`launchers/train.sh`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from vla_scale.train.loop import train
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="one training rank of a prepared vla_scale run")
+    parser.add_argument("--run_dir", required=True, help="run directory written by `vla-scale prepare`")
+    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    train(args.run_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The launcher's first step, run once before any process group exists.
+
+It resolves and validates the config, checks the datasets, writes `config.yaml` and
+`ds_config.json` into the run directory and, for tiny demo/test backbones, writes the
+random-weight checkpoint that every rank then loads with `from_pretrained`. Every
+mistake it can see costs seconds here instead of a failed multi-node job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from vla_scale.config import Config, ConfigError, load_config, save_config, to_dict, validate
+from vla_scale.data.format import FormatError, Manifest
+from vla_scale.train.ds_config import build_ds_config
+
+# Keys that may change when a run directory is reused (resume with a longer schedule, new logging).
+RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last", "wandb.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def check_resume_compatible(run_dir: Path, cfg: Config) -> None:
+    """Refuse to reuse a run directory whose saved config differs in a key that changes training."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    old = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    new = _flatten(to_dict(cfg))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    blocking = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+    if blocking:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in blocking)
+        raise ConfigError(
+            f"run directory {run_dir} holds a run with a different config ({details}); "
+            "resume with the same settings or choose a new run.name"
+        )
+
+
+def check_datasets(cfg: Config) -> list[Manifest]:
+    """Every source must be a complete dataset; at least one must be robot data."""
+    manifests = []
+    for i, src in enumerate(cfg.data.sources):
+        try:
+            manifests.append(Manifest.load(src.path))
+        except FormatError as err:
+            raise ConfigError(f"data.sources.{i}.path: {err}") from err
+    robot = [m for m, s in zip(manifests, cfg.data.sources) if m.kind == "robot"]
+    if not robot:
+        raise ConfigError("data.sources: no robot dataset listed; the policy needs at least one")
+    dims = {(m.action_dim, m.state_dim) for m in robot}
+    if len(dims) > 1:
+        raise ConfigError(f"data.sources: robot datasets disagree on (action_dim, state_dim): {sorted(dims)}")
+    return manifests
+
+
+def prepare_run(config_path: str | Path | None, overrides: Sequence[str], world_size: int) -> Path:
+    """Validate everything and lay out the run directory; returns its path."""
+    cfg = load_config(config_path, overrides)
+    validate(cfg, world_size)
+    check_datasets(cfg)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    check_resume_compatible(run_dir, cfg)
+    ds_config = build_ds_config(cfg, world_size)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    backbone = cfg.model.backbone
+    if backbone.tiny is not None and not Path(backbone.pretrained).exists():
+        from vla_scale.model.backbones import get_backbone_class
+
+        get_backbone_class(backbone.family).build_tiny(backbone.tiny, backbone.pretrained)
+    return run_dir
