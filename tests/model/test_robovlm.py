@@ -1,0 +1,280 @@
+"""RoboVLM: token fusion, action-token insertion under padding, loss terms, masking, ZeRO zero-touch, overfitting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vla_scale.config.schema import BackboneConfig, ModelConfig
+from vla_scale.data.batch import IGNORE_INDEX, Batch
+from vla_scale.model import RoboVLM, build_model
+
+B, T, N, A, S = 2, 2, 3, 7, 8
+N_IMAGE = 16  # 64x64 image, 16x16 patches
+INSTRUCTIONS = ["pick up the red block and put it in the blue bowl", "open the drawer"]
+
+
+def make_model(tiny_path, latent_num: int = 2, checkpointing: bool = True, **cfg_kwargs) -> RoboVLM:
+    torch.manual_seed(0)
+    backbone = BackboneConfig(family="llava", pretrained=str(tiny_path), gradient_checkpointing=checkpointing)
+    cfg = ModelConfig(backbone=backbone, latent_num=latent_num, **cfg_kwargs)
+    return build_model(cfg, action_dim=A, state_dim=S, chunk_size=N).train()
+
+
+def tokenize(
+    model: RoboVLM, texts: list[str], extra_pad: int = 0, specials: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask like the data collate (no special tokens unless asked), `extra_pad` more columns."""
+    tok = model.adapter.tokenizer
+    rows = [tok(t, add_special_tokens=specials).input_ids for t in texts]
+    length = max(len(r) for r in rows) + extra_pad
+    ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+    return ids, mask
+
+
+def robot_batch(model: RoboVLM, texts=INSTRUCTIONS, seed: int = 0, extra_pad: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    b = len(texts)
+    ids, mask = tokenize(model, texts, extra_pad)
+    action = torch.randn(b, T, N, A, generator=g)
+    action[..., -1] = (torch.rand(b, T, N, generator=g) > 0.5).float()
+    action_mask = torch.ones(b, T, N, dtype=torch.bool)
+    action_mask[0, -1, -1] = False  # the last step of sample 0 runs past its episode end
+    return Batch(
+        data_source="robot",
+        images=torch.randint(0, 256, (b, T, 3, 64, 64), dtype=torch.uint8, generator=g),
+        text_ids=ids,
+        text_mask=mask,
+        text_labels=torch.full_like(ids, IGNORE_INDEX),
+        state=torch.randn(b, T, S, generator=g),
+        action=action,
+        action_mask=action_mask,
+    )
+
+
+def vl_batch(model: RoboVLM, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    prompts = ["USER: <image>\nDescribe the image. ASSISTANT:", "Question: What color is the cup? Answer:"]
+    answers = [" A red block and a robot gripper.", " It is blue."]
+    ids, mask = tokenize(model, [p + a for p, a in zip(prompts, answers, strict=True)])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, p in enumerate(prompts):
+        start = len(model.adapter.tokenizer(p, add_special_tokens=False).input_ids)
+        labels[i, start : int(mask[i].sum())] = ids[i, start : int(mask[i].sum())]
+    images = torch.randint(0, 256, (2, 1, 3, 64, 64), dtype=torch.uint8, generator=g)
+    return Batch(data_source="vl", images=images, text_ids=ids, text_mask=mask, text_labels=labels)
+
+
+def select(batch: Batch, i: int) -> Batch:
+    """Sample i alone, its text trimmed to its own length (no padding at all)."""
+    length = int(batch.text_mask[i].sum())
+    fields = {k: getattr(batch, k) for k in ["images", "state", "action", "action_mask"]}
+    return Batch(
+        data_source=batch.data_source,
+        text_ids=batch.text_ids[i : i + 1, :length],
+        text_mask=batch.text_mask[i : i + 1, :length],
+        text_labels=batch.text_labels[i : i + 1, :length],
+        **{k: v[i : i + 1] for k, v in fields.items()},
+    )
+
+
+@pytest.fixture
+def model(tiny_path) -> RoboVLM:
+    return make_model(tiny_path)
+
+
+def test_robot_forward_returns_finite_scalar_terms(model):
+    batch = robot_batch(model)
+    out = model(batch)
+    assert set(out) == {"loss", "loss_arm", "loss_gripper", "acc_gripper", "num_tokens"}
+    # per frame: BOS + image tokens + instruction (no specials from the collate) + action tokens + EOS
+    expected = T * (batch.text_mask.sum() + B * (1 + N_IMAGE + model.latent_num + 1))
+    assert out.pop("num_tokens").item() == expected
+    for name, value in out.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+    w = model.cfg.loss_weights
+    torch.testing.assert_close(out["loss"], w.arm * out["loss_arm"] + w.gripper * out["loss_gripper"])
+    assert 0.0 <= out["acc_gripper"].item() <= 1.0
+
+
+def test_predict_action_shapes(model):
+    batch = robot_batch(model)
+    arm, gripper = model.predict_action(batch.images, batch.text_ids, batch.text_mask, state=batch.state)
+    assert arm.shape == (B, T, N, A - 1) and gripper.shape == (B, T, N, 1)
+    assert ((gripper >= 0) & (gripper <= 1)).all() and not arm.requires_grad
+
+
+def test_fused_layout_puts_action_tokens_after_each_samples_last_real_token(model):
+    ids, mask = tokenize(model, INSTRUCTIONS)  # sample 1 is much shorter: right-padded
+    image_tokens = torch.zeros(2, N_IMAGE, model.adapter.hidden_size)
+    keep = model._text_keep(ids, mask, strip_eos=True)
+    fused = model.fuse(image_tokens, ids, keep, n_action=model.latent_num, append_eos=True)
+    n_text = mask.sum(dim=1)
+    for i in range(2):
+        start = 1 + N_IMAGE + int(n_text[i])
+        assert fused.action_mask[i].nonzero().flatten().tolist() == list(range(start, start + model.latent_num))
+        length = start + model.latent_num + 1  # + EOS
+        assert fused.attention_mask[i].tolist() == [True] * length + [False] * (fused.embeds.shape[1] - length)
+        eos = model.adapter.embed_tokens(torch.tensor(model.adapter.eos_id))
+        torch.testing.assert_close(fused.embeds[i, length - 1], eos)
+    bos = model.adapter.embed_tokens(torch.tensor(model.adapter.bos_id))
+    torch.testing.assert_close(fused.embeds[:, 0], torch.stack([bos, bos]))
+    assert (fused.labels == IGNORE_INDEX).all()
+    assert fused.embeds.shape[1] == 1 + N_IMAGE + int(n_text.max()) + model.latent_num + 1  # trimmed to the longest
+
+
+def test_padding_does_not_change_a_samples_predictions_or_loss(tiny_path):
+    model = make_model(tiny_path).eval()
+    batch = robot_batch(model)
+    short = select(batch, 1)  # "open the drawer" with no padding at all
+    padded = robot_batch(model, extra_pad=5)  # both samples carry extra pad columns
+    arm_alone, grip_alone = model.predict_action(short.images, short.text_ids, short.text_mask)
+    arm_batch, grip_batch = model.predict_action(batch.images, batch.text_ids, batch.text_mask)
+    arm_pad, grip_pad = model.predict_action(padded.images, padded.text_ids, padded.text_mask)
+    torch.testing.assert_close(arm_batch[1:], arm_alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grip_batch[1:], grip_alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(arm_pad, arm_batch, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grip_pad, grip_batch, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model(select(padded, 1))["loss"], model(short)["loss"], atol=1e-5, rtol=1e-4)
+    # Had the action tokens gone after the padding, the short sample would see pad embeddings first:
+    wrong_mask = batch.text_mask.clone()
+    wrong_mask[1] = True
+    arm_wrong, _ = model.predict_action(batch.images, batch.text_ids, wrong_mask)
+    assert (arm_wrong[1] - arm_alone[0]).abs().max() > 1e-3
+
+
+def test_instruction_special_tokens_are_optional(tiny_path):
+    """Instructions tokenized with the tokenizer's BOS, or with a trailing EOS, give the same sequence."""
+    model = make_model(tiny_path).eval()
+    batch = robot_batch(model)
+    ids, mask = batch.text_ids, batch.text_mask
+    bos_ids, bos_mask = tokenize(model, INSTRUCTIONS, specials=True)
+    assert (bos_ids[:, 0] == model.adapter.bos_id).all()
+    with_eos_ids = torch.cat([ids, torch.full_like(ids[:, :1], model.adapter.pad_id)], dim=1)
+    with_eos_mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
+    lengths = mask.sum(dim=1)
+    with_eos_ids[torch.arange(len(ids)), lengths] = model.adapter.eos_id
+    with_eos_mask[torch.arange(len(ids)), lengths] = True
+    reference = model.predict_action(batch.images, ids, mask)[0]
+    for variant_ids, variant_mask in [(bos_ids, bos_mask), (with_eos_ids, with_eos_mask)]:
+        arm = model.predict_action(batch.images, variant_ids, variant_mask)[0]
+        torch.testing.assert_close(arm, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_masked_action_steps_do_not_affect_the_loss(model):
+    batch = robot_batch(model)
+    base = model(batch)
+    changed = robot_batch(model)
+    changed.action[0, -1, -1] = torch.tensor([float("nan")] * (A - 1) + [1.0 - changed.action[0, -1, -1, -1].item()])
+    out = model(changed)
+    for name in ["loss", "loss_arm", "loss_gripper", "acc_gripper"]:
+        torch.testing.assert_close(out[name], base[name], msg=name)
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_huber_arm_loss(tiny_path):
+    from vla_scale.config.schema import ActionHeadConfig
+
+    mse = make_model(tiny_path)
+    huber = make_model(tiny_path, head=ActionHeadConfig(arm_loss="huber"))
+    batch = robot_batch(mse)
+    loss_mse, loss_huber = mse(batch)["loss_arm"], huber(batch)["loss_arm"]
+    assert torch.isfinite(loss_huber) and loss_huber <= 0.5 * loss_mse + 1e-6  # same weights; Huber(1) <= MSE / 2
+
+
+def test_backward_reaches_action_token_head_and_lm_layers(model):
+    model(robot_batch(model))["loss"].backward()
+    assert model.action_token.grad.abs().sum() > 0
+    for name, p in model.action_head.named_parameters():
+        assert p.grad.abs().sum() > 0, name
+    for i, layer in enumerate(model.adapter.decoder_layers):
+        assert all(p.grad.abs().sum() > 0 for p in layer.parameters()), f"decoder layer {i}"
+    assert model.adapter.projector.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_vl_forward_ignores_image_positions(model):
+    batch = vl_batch(model)
+    out = model(batch)
+    assert set(out) == {"loss", "loss_vl", "num_tokens"}
+    assert out["loss_vl"].dim() == 0 and torch.isfinite(out["loss_vl"]) and out["loss_vl"] > 0
+    assert out["loss_vl"].item() == pytest.approx(math.log(len(model.adapter.tokenizer)), rel=0.2)  # random init
+
+    image_tokens = model.adapter.encode_images(batch.images[:, 0])
+    keep = model._text_keep(batch.text_ids, batch.text_mask, strip_eos=False)
+    fused = model.fuse(image_tokens, batch.text_ids, keep, batch.text_labels)
+    assert (fused.labels[:, : 1 + N_IMAGE] == IGNORE_INDEX).all()  # BOS + image positions
+    assert (fused.labels != IGNORE_INDEX).sum() == (batch.text_labels != IGNORE_INDEX).sum()
+    assert not fused.action_mask.any()
+    # labels travel with their tokens: every labelled position holds the embedding of its label id
+    labelled = fused.labels != IGNORE_INDEX
+    torch.testing.assert_close(fused.embeds[labelled], model.adapter.embed_tokens(fused.labels[labelled]))
+
+    no_labels = vl_batch(model)
+    no_labels.text_labels.fill_(IGNORE_INDEX)
+    assert model(no_labels)["loss_vl"].item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["robot", "vl"])
+def test_every_trainable_parameter_gets_a_gradient(model, kind):
+    """The zero-valued touch terms keep the gradient set identical across batch kinds (ZeRO)."""
+    batch = robot_batch(model) if kind == "robot" else vl_batch(model)
+    model(batch)["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_touch_terms_do_not_change_the_loss_value(model):
+    out = model(vl_batch(model))
+    assert out["loss"].item() == model.cfg.loss_weights.vl * out["loss_vl"].item()
+
+
+def test_bf16_backbone_runs_both_paths(tiny_path):
+    """DeepSpeed bf16 casts the whole module; a bf16 load makes the head and action token bf16 too."""
+    backbone = BackboneConfig(family="llava", pretrained=str(tiny_path), gradient_checkpointing=False)
+    model = build_model(ModelConfig(backbone=backbone), A, S, chunk_size=N, torch_dtype="bfloat16").train()
+    assert model.action_token.dtype == torch.bfloat16
+    assert next(model.action_head.parameters()).dtype == torch.bfloat16
+    for batch in [robot_batch(model), vl_batch(model)]:
+        out = model(batch)
+        out["loss"].backward()
+        out.pop("num_tokens")
+        assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+
+
+def test_wrist_images_add_tokens(model):
+    batch = robot_batch(model)
+    batch.wrist_images = batch.images.flip(-1)
+    out = model(batch)
+    assert torch.isfinite(out["loss"])
+
+
+def test_wrong_chunk_or_source_is_a_clear_error(model):
+    batch = robot_batch(model)
+    batch.action = batch.action[:, :, :2]
+    with pytest.raises(ValueError, match="fwd_pred_next_n"):
+        model(batch)
+    batch = robot_batch(model)
+    batch.data_source = "sim"
+    with pytest.raises(ValueError, match="data_source"):
+        model(batch)
+
+
+def test_overfits_one_robot_batch(tiny_path):
+    model = make_model(tiny_path, latent_num=1, checkpointing=False)
+    batch = robot_batch(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    first = None
+    for _ in range(30):
+        out = model(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        first = out["loss_arm"].item() if first is None else first
+    final = model(batch)["loss_arm"].item()
+    assert final < 0.2 * first, (first, final)

@@ -1,0 +1,235 @@
+"""LLaVA family (`transformers.LlavaForConditionalGeneration`): CLIP or SigLIP vision tower + projector + Llama LM.
+
+Real checkpoints: e.g. `llava-hf/llava-1.5-7b-hf`. Tiny checkpoints: SigLIP vision +
+Llama text from their real config classes, random weights, a byte-level BPE tokenizer
+trained offline on a built-in tabletop-robot corpus, and a SigLIP image processor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+)
+from transformers.utils import is_torchvision_available
+
+from vla_scale.config.schema import TinyBackboneConfig
+from vla_scale.model.backbones.base import BackboneAdapter, register_backbone, resolve_dtype
+
+PAD, BOS, EOS, IMAGE = "<pad>", "<s>", "</s>", "<image>"
+TINY_VOCAB_SIZE = 512
+
+_COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "pink", "black", "white", "grey", "brown"]
+_OBJECTS = [
+    "block", "cube", "bowl", "cup", "mug", "plate", "spoon", "fork", "sponge", "towel", "drawer", "cabinet",
+    "door", "lid", "pot", "pan", "bottle", "can", "box", "basket", "ball", "button", "switch", "light", "apple",
+    "banana", "carrot", "marker", "pen", "book", "tray", "shelf", "table", "sink", "stove", "microwave", "fridge",
+]  # fmt: skip
+_VERBS = [
+    "pick up", "put", "place", "push", "pull", "open", "close", "lift", "move", "slide", "stack", "rotate", "turn on",
+    "turn off", "press", "grasp", "release", "wipe", "pour", "drop", "take", "insert", "flip", "fold", "unfold",
+]  # fmt: skip
+_PLACES = ["on the table", "in the drawer", "into the bowl", "on the plate", "to the left", "to the right",
+           "next to the cup", "on top of the box", "in the sink", "on the shelf", "off the tray"]  # fmt: skip
+_CAPTIONS = [
+    "A robot arm is holding a {c} {o}.",
+    "There is a {c} {o} on the table.",
+    "The gripper is open and the {o} is {c}.",
+    "Question: What color is the {o}? Answer: It is {c}.",
+    "Question: Where is the {o}? Answer: The {o} is {p}.",
+    "USER: <image>\nDescribe the image. ASSISTANT: A {c} {o} and a robot gripper.",
+    "What does the robot do next? It will {v} the {c} {o}.",
+]
+
+
+def tiny_corpus() -> list[str]:
+    """Instructions, captions and QA about tabletop robots, so the tiny BPE covers the words tests use."""
+    lines = []
+    for verb, colour, obj in itertools.product(_VERBS, _COLOURS, _OBJECTS):
+        lines.append(f"{verb} the {colour} {obj}")
+    for (colour, obj), place in zip(itertools.product(_COLOURS, _OBJECTS), itertools.cycle(_PLACES)):
+        lines.append(f"Put the {colour} {obj} {place}.")
+        for template in _CAPTIONS:
+            lines.append(template.format(c=colour, o=obj, p=place, v=_VERBS[len(lines) % len(_VERBS)]))
+    lines += ["Yes.", "No.", "one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9"]
+    return lines
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE (every byte is in the vocabulary, so no text is ever unknown), trained offline.
+
+    Like Llama's tokenizer it prepends BOS and does not append EOS.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=[PAD, BOS, EOS, IMAGE],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tiny_corpus(), trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE},
+        model_max_length=2048,
+        padding_side="right",
+    )
+
+
+@register_backbone("llava")
+class LlavaAdapter(BackboneAdapter):
+    """LLaVA: image features from `get_image_features` (vision tower layer + projector), LM = inner Llama."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, tokenizer: Any, image_processor: Any):
+        super().__init__(model, tokenizer, image_processor)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    @property
+    def vision_module(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 `[B, C, H, W]` → projected patch features `[B, N, D]` (config's feature layer and select strategy)."""
+        vision_dtype = next(self.vision_module.parameters()).dtype
+        pixels = self.preprocess_images(images).to(vision_dtype)
+        # get_image_features overwrites the tower's pooled output with the projected features;
+        # keep the original so the zero-touch below reaches the pooling layers too.
+        pooled: list[torch.Tensor] = []
+        hook = self.vision_module.register_forward_hook(lambda _m, _a, out: pooled.append(out.pooler_output))
+        try:
+            out = self.model.model.get_image_features(
+                pixel_values=pixels,
+                vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
+                return_dict=True,
+            )
+        finally:
+            hook.remove()
+        # transformers 5.x: a BaseModelOutputWithPooling whose pooler_output is a list of [N, D] per image;
+        # older versions returned the tensor itself.
+        features = out if torch.is_tensor(out) else out.pooler_output
+        if isinstance(features, (list, tuple)):
+            features = torch.stack(list(features))
+        # The tower computes layers past `vision_feature_layer`, its final norm and (SigLIP) pooling head,
+        # none of which reach the LM. Adding 0 x one element of their outputs gives those parameters
+        # a zero gradient instead of None, so every rank's ZeRO gradient set is the same. Costs nothing.
+        tails = [t for t in [getattr(out, "last_hidden_state", None), *pooled] if torch.is_tensor(t)]
+        if tails:
+            features = features + sum(t.reshape(-1)[0].float() for t in tails).to(features.dtype) * 0.0
+        return features.to(self.embed_dtype)
+
+    def lm_forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """The inner Llama on `inputs_embeds` (the top-level forward insists on `<image>` placeholder ids)."""
+        out = self.model.model.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask.long(),
+            cache=past_key_values,
+            use_cache=use_cache,
+            return_dict=True,
+        )
+        hidden = out.last_hidden_state
+        logits = self.model.lm_head(hidden) if return_logits else None
+        return hidden, logits, out.cache if use_cache else None
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str, trust_remote_code: bool = False, torch_dtype: torch.dtype | str | None = None
+    ) -> LlavaAdapter:
+        """Load a LLaVA checkpoint (local folder or hub id); float32 unless `torch_dtype` says otherwise."""
+        model = LlavaForConditionalGeneration.from_pretrained(path_or_id, dtype=resolve_dtype(torch_dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+        # Only mean/std/rescale are read from the image processor; the PIL backend needs no torchvision.
+        backend = {} if is_torchvision_available() else {"backend": "pil"}
+        image_processor = AutoImageProcessor.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **backend)
+        return cls(model, tokenizer, image_processor)
+
+    @classmethod
+    def build_tiny(cls, tiny_cfg: TinyBackboneConfig, out_dir: str | os.PathLike, seed: int = 0) -> LlavaAdapter:
+        """SigLIP + Llama LLaVA with random weights, saved so `from_pretrained(out_dir)` loads it like a real one."""
+        tokenizer = build_tiny_tokenizer()
+        if tiny_cfg.image_size % tiny_cfg.patch_size:
+            raise ValueError("model.backbone.tiny.image_size must be a multiple of patch_size")
+        vision = SiglipVisionConfig(
+            hidden_size=tiny_cfg.vision_hidden_size,
+            intermediate_size=2 * tiny_cfg.vision_hidden_size,
+            num_hidden_layers=tiny_cfg.vision_layers,
+            num_attention_heads=tiny_cfg.vision_heads,
+            image_size=tiny_cfg.image_size,
+            patch_size=tiny_cfg.patch_size,
+        )
+        text = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=tiny_cfg.hidden_size,
+            intermediate_size=tiny_cfg.intermediate_size,
+            num_hidden_layers=tiny_cfg.num_layers,
+            num_attention_heads=tiny_cfg.num_heads,
+            num_key_value_heads=tiny_cfg.num_heads,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+            image_seq_length=(tiny_cfg.image_size // tiny_cfg.patch_size) ** 2,
+            vision_feature_select_strategy="full",  # SigLIP has no CLS token to drop
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlavaForConditionalGeneration(config).float()
+        # The PIL variant needs no torchvision; it saves as "SiglipImageProcessor", so either backend loads it.
+        size = {"height": tiny_cfg.image_size, "width": tiny_cfg.image_size}
+        image_processor = SiglipImageProcessorPil(size=size)
+        adapter = cls(model.eval(), tokenizer, image_processor)
+        adapter.save_pretrained(out_dir)
+        return adapter
