@@ -59,7 +59,7 @@ def train(run_dir: str | Path) -> None:
         )
     seed_everything(cfg.run.seed)
     action_dim, state_dim = robot_dims(cfg)
-    model = build_model(cfg.model, action_dim=action_dim, state_dim=state_dim)
+    model = build_model(cfg.model, action_dim=action_dim, state_dim=state_dim, chunk_size=cfg.data.fwd_pred_next_n)
     engine, _, scheduler = build_engine(model, cfg, ds_config)
 
     ckpt_dir = run_dir / "checkpoints"

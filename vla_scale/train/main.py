@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from vla_scale.train.loop import train
 
@@ -12,6 +13,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run_dir", required=True, help="run directory written by `vla-scale prepare`")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
+    # Tokenizers run in forked DataLoader workers; their own thread pool would deadlock there.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(args.run_dir)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ class MetricsWriter:
             import wandb
 
             id_file = run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
             id_file.write_text(run_id)
             self.wandb = wandb.init(
                 project=cfg.project,

@@ -16,6 +16,7 @@ import yaml
 
 from vla_scale.config import Config, ConfigError, load_config, save_config, to_dict, validate
 from vla_scale.data.format import FormatError, Manifest
+from vla_scale.model.backbones.base import ensure_tiny_backbone, get_backbone_class
 from vla_scale.train.ds_config import build_ds_config
 
 # Keys that may change when a run directory is reused (resume with a longer schedule, new logging).
@@ -72,15 +73,15 @@ def prepare_run(config_path: str | Path | None, overrides: Sequence[str], world_
     cfg = load_config(config_path, overrides)
     validate(cfg, world_size)
     check_datasets(cfg)
+    try:
+        get_backbone_class(cfg.model.backbone.family)
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"model.backbone.family: {err}") from err
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     check_resume_compatible(run_dir, cfg)
     ds_config = build_ds_config(cfg, world_size)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-    backbone = cfg.model.backbone
-    if backbone.tiny is not None and not Path(backbone.pretrained).exists():
-        from vla_scale.model.backbones import get_backbone_class
-
-        get_backbone_class(backbone.family).build_tiny(backbone.tiny, backbone.pretrained)
+    ensure_tiny_backbone(cfg.model.backbone, seed=cfg.run.seed)
     return run_dir
