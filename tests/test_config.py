@@ -97,3 +97,10 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
     assert config_hash(again) == config_hash(cfg)
     assert config_hash(load_config(ROOT / "configs/debug.yaml")) != config_hash(cfg)
+
+
+def test_exponent_without_dot_is_a_number():
+    """YAML 1.1 reads `3e-4` as a string; a float field accepts it as the number it means."""
+    assert load_config(ROOT / "configs/debug.yaml", ["optim.lr=3e-4"]).optim.lr == 3e-4
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(ROOT / "configs/debug.yaml", ["train.max_steps=1e3"])
