@@ -14,7 +14,9 @@ def make_episode(index: int, length: int, size: int = 16, action_dim: int = 4, s
     action = np.concatenate([index + t / 100 + np.arange(action_dim - 1)[None] / 10, (t % 2)], axis=1)
     state = index * 10 + t + np.zeros((1, state_dim), np.float32)
     frames = [np.full((size, size, 3), (index * 7 + k) % 256, dtype=np.uint8) for k in range(length)]
-    return Episode(f"ep{index:04d}", f"pick the block number {index}", action.astype(np.float32), state, {"rgb_static": frames})
+    return Episode(
+        f"ep{index:04d}", f"pick the block number {index}", action.astype(np.float32), state, {"rgb_static": frames}
+    )
 
 
 def write_robot(folder: Path, lengths: list[int], per_shard: int, ext: str = "png") -> Path:
@@ -33,5 +35,3 @@ def write_vl(folder: Path, n: int, per_shard: int) -> Path:
             ]
             w.write_vl(VLSample(f"vl{i:04d}", np.full((16, 16, 3), i, np.uint8), conv))
     return folder
-
-

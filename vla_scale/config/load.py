@@ -20,7 +20,6 @@ import yaml
 
 from vla_scale.config.schema import Config
 
-
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 

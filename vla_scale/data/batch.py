@@ -11,7 +11,7 @@ L = text tokens, C/H/W = image channels/height/width.
 | wrist_images   | uint8   | [B, T, C, H, W]  | wrist camera if the dataset has one | None                       |
 | text_ids       | int64   | [B, L]           | instruction tokens (right-padded)   | conversation tokens        |
 | text_mask      | bool    | [B, L]           | True on real tokens                 | True on real tokens        |
-| text_labels    | int64   | [B, L]           | all -100                            | ids on assistant turns, else -100 |
+| text_labels    | int64   | [B, L]           | all -100                            | assistant-turn ids, else -100 |
 | state          | float32 | [B, T, S]        | proprioceptive state per frame      | None                       |
 | action         | float32 | [B, T, N, A]     | normalised arm dims, gripper in {0,1} | None                     |
 | action_mask    | bool    | [B, T, N]        | False past the episode end          | None                       |

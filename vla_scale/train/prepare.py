@@ -59,7 +59,7 @@ def check_datasets(cfg: Config) -> list[Manifest]:
             manifests.append(Manifest.load(src.path))
         except FormatError as err:
             raise ConfigError(f"data.sources.{i}.path: {err}") from err
-    robot = [m for m, s in zip(manifests, cfg.data.sources) if m.kind == "robot"]
+    robot = [m for m in manifests if m.kind == "robot"]
     if not robot:
         raise ConfigError("data.sources: no robot dataset listed; the policy needs at least one")
     dims = {(m.action_dim, m.state_dim) for m in robot}
