@@ -50,3 +50,13 @@ def test_normalizer_zscores_arm_and_binarises_gripper(tmp_path):
     assert set(np.unique(out[:, -1]).tolist()) <= {0.0, 1.0}
     back = norm.unnormalize_action(out[:, :-1], out[:, -1:])
     np.testing.assert_allclose(back, raw, atol=1e-4)
+
+
+def test_normalizer_keeps_gripper_state_binary(tmp_path):
+    write_robot(tmp_path, [5, 7], per_shard=2)
+    norm = Normalizer(load_stats(tmp_path))
+    state = make_episode(1, 7).state.copy()
+    state[:, -1] = [0, 1, 0, 1, 1, 0, 0.7]
+    out = norm.normalize_state(state)
+    assert out[:, -1].tolist() == [0, 1, 0, 1, 1, 0, 1]
+    np.testing.assert_allclose(out[:, 0], (state[:, 0] - norm.state_mean[0]) / (norm.state_std[0] + 1e-6), rtol=1e-5)

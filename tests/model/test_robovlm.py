@@ -278,3 +278,31 @@ def test_overfits_one_robot_batch(tiny_path):
         first = out["loss_arm"].item() if first is None else first
     final = model(batch)["loss_arm"].item()
     assert final < 0.2 * first, (first, final)
+
+
+def test_state_token_is_inserted_and_trained(tiny_path):
+    """`use_state`: one token per frame after the image; predictions depend on state; its encoder learns."""
+    model = make_model(tiny_path, use_state=True)
+    batch = robot_batch(model)
+    without = make_model(tiny_path)
+    assert model(batch)["num_tokens"].item() == without(batch)["num_tokens"].item() + B * T
+    arm, _ = model.predict_action(batch.images, batch.text_ids, batch.text_mask, batch.state)
+    moved, _ = model.predict_action(batch.images, batch.text_ids, batch.text_mask, batch.state + 1.0)
+    assert not torch.allclose(arm, moved)
+    closed = batch.state.clone()
+    closed[..., -1] = 1.0 - (closed[..., -1] > 0.5).float()  # flip the gripper bit only
+    flipped, _ = model.predict_action(batch.images, batch.text_ids, batch.text_mask, closed)
+    assert not torch.allclose(arm, flipped)
+    model(batch)["loss"].backward()
+    for name in ("arm.weight", "gripper.weight", "proj.weight"):
+        assert getattr(model.state_encoder, name.split(".")[0]).weight.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="use_state is on but the batch has no `state`"):
+        model.predict_action(batch.images, batch.text_ids, batch.text_mask)
+
+
+@pytest.mark.parametrize("kind", ["robot", "vl"])
+def test_state_encoder_gets_a_gradient_on_both_batch_kinds(tiny_path, kind):
+    model = make_model(tiny_path, use_state=True)
+    batch = robot_batch(model) if kind == "robot" else vl_batch(model)
+    model(batch)["loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []

@@ -97,6 +97,7 @@ class ModelConfig:
     action_space: Literal["continuous"] = "continuous"
     history_type: Literal["post"] = "post"
     latent_num: int = 1  # learnable action tokens inserted per frame
+    use_state: bool = False  # insert a proprioceptive state token after the image tokens
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
 

@@ -1,6 +1,6 @@
 """Action and state normalisation from a dataset's stats.json.
 
-Arm action dimensions are z-scored with the dataset mean/std so every dimension has
+Arm action (and state) dimensions are z-scored with the dataset mean/std so every dimension has
 a comparable loss scale; the last action dimension is the gripper and becomes a
 binary target in {0, 1} (closed when > 0.5) for the BCE head. The policy uses
 `unnormalize_action` to give users actions in their robot's units again.
@@ -35,4 +35,7 @@ class Normalizer:
         return np.concatenate([raw_arm, (gripper > 0.5).astype(raw_arm.dtype)], axis=-1)
 
     def normalize_state(self, state: np.ndarray) -> np.ndarray:
-        return ((state - self.state_mean) / (self.state_std + EPS)).astype(np.float32)
+        """`[..., S]` raw → arm dims z-scored, last (gripper) dim in {0, 1} like the action's."""
+        out = ((state - self.state_mean) / (self.state_std + EPS)).astype(np.float32)
+        out[..., -1] = (state[..., -1] > 0.5).astype(np.float32)
+        return out

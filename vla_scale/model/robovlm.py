@@ -2,9 +2,9 @@
 
 Per frame, one sequence goes through the VLM's language model:
 
-    [BOS] [img_start] image tokens [img_end] instruction tokens [action x latent_num] [EOS]
+    [BOS] [img_start] image tokens [img_end] [state] instruction tokens [action x latent_num] [EOS]
 
-(image start/end only for families that have them). The instruction arrives right-padded;
+(image start/end only for families that have them; the state token with `model.use_state`). The instruction arrives right-padded;
 the sequence is assembled from fixed slots and then compacted with a stable sort on
 "is padding", so each sample's action tokens sit right after its own last real text token
 and all padding moves to the end. The action tokens' output states feed the action head.
@@ -25,6 +25,7 @@ from vla_scale.config.schema import ModelConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.model.action_head import MLPActionHead
 from vla_scale.model.backbones.base import BackboneAdapter, ensure_tiny_backbone, load_backbone
+from vla_scale.model.state_encoder import StateEncoder
 
 
 @dataclass
@@ -57,7 +58,7 @@ class RoboVLM(nn.Module):
             raise ValueError(f"model.latent_num must be >= 1, got {cfg.latent_num}")
         self.cfg = cfg
         self.action_dim = action_dim
-        self.state_dim = state_dim  # kept for the state token (mechanism 5); not fused yet
+        self.state_dim = state_dim
         self.chunk_size = chunk_size
         self.latent_num = cfg.latent_num
         self.adapter = adapter
@@ -68,6 +69,7 @@ class RoboVLM(nn.Module):
         self.action_head = MLPActionHead(
             hidden, action_dim, chunk_size, latent_num=cfg.latent_num, hidden_size=cfg.head.hidden_size
         ).to(dtype)
+        self.state_encoder = StateEncoder(state_dim, hidden).to(dtype) if cfg.use_state else None
 
     @property
     def tokenizer(self) -> Any:
@@ -97,6 +99,7 @@ class RoboVLM(nn.Module):
         text_labels: torch.Tensor | None = None,
         n_action: int = 0,
         append_eos: bool = False,
+        state_tokens: torch.Tensor | None = None,
     ) -> FusedSequence:
         """Assemble `[BOS] image text [action] [EOS]` per row, then compact away the dropped text positions."""
         rows, device, dtype = text_ids.shape[0], text_ids.device, self.adapter.embed_dtype
@@ -122,6 +125,8 @@ class RoboVLM(nn.Module):
         add(image_tokens)
         if self.adapter.image_end_id is not None:
             add(special(self.adapter.image_end_id))
+        if state_tokens is not None:
+            add(state_tokens)
         safe_ids = torch.where(text_keep, text_ids, torch.zeros_like(text_ids))  # padding may hold any id
         text_lab = None if text_labels is None else torch.where(text_keep, text_labels, IGNORE_INDEX)
         add(self.adapter.embed_tokens(safe_ids), text_keep, text_lab)
@@ -148,6 +153,7 @@ class RoboVLM(nn.Module):
         text_ids: torch.Tensor,
         text_mask: torch.Tensor,
         wrist_images: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Window folded into the batch ("post" history) → (arm `[B, T, N, A-1]`, gripper logits
         `[B, T, N, 1]`, LM hidden states `[B*T, L, D]`, number of attended LM positions)."""
@@ -160,8 +166,18 @@ class RoboVLM(nn.Module):
             image_tokens = torch.cat([image_tokens, wrist_tokens], dim=1)
         ids = repeat(text_ids, "b l -> (b t) l", t=t)
         mask = repeat(text_mask.bool(), "b l -> (b t) l", t=t)
+        state_tokens = None
+        if self.state_encoder is not None:
+            if state is None:
+                raise ValueError("model.use_state is on but the batch has no `state` [B, T, S]")
+            state_tokens = rearrange(self.state_encoder(state), "b t d -> (b t) 1 d")
         fused = self.fuse(
-            image_tokens, ids, self._text_keep(ids, mask, strip_eos=True), n_action=self.latent_num, append_eos=True
+            image_tokens,
+            ids,
+            self._text_keep(ids, mask, strip_eos=True),
+            n_action=self.latent_num,
+            append_eos=True,
+            state_tokens=state_tokens,
         )
         hidden, _, _ = self.adapter.lm_forward(fused.embeds, fused.attention_mask, return_logits=False)
         latents = rearrange(hidden[fused.action_mask], "(bt n) d -> bt n d", n=self.latent_num)
@@ -180,7 +196,7 @@ class RoboVLM(nn.Module):
                 f"A={self.action_dim}: build_model(chunk_size=data.fwd_pred_next_n, action_dim=dataset action dims)"
             )
         arm, gripper, hidden, num_tokens = self._action_outputs(
-            batch.images, batch.text_ids, batch.text_mask, batch.wrist_images
+            batch.images, batch.text_ids, batch.text_mask, batch.wrist_images, batch.state
         )
         mask = batch.action_mask if batch.action_mask is not None else torch.ones_like(batch.action[..., 0]).bool()
         # Zero the targets of masked steps first so NaN/inf padding cannot leak into loss or gradients.
@@ -232,6 +248,9 @@ class RoboVLM(nn.Module):
         # Same reason as on robot batches: the action token and head are idle here, so touch them (value 0).
         arm, gripper = self.action_head(repeat(self.action_token, "d -> 1 n d", n=self.latent_num))
         loss = loss + 0.0 * (arm.float().sum() + gripper.float().sum())
+        if self.state_encoder is not None:
+            idle = self.state_encoder(torch.zeros(1, self.state_dim, device=image_tokens.device))
+            loss = loss + 0.0 * idle.float().sum()
         return {"loss": loss, "loss_vl": loss_vl, "num_tokens": fused.attention_mask.sum()}
 
     # --- public API ---------------------------------------------------------------------
@@ -257,8 +276,8 @@ class RoboVLM(nn.Module):
         wrist_images: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images `[B, T, C, H, W]` → (normalised arm chunk `[B, T, N, A-1]`, gripper probability
-        `[B, T, N, 1]`). `state` is accepted for the policy API and ignored until the state token lands."""
-        arm, gripper, _, _ = self._action_outputs(images, text_ids, text_mask, wrist_images)
+        `[B, T, N, 1]`). `state` `[B, T, S]` (normalised) is required when `model.use_state` is on."""
+        arm, gripper, _, _ = self._action_outputs(images, text_ids, text_mask, wrist_images, state)
         return arm.float(), torch.sigmoid(gripper.float())
 
 
