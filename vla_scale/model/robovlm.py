@@ -5,9 +5,10 @@ Per frame, one sequence goes through the VLM's language model:
     [BOS] [img_start] image tokens [img_end] [state] instruction tokens [action x latent_num] [EOS]
 
 (image start/end only for families that have them; the state token with `model.use_state`).
-The instruction arrives right-padded; the sequence is assembled from fixed slots and then compacted with a stable sort on
-"is padding", so each sample's action tokens sit right after its own last real text token
-and all padding moves to the end. The action tokens' output states feed the action head.
+The instruction arrives right-padded; the sequence is assembled from fixed slots and then
+compacted with a stable sort on "is padding", so each sample's action tokens sit right
+after its own last real text token and all padding moves to the end. The action tokens'
+output states feed the action head.
 Vision-language batches use the same fusion without action tokens and a next-token loss.
 """
 
