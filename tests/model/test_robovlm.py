@@ -306,3 +306,26 @@ def test_state_encoder_gets_a_gradient_on_both_batch_kinds(tiny_path, kind):
     batch = robot_batch(model) if kind == "robot" else vl_batch(model)
     model(batch)["loss"].backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_instruction_first_layout_and_padding_invariance(tiny_path):
+    """`instruction_first`: [BOS] text image [state] actions [EOS], compacted per sample like the default layout."""
+    model = make_model(tiny_path, instruction_first=True, use_state=True)
+    ids, mask = tokenize(model, INSTRUCTIONS)
+    image_tokens = torch.randn(2, N_IMAGE, model.adapter.hidden_size)
+    state_tokens = torch.randn(2, 1, model.adapter.hidden_size)
+    keep = model._text_keep(ids, mask, strip_eos=True)
+    fused = model.fuse(
+        image_tokens, ids, keep, n_action=model.latent_num, append_eos=True, state_tokens=state_tokens, text_first=True
+    )
+    for i in range(2):
+        n = int(mask[i].sum())
+        text = model.adapter.embed_tokens(ids[i, :n])
+        torch.testing.assert_close(fused.embeds[i, 1 : 1 + n], text)
+        torch.testing.assert_close(fused.embeds[i, 1 + n : 1 + n + N_IMAGE], image_tokens[i])
+        torch.testing.assert_close(fused.embeds[i, 1 + n + N_IMAGE], state_tokens[i, 0])
+        start = 1 + n + N_IMAGE + 1
+        assert fused.action_mask[i].nonzero().flatten().tolist() == list(range(start, start + model.latent_num))
+    batch = robot_batch(model)
+    padded = robot_batch(model, extra_pad=3)
+    torch.testing.assert_close(model(batch)["loss_arm"], model(padded)["loss_arm"], rtol=1e-5, atol=1e-6)

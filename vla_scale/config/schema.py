@@ -98,6 +98,8 @@ class ModelConfig:
     history_type: Literal["post"] = "post"
     latent_num: int = 1  # learnable action tokens inserted per frame
     use_state: bool = False  # insert a proprioceptive state token after the image tokens
+    # Robot sequences: put the instruction before the image (image tokens then attend to it).
+    instruction_first: bool = False
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
 

@@ -4,6 +4,11 @@ Per frame, one sequence goes through the VLM's language model:
 
     [BOS] [img_start] image tokens [img_end] [state] instruction tokens [action x latent_num] [EOS]
 
+or, with `model.instruction_first`, the instruction right after BOS, so that under causal
+attention every image token can already attend to the instruction:
+
+    [BOS] instruction tokens [img_start] image tokens [img_end] [state] [action x latent_num] [EOS]
+
 (image start/end only for families that have them; the state token with `model.use_state`).
 The instruction arrives right-padded; the sequence is assembled from fixed slots and then
 compacted with a stable sort on "is padding", so each sample's action tokens sit right
@@ -101,6 +106,7 @@ class RoboVLM(nn.Module):
         n_action: int = 0,
         append_eos: bool = False,
         state_tokens: torch.Tensor | None = None,
+        text_first: bool = False,
     ) -> FusedSequence:
         """Assemble `[BOS] image text [action] [EOS]` per row, then compact away the dropped text positions."""
         rows, device, dtype = text_ids.shape[0], text_ids.device, self.adapter.embed_dtype
@@ -119,8 +125,15 @@ class RoboVLM(nn.Module):
             emb = self.adapter.embed_tokens(torch.tensor([token_id], device=device))
             return repeat(emb, "n d -> b n d", b=rows)
 
+        def add_text() -> None:
+            safe_ids = torch.where(text_keep, text_ids, torch.zeros_like(text_ids))  # padding may hold any id
+            text_lab = None if text_labels is None else torch.where(text_keep, text_labels, IGNORE_INDEX)
+            add(self.adapter.embed_tokens(safe_ids), text_keep, text_lab)
+
         if self.adapter.bos_id is not None:
             add(special(self.adapter.bos_id))
+        if text_first:
+            add_text()
         if self.adapter.image_start_id is not None:
             add(special(self.adapter.image_start_id))
         add(image_tokens)
@@ -128,9 +141,8 @@ class RoboVLM(nn.Module):
             add(special(self.adapter.image_end_id))
         if state_tokens is not None:
             add(state_tokens)
-        safe_ids = torch.where(text_keep, text_ids, torch.zeros_like(text_ids))  # padding may hold any id
-        text_lab = None if text_labels is None else torch.where(text_keep, text_labels, IGNORE_INDEX)
-        add(self.adapter.embed_tokens(safe_ids), text_keep, text_lab)
+        if not text_first:
+            add_text()
         if n_action:
             add(repeat(self.action_token, "d -> b n d", b=rows, n=n_action), act=True)
         if append_eos and self.adapter.eos_id is not None:
@@ -179,6 +191,7 @@ class RoboVLM(nn.Module):
             n_action=self.latent_num,
             append_eos=True,
             state_tokens=state_tokens,
+            text_first=self.cfg.instruction_first,
         )
         hidden, _, _ = self.adapter.lm_forward(fused.embeds, fused.attention_mask, return_logits=False)
         latents = rearrange(hidden[fused.action_mask], "(bt n) d -> bt n d", n=self.latent_num)
