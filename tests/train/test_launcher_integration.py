@@ -87,3 +87,17 @@ def test_bad_config_fails_before_any_process_starts(tmp_path, toy_data):
     assert proc.returncode != 0
     assert "unknown config key 'train.zero_stag'" in proc.stderr and "zero_stage" in proc.stderr
     assert "deepspeed" not in proc.stdout.lower()
+
+
+def test_zero3_bf16_two_ranks(tmp_path, toy_data):
+    """ZeRO stage and bf16 come from the config; ZeRO-3 partitions parameters across the 2 ranks."""
+    run_launcher(tmp_path, toy_data, "train.zero_stage=3", "train.bf16=true", "train.max_steps=2", "train.ckpt_every=0")
+    run_dir = tmp_path / "runs" / "debug"
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0 < r["loss"] < 100 for r in records)
+    tag_dir = run_dir / "checkpoints" / "step_00000002"
+    shards = sorted(p.name for p in tag_dir.glob("*optim_states.pt"))
+    assert len(shards) == 2, f"expected one optimizer partition per rank, got {shards}"

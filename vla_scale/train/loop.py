@@ -76,7 +76,7 @@ def train(run_dir: str | Path) -> None:
         tokenizer=model.tokenizer,
         micro_batch_size=cfg.train.micro_batch_size,
     )
-    writer = MetricsWriter(run_dir, cfg.run.name, cfg.wandb, to_dict(cfg), resume=client is not None)
+    writer = MetricsWriter(run_dir, cfg.run.name, cfg.wandb, to_dict(cfg), start_step=step)
     meters, skips = Meters(), SkipTracker()
     accum = engine.gradient_accumulation_steps()
     pbar = tqdm(total=cfg.train.max_steps, initial=step, disable=rank != 0, file=sys.stdout, dynamic_ncols=True)

@@ -65,12 +65,21 @@ def wandb_mode(cfg: WandbConfig) -> str:
 class MetricsWriter:
     """Rank-0 sinks: `metrics.jsonl` (one object per logged step) and wandb; other ranks write nothing."""
 
-    def __init__(self, run_dir: Path, run_name: str, cfg: WandbConfig, config_dict: dict, resume: bool):
+    def __init__(self, run_dir: Path, run_name: str, cfg: WandbConfig, config_dict: dict, start_step: int):
+        """`start_step` > 0 means a resume: records logged after that checkpoint (by the run that died)
+        are dropped from metrics.jsonl, since those steps are about to be trained and logged again."""
         self.enabled = not dist.is_initialized() or dist.get_rank() == 0
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
         if not self.enabled:
             return
+        resume = start_step > 0
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in kept if json.loads(line)["step"] <= start_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         mode = wandb_mode(cfg)
         if mode != "disabled":
             import wandb

@@ -1,0 +1,50 @@
+"""Metric meters and sinks (single process; the 2-rank reduction runs in the launcher integration test)."""
+
+import torch
+
+from vla_scale.config.schema import WandbConfig
+from vla_scale.train.metrics import Meters, MetricsWriter, read_metrics, wandb_mode
+
+
+def test_meters_average_each_key_over_its_own_count_and_reset():
+    m = Meters()
+    m.add({"loss": torch.tensor(1.0), "loss_arm": torch.tensor(3.0)})
+    m.add({"loss": torch.tensor(2.0), "loss_vl": 5.0})
+    assert m.reduce() == {"loss": 1.5, "loss_arm": 3.0, "loss_vl": 5.0}
+    assert m.reduce() == {}
+
+
+def test_wandb_defaults_offline_without_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wandb_mode(WandbConfig(mode="auto")) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(WandbConfig(mode="auto")) == "online"
+    assert wandb_mode(WandbConfig(mode="disabled")) == "disabled"
+
+
+def test_writer_appends_jsonl_and_drops_steps_past_the_resumed_checkpoint(tmp_path):
+    off = WandbConfig(mode="disabled")
+    w = MetricsWriter(tmp_path, "r", off, {}, start_step=0)
+    for step in range(1, 6):
+        w.write(step, {"loss": float(step)})
+    w.close()
+    # The run died after logging step 5; its latest checkpoint is step 3.
+    w = MetricsWriter(tmp_path, "r", off, {}, start_step=3)
+    w.write(4, {"loss": 40.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_offline_wandb_run_keeps_its_id_across_resume(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    w = MetricsWriter(tmp_path, "r", WandbConfig(), {"a": 1}, start_step=0)
+    w.write(1, {"loss": 1.0})
+    run_id = w.wandb.id
+    w.close()
+    w = MetricsWriter(tmp_path, "r", WandbConfig(), {"a": 1}, start_step=1)
+    assert w.wandb.id == run_id
+    w.close()
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
