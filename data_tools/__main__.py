@@ -14,7 +14,7 @@ import sys
 from data_tools.writer import DatasetWriteError
 from vla_scale.data.format import FormatError
 
-COMMANDS = ("synth",)
+COMMANDS = ("synth", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

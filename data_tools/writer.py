@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import tarfile
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -67,6 +68,10 @@ class ShardWriter:
 
     Use as a context manager; on an exception the partial shard is removed and no
     manifest is written.
+
+    `resume` continues an interrupted write: the listed complete shards (the first ones,
+    in order) are kept and read back for keys and statistics, every other shard file is
+    removed, and new samples go into the shards after them.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class ShardWriter:
         image_ext: str = "jpg",
         extra: dict | None = None,
         overwrite: bool = False,
+        resume: list[ShardInfo] | None = None,
     ) -> None:
         if kind not in ("robot", "vl"):
             raise ValueError(f"kind must be 'robot' or 'vl', not {kind!r}")
@@ -97,7 +103,7 @@ class ShardWriter:
         self.image_ext = image_ext
         self.extra = dict(extra or {})
         self.shards: list[ShardInfo] = []
-        self._prepare_dir(overwrite)
+        self._prepare_dir(overwrite, keep=None if resume is None else [s.path for s in resume])
 
         self._file: io.BufferedWriter | None = None
         self._tar: wds.TarWriter | None = None
@@ -114,11 +120,13 @@ class ShardWriter:
         self._sizes: set[tuple[int, int]] = set()
         self._closed = False
         self.manifest: Manifest | None = None
+        for info in resume or []:
+            self._reload_shard(info)
 
     # -- setup --------------------------------------------------------------------------
 
-    def _prepare_dir(self, overwrite: bool) -> None:
-        """Create the folder, check it is writable and holds no other dataset."""
+    def _prepare_dir(self, overwrite: bool, keep: list[str] | None = None) -> None:
+        """Create the folder, check it is writable and holds no other dataset (except shards in `keep`)."""
         where = self.out_dir
         if where.exists() and not where.is_dir():
             raise DatasetWriteError(f"{where} exists and is not a folder; choose another output path")
@@ -130,6 +138,18 @@ class ShardWriter:
             ) from err
         old = sorted(where.glob("shard-*.tar")) + sorted(where.glob("shard-*.tar.tmp"))
         marker = [where / n for n in ("manifest.json", "stats.json") if (where / n).exists()]
+        if keep:
+            expected = [SHARD_PATTERN.format(i) for i in range(len(keep))]
+            if keep != expected:
+                raise ValueError(f"resume shards must be the first ones in order ({expected}), not {keep}")
+            missing = [name for name in keep if not (where / name).is_file()]
+            if missing:
+                raise DatasetWriteError(
+                    f"cannot resume in {where}: shard files {missing} are gone; rerun with --overwrite to start over"
+                )
+            old = [path for path in old if path.name not in keep]
+        elif keep is not None:
+            overwrite = True  # resuming with nothing kept: leftovers of the interrupted run go
         if (old or marker) and not overwrite:
             raise DatasetWriteError(
                 f"{where} already holds a dataset ({len(old)} shard files); "
@@ -150,6 +170,33 @@ class ShardWriter:
                 f"cannot write into dataset folder {where}: {err.strerror or err}; "
                 "check its permissions or choose another output path"
             ) from err
+
+    def _reload_shard(self, info: ShardInfo) -> None:
+        """Read a kept shard's small members back, so keys, checks and statistics cover it."""
+        samples: dict[str, dict[str, bytes]] = {}
+        path = self.out_dir / info.path
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    base = member.name.rpartition("/")[2]  # key = path up to the first dot of the basename
+                    stem, _, suffix = base.partition(".")
+                    key = member.name[: len(member.name) - len(base)] + stem
+                    wanted = suffix in ("meta.json", "action.npy", "state.npy", "json", *IMAGE_EXTS) or (
+                        suffix.split(".")[1:2] == ["0000"]
+                    )
+                    if wanted and member.isfile():
+                        samples.setdefault(key, {"__key__": key})[suffix] = tar.extractfile(member).read()
+        except (OSError, tarfile.TarError) as err:
+            raise DatasetWriteError(f"cannot resume: {path} is unreadable ({err}); rerun with --overwrite") from err
+        if len(samples) != info.samples:
+            raise DatasetWriteError(
+                f"cannot resume: {path} holds {len(samples)} samples, expected {info.samples}; rerun with --overwrite"
+            )
+        frames = 0
+        for key, sample in samples.items():
+            frames += self._account_robot(sample) if self.kind == "robot" else self._account_vl(sample)
+            self._keys.add(key)
+        self.shards.append(ShardInfo(path=info.path, samples=info.samples, frames=frames))
 
     # -- writing ------------------------------------------------------------------------
 
