@@ -1,6 +1,10 @@
 """Backbone adapters, one per VLM family, looked up by name (`model.backbone.family`)."""
 
-from vla_scale.model.backbones import llava  # noqa: F401  (registers "llava")
+from vla_scale.model.backbones import (
+    llava,  # noqa: F401  (registers "llava")
+    paligemma,  # noqa: F401  (registers "paligemma", "paligemma2")
+    qwen2_vl,  # noqa: F401  (registers "qwen2_vl", "qwen2_5_vl")
+)
 from vla_scale.model.backbones.base import (
     BackboneAdapter,
     available_backbones,
@@ -11,10 +15,16 @@ from vla_scale.model.backbones.base import (
     register_backbone,
 )
 from vla_scale.model.backbones.llava import LlavaAdapter
+from vla_scale.model.backbones.paligemma import PaliGemma2Adapter, PaliGemmaAdapter
+from vla_scale.model.backbones.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 
 __all__ = [
     "BackboneAdapter",
     "LlavaAdapter",
+    "PaliGemma2Adapter",
+    "PaliGemmaAdapter",
+    "Qwen25VLAdapter",
+    "Qwen2VLAdapter",
     "available_backbones",
     "build_tiny_backbone",
     "ensure_tiny_backbone",

@@ -7,7 +7,6 @@ trained offline on a built-in tabletop-robot corpus, and a SigLIP image processo
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Any
 
@@ -19,7 +18,6 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    PreTrainedTokenizerFast,
     SiglipImageProcessorPil,
     SiglipVisionConfig,
 )
@@ -27,76 +25,7 @@ from transformers.utils import is_torchvision_available
 
 from vla_scale.config.schema import TinyBackboneConfig
 from vla_scale.model.backbones.base import BackboneAdapter, register_backbone, resolve_dtype
-
-PAD, BOS, EOS, IMAGE = "<pad>", "<s>", "</s>", "<image>"
-TINY_VOCAB_SIZE = 512
-
-_COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "pink", "black", "white", "grey", "brown"]
-_OBJECTS = [
-    "block", "cube", "bowl", "cup", "mug", "plate", "spoon", "fork", "sponge", "towel", "drawer", "cabinet",
-    "door", "lid", "pot", "pan", "bottle", "can", "box", "basket", "ball", "button", "switch", "light", "apple",
-    "banana", "carrot", "marker", "pen", "book", "tray", "shelf", "table", "sink", "stove", "microwave", "fridge",
-]  # fmt: skip
-_VERBS = [
-    "pick up", "put", "place", "push", "pull", "open", "close", "lift", "move", "slide", "stack", "rotate", "turn on",
-    "turn off", "press", "grasp", "release", "wipe", "pour", "drop", "take", "insert", "flip", "fold", "unfold",
-]  # fmt: skip
-_PLACES = ["on the table", "in the drawer", "into the bowl", "on the plate", "to the left", "to the right",
-           "next to the cup", "on top of the box", "in the sink", "on the shelf", "off the tray"]  # fmt: skip
-_CAPTIONS = [
-    "A robot arm is holding a {c} {o}.",
-    "There is a {c} {o} on the table.",
-    "The gripper is open and the {o} is {c}.",
-    "Question: What color is the {o}? Answer: It is {c}.",
-    "Question: Where is the {o}? Answer: The {o} is {p}.",
-    "USER: <image>\nDescribe the image. ASSISTANT: A {c} {o} and a robot gripper.",
-    "What does the robot do next? It will {v} the {c} {o}.",
-]
-
-
-def tiny_corpus() -> list[str]:
-    """Instructions, captions and QA about tabletop robots, so the tiny BPE covers the words tests use."""
-    lines = []
-    for verb, colour, obj in itertools.product(_VERBS, _COLOURS, _OBJECTS):
-        lines.append(f"{verb} the {colour} {obj}")
-    for (colour, obj), place in zip(itertools.product(_COLOURS, _OBJECTS), itertools.cycle(_PLACES)):
-        lines.append(f"Put the {colour} {obj} {place}.")
-        for template in _CAPTIONS:
-            lines.append(template.format(c=colour, o=obj, p=place, v=_VERBS[len(lines) % len(_VERBS)]))
-    lines += ["Yes.", "No.", "one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9"]
-    return lines
-
-
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE (every byte is in the vocabulary, so no text is ever unknown), trained offline.
-
-    Like Llama's tokenizer it prepends BOS and does not append EOS.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE,
-        special_tokens=[PAD, BOS, EOS, IMAGE],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(tiny_corpus(), trainer)
-    bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE},
-        model_max_length=2048,
-        padding_side="right",
-    )
+from vla_scale.model.backbones.tiny_tokenizer import IMAGE, build_tiny_tokenizer
 
 
 @register_backbone("llava")

@@ -1,0 +1,288 @@
+"""Qwen2-VL and Qwen2.5-VL: a native-resolution ViT with a 2x2 patch merger + a Qwen2 LM with multimodal RoPE.
+
+Real checkpoints: e.g. `Qwen/Qwen2-VL-2B-Instruct` ("qwen2_vl"), `Qwen/Qwen2.5-VL-3B-Instruct` ("qwen2_5_vl").
+
+Family quirks (transformers 5.24, read from `models/qwen2_vl` and `models/qwen2_5_vl`):
+- Pixels go in as flattened patches `[sum(t*h*w), C*temporal_patch*patch*patch]` plus `image_grid_thw`;
+  `patchify` reproduces the image processor's layout exactly (a still image is repeated over the
+  temporal patch). Robot frames are resized to one fixed square side (`image_size`), so every image
+  has the same grid and yields `(side / patch / merge)^2` tokens.
+- Multimodal RoPE: each position has (t, h, w) ids. Text tokens count up on all three; an image's
+  tokens get their grid coordinates offset by the position where the image starts, and the text after
+  it resumes at that offset + max(h, w). The top-level forward derives this from `input_ids` +
+  `mm_token_type_ids` (Qwen2-VL raises without them, Qwen2.5-VL silently falls back to 1D positions).
+  We feed `inputs_embeds` straight to the inner LM, so `position_ids` finds the image spans in the
+  fused sequence by the image start/end token embeddings RoboVLM wraps them in (as HF's own
+  `get_placeholder_mask` does from embeddings), and calls the model's `get_rope_index` on that layout.
+  Several images inside one start/end pair (e.g. a wrist camera) are alternately typed image/video so
+  `get_rope_index` treats each as its own span; with a temporal grid of 1 a video span's positions are
+  those of an image, so each image gets its own grid positions, back to back.
+- KV-cache steps continue from the last prefix's `rope_deltas` (kept on the adapter, as the HF model
+  keeps them on itself).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from einops import rearrange, repeat
+from torch import nn
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
+from transformers.utils import is_torchvision_available
+
+from vla_scale.config.schema import TinyBackboneConfig
+from vla_scale.model.backbones.base import BackboneAdapter, register_backbone, resolve_dtype
+from vla_scale.model.backbones.tiny_tokenizer import build_tiny_tokenizer
+
+DEFAULT_IMAGE_SIDE = 224  # robot frames: 224 px -> 16x16 patches of 14 -> 64 tokens after the 2x2 merge
+QWEN_SPECIALS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+}
+
+
+@register_backbone("qwen2_vl")
+class Qwen2VLAdapter(BackboneAdapter):
+    """Qwen2-VL: merged ViT features from `get_image_features`, LM = inner Qwen2 with 3D (t, h, w) positions."""
+
+    model_class: type[nn.Module] = Qwen2VLForConditionalGeneration
+    config_class: type = Qwen2VLConfig
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any):
+        super().__init__(model, tokenizer, image_processor)
+        self.image_start_id = int(model.config.vision_start_token_id)
+        self.image_end_id = int(model.config.vision_end_token_id)
+        vision = model.config.vision_config
+        self.patch_size, self.merge_size = int(vision.patch_size), int(vision.spatial_merge_size)
+        self.temporal_patch_size = int(vision.temporal_patch_size)
+        self._rope_deltas: torch.Tensor | None = None  # [B, 1] from the last prefix, for KV-cache steps
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def image_size(self) -> int:
+        """224 px (or the nearest side the processor's min/max pixel budget allows), a multiple of patch x merge."""
+        factor = self.patch_size * self.merge_size
+        size = self.image_processor.size
+        min_pixels, max_pixels = size["shortest_edge"], size["longest_edge"]
+        lo, hi = math.ceil(math.sqrt(min_pixels) / factor) * factor, math.floor(math.sqrt(max_pixels) / factor) * factor
+        return min(max(round(DEFAULT_IMAGE_SIDE / factor) * factor, lo), hi)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // (self.patch_size * self.merge_size)) ** 2
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    @property
+    def vision_module(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.visual.merger
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    # --- images -----------------------------------------------------------------------------------
+    def patchify(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised `[B, C, S, S]` → (flat patches `[B*gh*gw, C*T*P*P]`, `image_grid_thw` `[B, 3]`), the processor's
+        layout: merge windows contiguous, channels before the (repeated) temporal axis before the patch pixels."""
+        m, p = self.merge_size, self.patch_size
+        grid_h, grid_w = pixels.shape[-2] // p, pixels.shape[-1] // p
+        x = rearrange(pixels, "b c (gh mh ph) (gw mw pw) -> b gh gw mh mw c ph pw", mh=m, mw=m, ph=p, pw=p)
+        patches = repeat(x, "b gh gw mh mw c ph pw -> (b gh gw mh mw) (c t ph pw)", t=self.temporal_patch_size)
+        grid = torch.tensor([1, grid_h, grid_w], device=pixels.device).expand(pixels.shape[0], 3)
+        return patches, grid
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 `[B, C, H, W]` → merged patch features `[B, tokens_per_image, D]` in the LM embedding space."""
+        vision_dtype = next(self.vision_module.parameters()).dtype
+        patches, grid = self.patchify(self.preprocess_images(images))
+        out = self.model.model.get_image_features(patches.to(vision_dtype), grid, return_dict=True)
+        return torch.stack(list(out.pooler_output)).to(self.embed_dtype)
+
+    # --- language model ---------------------------------------------------------------------------
+    def _special_mask(self, inputs_embeds: torch.Tensor, token_id: int) -> torch.Tensor:
+        emb = self.embed_tokens(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+        return (inputs_embeds == emb).all(dim=-1)
+
+    def position_ids(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """3D RoPE ids `[3, B, L]` for a fused sequence: image tokens (between image start/end embeddings) get grid
+        positions, text continues after them, padding gets 0 — what the top-level forward computes from input_ids."""
+        mask = attention_mask.bool()
+        starts = self._special_mask(inputs_embeds, self.image_start_id) & mask
+        ends = self._special_mask(inputs_embeds, self.image_end_id) & mask
+        inside = ((starts.long().cumsum(1) - ends.long().cumsum(1)) > 0) & ~starts & mask
+        n = self.tokens_per_image
+        offset = inside.long().cumsum(1) - 1  # index among this row's image tokens
+        if (inside.sum(1) % n).any():
+            raise ValueError(f"image spans must hold whole images of {n} tokens, got {inside.sum(1).tolist()}")
+        # Image k of a row gets type 1 (image) or 2 (video) alternately: adjacent images stay separate spans.
+        types = torch.where(inside, 1 + (offset // n) % 2, 0)
+        side = self.image_size // self.patch_size
+        grid = torch.tensor([[1, side, side]], device=inputs_embeds.device)
+        n_image, n_video = int((types == 1).sum()) // n, int((types == 2).sum()) // n
+        positions, deltas = self.model.model.get_rope_index(
+            torch.zeros_like(types),  # only its shape is read; the layout comes from the types
+            mm_token_type_ids=types.int(),
+            image_grid_thw=grid.expand(n_image, 3) if n_image else None,
+            video_grid_thw=grid.expand(n_video, 3) if n_video else None,
+            attention_mask=mask.long(),
+        )
+        self._rope_deltas = deltas
+        return positions
+
+    def _cached_position_ids(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past: int
+    ) -> torch.Tensor:
+        """Positions of tokens appended after a cached prefix: real tokens so far + the prefix's rope delta."""
+        b, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        if attention_mask.shape[1] == past + length:  # the full mask: count the prefix's real tokens per row
+            seen = attention_mask[:, :past].long().sum(1, keepdim=True)
+        else:
+            seen = torch.full((b, 1), past, dtype=torch.long, device=device)
+        deltas = self._rope_deltas if self._rope_deltas is not None else torch.zeros(b, 1, dtype=torch.long)
+        pos = torch.arange(length, device=device) + seen + deltas.to(device).view(-1, 1)
+        return repeat(pos, "b l -> three b l", three=3)
+
+    def lm_forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """The inner Qwen2 LM on `inputs_embeds` with explicit multimodal RoPE positions."""
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past:
+            positions = self._cached_position_ids(inputs_embeds, attention_mask, past)
+        else:
+            positions = self.position_ids(inputs_embeds, attention_mask)
+        out = self.model.model.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask.long(),
+            position_ids=positions,
+            cache=past_key_values,
+            use_cache=use_cache,
+            return_dict=True,
+        )
+        hidden = out.last_hidden_state
+        logits = self.model.lm_head(hidden) if return_logits else None
+        return hidden, logits, out.cache if use_cache else None
+
+    # --- loading and building ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str, trust_remote_code: bool = False, torch_dtype: torch.dtype | str | None = None
+    ) -> Qwen2VLAdapter:
+        """Load a checkpoint of this family (local folder or hub id); float32 unless `torch_dtype` says otherwise."""
+        model = cls.model_class.from_pretrained(path_or_id, dtype=resolve_dtype(torch_dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+        backend = {} if is_torchvision_available() else {"backend": "pil"}
+        image_processor = AutoImageProcessor.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **backend)
+        return cls(model, tokenizer, image_processor)
+
+    @classmethod
+    def _tiny_vision_config(cls, tiny_cfg: TinyBackboneConfig) -> dict[str, Any]:
+        return {
+            "depth": tiny_cfg.vision_layers,
+            "embed_dim": tiny_cfg.vision_hidden_size,
+            "hidden_size": tiny_cfg.hidden_size,  # Qwen2-VL: the merger's output width
+            "num_heads": tiny_cfg.vision_heads,
+            "mlp_ratio": 2,
+            "patch_size": tiny_cfg.patch_size,
+        }
+
+    @classmethod
+    def build_tiny(cls, tiny_cfg: TinyBackboneConfig, out_dir: str | os.PathLike, seed: int = 0) -> Qwen2VLAdapter:
+        """Random-weight checkpoint of the real config classes (2x2 merge, temporal patch 2), saved for from_pretrained.
+
+        Like Qwen's tokenizer the tiny one has no BOS and appends nothing; the image processor's pixel budget is
+        pinned to `image_size`^2 so `image_size` reads back as the tiny side.
+        """
+        factor = 2 * tiny_cfg.patch_size
+        if tiny_cfg.image_size % factor:
+            raise ValueError("model.backbone.tiny.image_size must be a multiple of 2 x patch_size (the 2x2 merge)")
+        head_dim = tiny_cfg.hidden_size // tiny_cfg.num_heads
+        if head_dim % 2 or tiny_cfg.hidden_size % tiny_cfg.num_heads:
+            raise ValueError("model.backbone.tiny.hidden_size / num_heads must be an even integer (RoPE)")
+        tokenizer = build_tiny_tokenizer(
+            pad="<|endoftext|>", bos=None, eos="<|im_end|>", extra_special_tokens=QWEN_SPECIALS
+        )
+        half = head_dim // 2  # mrope_section splits the rotary half over (t, h, w) like the real 16/24/24
+        t_sec = max(1, half // 4)
+        h_sec = (half - t_sec) // 2
+        text = {
+            "vocab_size": len(tokenizer),
+            "hidden_size": tiny_cfg.hidden_size,
+            "intermediate_size": tiny_cfg.intermediate_size,
+            "num_hidden_layers": tiny_cfg.num_layers,
+            "num_attention_heads": tiny_cfg.num_heads,
+            "num_key_value_heads": max(1, tiny_cfg.num_heads // 2),
+            "max_position_embeddings": 2048,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [t_sec, h_sec, half - t_sec - h_sec],
+            },
+            "bos_token_id": None,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        ids = {
+            k.removesuffix("_token") + "_token_id": tokenizer.convert_tokens_to_ids(v) for k, v in QWEN_SPECIALS.items()
+        }
+        config = cls.config_class(text_config=text, vision_config=cls._tiny_vision_config(tiny_cfg), **ids)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls.model_class(config).float()
+        pixels = tiny_cfg.image_size**2
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=tiny_cfg.patch_size, merge_size=2, temporal_patch_size=2, min_pixels=pixels, max_pixels=pixels
+        )
+        adapter = cls(model.eval(), tokenizer, image_processor)
+        adapter.save_pretrained(out_dir)
+        return adapter
+
+
+@register_backbone("qwen2_5_vl")
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL: the same interface; its ViT uses windowed attention with a few full-attention blocks."""
+
+    model_class = Qwen2_5_VLForConditionalGeneration
+    config_class = Qwen2_5_VLConfig
+
+    @classmethod
+    def _tiny_vision_config(cls, tiny_cfg: TinyBackboneConfig) -> dict[str, Any]:
+        return {
+            "depth": tiny_cfg.vision_layers,
+            "hidden_size": tiny_cfg.vision_hidden_size,
+            "intermediate_size": 2 * tiny_cfg.vision_hidden_size,
+            "out_hidden_size": tiny_cfg.hidden_size,  # the merger's output width
+            "num_heads": tiny_cfg.vision_heads,
+            "patch_size": tiny_cfg.patch_size,
+            "window_size": 2 * tiny_cfg.patch_size * 2,  # 2x2 merged units per window: both attention kinds run
+            "fullatt_block_indexes": [tiny_cfg.vision_layers - 1],
+        }
