@@ -79,6 +79,14 @@ def test_two_rank_job_logs_every_term_and_checkpoints_then_resumes(tmp_path, toy
     assert (ckpts / "latest").read_text().strip() == "step_00000006"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000004", "step_00000006"]
 
+    # An uninterrupted 6-step run sees the same batches and weights, so the same losses (exact data resume).
+    run_launcher(tmp_path, toy_data, "train.max_steps=6", "train.ckpt_every=0", "run.name=straight")
+    straight = read_metrics(tmp_path / "runs" / "straight")
+    for resumed_rec, straight_rec in zip(records[4:], straight[4:], strict=True):
+        for term in ("loss", "loss_arm", "loss_gripper", "loss_vl"):
+            if term in straight_rec:
+                assert resumed_rec[term] == pytest.approx(straight_rec[term], rel=1e-6, abs=1e-7), term
+
 
 def test_bad_config_fails_before_any_process_starts(tmp_path, toy_data):
     cmd = [str(ROOT / "launchers/train.sh"), str(ROOT / "configs/debug.yaml"), "train.zero_stag=3"]

@@ -4,6 +4,6 @@ Knows nothing of the model or the trainer; both consume its `Batch`.
 """
 
 from vla_scale.data.batch import IGNORE_INDEX, Batch
-from vla_scale.data.loader import SkipTracker, build_dataloader
+from vla_scale.data.loader import StreamTracker, build_dataloader
 
-__all__ = ["IGNORE_INDEX", "Batch", "SkipTracker", "build_dataloader"]
+__all__ = ["IGNORE_INDEX", "Batch", "StreamTracker", "build_dataloader"]

@@ -193,8 +193,12 @@ def encode_episode(ep: Episode, image_ext: str = "jpg") -> dict[str, bytes | str
     return sample
 
 
-def decode_episode(sample: dict) -> Episode:
-    """webdataset sample dict (raw bytes) → Episode; raises FormatError on anything wrong."""
+def decode_episode_arrays(sample: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """meta, action `[L, A]` and state `[L, S]` of a raw robot sample, checked; frames stay compressed.
+
+    Cheap (JSON and two small arrays), so readers can validate and count windows of an
+    episode without decoding a single image.
+    """
     key = sample.get("__key__", "?")
     try:
         meta = json.loads(sample["meta.json"])
@@ -208,24 +212,34 @@ def decode_episode(sample: dict) -> Episode:
     action = decode_npy(sample["action.npy"]).astype(np.float32)
     state = decode_npy(sample["state.npy"]).astype(np.float32)
     length = int(meta.get("length", action.shape[0]))
+    if action.ndim != 2 or state.ndim != 2:
+        raise FormatError(f"sample {key}: action {action.shape} and state {state.shape} must be [L, D]")
     if action.shape[0] != length or state.shape[0] != length:
         raise FormatError(f"sample {key}: action/state length {action.shape[0]}/{state.shape[0]} != {length}")
     if not (np.isfinite(action).all() and np.isfinite(state).all()):
         raise FormatError(f"sample {key}: NaN or infinite values in action or state")
-    ext = meta.get("image_ext", "jpg")
-    frames: dict[str, list[np.ndarray]] = {}
-    for cam in meta.get("cameras", []):
-        frames[cam] = []
-        for t in range(length):
-            name = f"{cam}.{t:04d}.{ext}"
-            if name not in sample:
-                raise FormatError(f"sample {key}: missing frame {name}")
-            try:
-                frames[cam].append(decode_image(sample[name]))
-            except FormatError as err:
-                raise FormatError(f"sample {key}: {name}: {err}") from err
+    return meta, action, state
+
+
+def decode_frame(sample: dict, meta: dict, camera: str, t: int) -> np.ndarray:
+    """Frame `t` of `camera` in a raw robot sample → uint8 `[H, W, 3]`."""
+    name = f"{camera}.{t:04d}.{meta.get('image_ext', 'jpg')}"
+    if name not in sample:
+        raise FormatError(f"sample {sample.get('__key__', '?')}: missing frame {name}")
+    try:
+        return decode_image(sample[name])
+    except FormatError as err:
+        raise FormatError(f"sample {sample.get('__key__', '?')}: {name}: {err}") from err
+
+
+def decode_episode(sample: dict) -> Episode:
+    """webdataset sample dict (raw bytes) → Episode with every frame decoded; raises FormatError."""
+    meta, action, state = decode_episode_arrays(sample)
+    frames = {
+        cam: [decode_frame(sample, meta, cam, t) for t in range(action.shape[0])] for cam in meta.get("cameras", [])
+    }
     extra = {k: v for k, v in meta.items() if k not in ("instruction", "length", "cameras", "image_ext")}
-    return Episode(key, meta.get("instruction", ""), action, state, frames, extra)
+    return Episode(sample.get("__key__", "?"), meta.get("instruction", ""), action, state, frames, extra)
 
 
 def encode_vl(sample: VLSample, image_ext: str = "jpg") -> dict[str, bytes | str]:

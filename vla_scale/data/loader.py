@@ -19,7 +19,7 @@ from vla_scale.config.schema import DataConfig
 from vla_scale.data.batch import Batch
 from vla_scale.data.collate import collate_robot, collate_vl
 from vla_scale.data.format import Manifest
-from vla_scale.data.stream import BadSamples, Reader, SourceStream
+from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream
 
 
 def source_schedule(seed: int, batch_index: int, weights: np.ndarray) -> int:
@@ -28,9 +28,26 @@ def source_schedule(seed: int, batch_index: int, weights: np.ndarray) -> int:
 
 
 class MixedBatches(IterableDataset):
-    """An infinite iterable of `Batch`es for one rank; shard reading happens in its workers."""
+    """An infinite iterable of `Batch`es for one rank; shard reading happens in its workers.
 
-    def __init__(self, cfg: DataConfig, seed: int, rank: int, world_size: int, tokenizer: Any, micro_batch_size: int):
+    Everything a worker yields is a pure function of (seed, rank, world size, worker count,
+    worker role), so the stream can be resumed exactly: `start_batch` = batches this rank
+    already consumed. Worker roles are rotated by `start_batch % num_workers` so that the
+    DataLoader's round-robin (which always starts at worker 0) hands out batch `start_batch`
+    first, and each worker replays its earlier draws without decoding images.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        seed: int,
+        rank: int,
+        world_size: int,
+        tokenizer: Any,
+        micro_batch_size: int,
+        start_batch: int = 0,
+        bad_windows: dict[int, list[str]] | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.seed = seed
@@ -38,48 +55,69 @@ class MixedBatches(IterableDataset):
         self.world_size = world_size
         self.tokenizer = tokenizer
         self.micro_batch_size = micro_batch_size
+        self.start_batch = start_batch
+        self.bad_windows = {int(k): list(v) for k, v in (bad_windows or {}).items()}
         weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
         self.weights = weights / weights.sum()
         self.manifests = [Manifest.load(s.path) for s in cfg.sources]
 
+    def _streams(self, reader: Reader, bad: BadSamples, bad_windows: set[str]) -> list[SourceStream | None]:
+        return [
+            SourceStream(
+                src.path,
+                reader,
+                seed=self.seed + i,
+                shuffle_buffer=self.cfg.shuffle_buffer,
+                shard_shuffle=self.cfg.shard_shuffle,
+                window_size=self.cfg.window_size,
+                chunk=self.cfg.fwd_pred_next_n,
+                bad=bad,
+                bad_windows=bad_windows,
+            )
+            if self.weights[i] > 0
+            else None  # weight-0 sources are never scheduled
+            for i, src in enumerate(self.cfg.sources)
+        ]
+
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader = Reader(self.rank, self.world_size, worker, num_workers)
+        role = (worker + self.start_batch) % num_workers
         bad = BadSamples(self.cfg.bad_sample_policy)
-        streams = [
-            iter(
-                SourceStream(
-                    src.path,
-                    reader,
-                    seed=self.seed + i,
-                    shuffle_buffer=self.cfg.shuffle_buffer,
-                    shard_shuffle=self.cfg.shard_shuffle,
-                    window_size=self.cfg.window_size,
-                    chunk=self.cfg.fwd_pred_next_n,
-                    bad=bad,
-                )
-            )
-            if self.weights[i] > 0
-            else None
-            for i, src in enumerate(self.cfg.sources)
-        ]
-        k = 0
-        while True:
-            batch_index = k * num_workers + worker
-            src = source_schedule(self.seed, batch_index, self.weights)
+        bad_windows = set(self.bad_windows.get(role, []))
+        sources = self._streams(Reader(self.rank, self.world_size, role, num_workers), bad, bad_windows)
+        streams = [iter(s) if s is not None else None for s in sources]
+
+        def draw(src: int) -> list:
             stream = streams[src]
-            assert stream is not None  # weight-0 sources are never scheduled
-            items = [next(stream) for _ in range(self.micro_batch_size)]
+            assert stream is not None
+            return [next(stream) for _ in range(self.micro_batch_size)]
+
+        replayed = len(range(role, self.start_batch, num_workers))
+        for s in sources:
+            if s is not None:
+                s.replay = True
+        for k in range(replayed):
+            draw(source_schedule(self.seed, k * num_workers + role, self.weights))
+        for s in sources:
+            if s is not None:
+                s.replay = False
+
+        k = replayed
+        while True:
+            batch_index = k * num_workers + role
+            src = source_schedule(self.seed, batch_index, self.weights)
+            items = draw(src)
             if self.manifests[src].kind == "robot":
                 batch = collate_robot(items, self.tokenizer, self.cfg.max_text_len)
             else:
                 batch = collate_vl(items, self.tokenizer, self.cfg.max_text_len)
             batch.meta = {
                 "source": self.manifests[src].name,
-                "worker": worker,
+                "worker": role,
                 "batch_index": batch_index,
                 "skipped": dict(bad.counts),
+                "bad_windows": sorted(bad_windows),
             }
             yield batch
             k += 1
@@ -90,10 +128,24 @@ def _identity(batch: Batch) -> Batch:
 
 
 def build_dataloader(
-    cfg: DataConfig, seed: int, rank: int, world_size: int, tokenizer: Any, micro_batch_size: int
+    cfg: DataConfig,
+    seed: int,
+    rank: int,
+    world_size: int,
+    tokenizer: Any,
+    micro_batch_size: int,
+    resume: dict | None = None,
 ) -> DataLoader:
-    """DataLoader over `MixedBatches`; batches arrive fully collated (batch_size=None)."""
-    dataset = MixedBatches(cfg, seed, rank, world_size, tokenizer, micro_batch_size)
+    """DataLoader over `MixedBatches`; batches arrive fully collated (batch_size=None).
+
+    `resume` is a `StreamTracker.state_dict()` from a checkpoint: the loader then continues
+    exactly after the last batch that run consumed.
+    """
+    start_batch, bad_windows = 0, None
+    if resume is not None:
+        StreamTracker.check_compatible(resume, seed, world_size, cfg.num_workers, micro_batch_size)
+        start_batch, bad_windows = int(resume["batches"]), resume.get("bad_windows")
+    dataset = MixedBatches(cfg, seed, rank, world_size, tokenizer, micro_batch_size, start_batch, bad_windows)
     workers = cfg.num_workers
     return DataLoader(
         dataset,
@@ -106,19 +158,54 @@ def build_dataloader(
     )
 
 
-class SkipTracker:
-    """Sums the per-worker cumulative skip counts that batches carry in `meta`."""
+class StreamTracker:
+    """Main-process view of the data stream: batches consumed, skip counts, bad windows per worker role.
 
-    def __init__(self) -> None:
-        self._latest: dict[int, dict[str, int]] = {}
+    Its `state_dict()` goes into the checkpoint's client state; `build_dataloader(resume=...)`
+    uses it to continue the stream exactly where this run stopped.
+    """
+
+    def __init__(self, seed: int, world_size: int, num_workers: int, micro_batch_size: int, resume: dict | None):
+        self.seed, self.world_size = seed, world_size
+        self.num_workers, self.micro_batch_size = num_workers, micro_batch_size
+        self.batches = int(resume["batches"]) if resume else 0
+        self._skipped: dict[int, dict[str, int]] = {int(k): v for k, v in (resume or {}).get("skipped", {}).items()}
+        self._bad: dict[int, list[str]] = {int(k): v for k, v in (resume or {}).get("bad_windows", {}).items()}
 
     def update(self, batch: Batch) -> None:
+        self.batches += 1
         if "worker" in batch.meta:
-            self._latest[batch.meta["worker"]] = batch.meta.get("skipped", {})
+            self._skipped[batch.meta["worker"]] = batch.meta.get("skipped", {})
+            self._bad[batch.meta["worker"]] = batch.meta.get("bad_windows", [])
 
-    def totals(self) -> dict[str, int]:
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far per source name, summed over workers."""
         out: dict[str, int] = {}
-        for counts in self._latest.values():
+        for counts in self._skipped.values():
             for name, n in counts.items():
                 out[name] = out.get(name, 0) + n
         return out
+
+    def state_dict(self) -> dict:
+        return {
+            "batches": self.batches,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "micro_batch_size": self.micro_batch_size,
+            "skipped": {str(k): v for k, v in self._skipped.items()},
+            "bad_windows": {str(k): v for k, v in self._bad.items()},
+        }
+
+    @staticmethod
+    def check_compatible(state: dict, seed: int, world_size: int, num_workers: int, micro_batch_size: int) -> None:
+        """Exact resume replays the same readers; a different split would repeat or skip samples, so refuse."""
+        now = {"seed": seed, "world_size": world_size, "num_workers": num_workers, "micro_batch_size": micro_batch_size}
+        diff = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+        if diff:
+            details = ", ".join(f"{k}: checkpoint {old} vs now {new}" for k, (old, new) in diff.items())
+            raise DataError(
+                f"cannot resume the data stream exactly ({details}): the checkpoint's stream position is only "
+                "valid for the same ranks, workers, micro batch and seed; resume with those settings or start "
+                "a new run from these weights"
+            )

@@ -18,14 +18,21 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import webdataset as wds
 
-from vla_scale.data.format import FormatError, Manifest, decode_episode, decode_vl, load_stats
+from vla_scale.data.format import (
+    FormatError,
+    Manifest,
+    VLSample,
+    decode_episode_arrays,
+    decode_frame,
+    decode_vl,
+    load_stats,
+)
 from vla_scale.data.normalize import Normalizer
-from vla_scale.data.window import iter_windows
+from vla_scale.data.window import Window, chunk_actions
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +84,11 @@ class BadSamples:
     policy: str = "skip"
     counts: Counter = field(default_factory=Counter)
 
-    def report(self, source: str, where: str, err: Exception) -> None:
+    def report(self, source: str, where: str, err: Exception | None) -> None:
+        """Count a bad sample; log it (or raise under `fail`). `err=None`: a replayed, already-logged one."""
+        if err is None:
+            self.counts[source] += 1
+            return
         reason = type(err).__name__
         message = f"bad sample in source {source!r} at {where}: {err}"
         if self.policy == "fail":
@@ -104,8 +115,43 @@ def iter_raw_samples(
                 yield sample
 
 
+@dataclass
+class _Episode:
+    """A robot sample with its arrays decoded and normalised; frames stay compressed until a window is emitted."""
+
+    raw: dict
+    meta: dict
+    chunks: np.ndarray  # [L, N, A]
+    chunk_mask: np.ndarray  # [L, N]
+    state: np.ndarray  # [L, S]
+
+
+@dataclass
+class _Entry:
+    """One shuffle-buffer slot: a robot window (episode + start frame) or a VL sample, still compressed."""
+
+    key: str  # "<shard>:<sample key>[/<start>]", stable across runs
+    episode: _Episode | None = None
+    start: int = 0
+    raw: dict | None = None  # VL sample
+
+
+class Replayed:
+    """Stand-in item yielded while fast-forwarding to a resume point: the slot is consumed, nothing decoded."""
+
+
+REPLAYED = Replayed()
+
+
 class SourceStream:
-    """An infinite, shuffled stream of items (robot windows or VL samples) from one dataset for one reader."""
+    """An infinite, shuffled stream of items (robot windows or VL samples) from one dataset for one reader.
+
+    The shuffle buffer holds compressed samples; images are decoded only when an item leaves
+    the buffer. So memory stays bounded by compressed bytes, and a resumed run can replay the
+    exact sequence of draws up to its checkpoint (`replay = True`) reading shards but decoding
+    no image. Windows whose frames failed to decode are remembered in `bad_windows` (saved in
+    the checkpoint) so the replay skips the same slots the original run skipped.
+    """
 
     def __init__(
         self,
@@ -117,6 +163,7 @@ class SourceStream:
         window_size: int,
         chunk: int,
         bad: BadSamples,
+        bad_windows: set[str] | None = None,
     ):
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)
@@ -131,6 +178,8 @@ class SourceStream:
         self.window_size = window_size
         self.chunk = chunk
         self.bad = bad
+        self.bad_windows = bad_windows if bad_windows is not None else set()
+        self.replay = False
         self.normalizer = Normalizer(load_stats(self.folder)) if self.kind == "robot" else None
         self.static_camera = self._static_camera()
         self.epoch = 0
@@ -144,16 +193,55 @@ class SourceStream:
             raise DataError(f"{self.folder}: manifest lists no static camera (cameras={self.manifest.cameras})")
         return cams[0]
 
-    def _items_of(self, sample: dict) -> list[Any]:
+    def _ingest(self, sample: dict) -> list[_Entry]:
+        """Raw sample → buffer entries; robot arrays are checked and normalised here, images are not touched."""
+        where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         if self.kind == "vl":
-            return [decode_vl(sample)]
-        ep = decode_episode(sample)
-        assert self.normalizer is not None and self.static_camera is not None
-        ep.action = self.normalizer.normalize_action(ep.action)
-        ep.state = self.normalizer.normalize_state(ep.state)
-        return list(iter_windows(ep, self.window_size, self.chunk, self.static_camera, WRIST_CAMERA))
+            return [_Entry(key=where, raw=sample)]
+        assert self.normalizer is not None
+        meta, action, state = decode_episode_arrays(sample)
+        if self.static_camera not in meta.get("cameras", []):
+            raise FormatError(f"sample {sample.get('__key__')}: no camera {self.static_camera!r}")
+        chunks, chunk_mask = chunk_actions(self.normalizer.normalize_action(action), self.chunk)
+        ep = _Episode(sample, meta, chunks, chunk_mask, self.normalizer.normalize_state(state))
+        return [_Entry(f"{where}/{t}", ep, t) for t in range(action.shape[0] - self.window_size + 1)]
 
-    def _epoch_items(self) -> Iterator[Any]:
+    def _materialize(self, entry: _Entry) -> Window | VLSample:
+        if entry.raw is not None:
+            return decode_vl(entry.raw)
+        ep, sl = entry.episode, slice(entry.start, entry.start + self.window_size)
+        assert ep is not None and self.static_camera is not None
+        frames = range(entry.start, entry.start + self.window_size)
+        cameras = ep.meta.get("cameras", [])
+        return Window(
+            key=f"{ep.raw.get('__key__')}/{entry.start}",
+            instruction=ep.meta.get("instruction", ""),
+            images=np.stack([decode_frame(ep.raw, ep.meta, self.static_camera, t) for t in frames]),
+            wrist_images=(
+                np.stack([decode_frame(ep.raw, ep.meta, WRIST_CAMERA, t) for t in frames])
+                if WRIST_CAMERA in cameras
+                else None
+            ),
+            state=ep.state[sl],
+            action=ep.chunks[sl],
+            action_mask=ep.chunk_mask[sl],
+        )
+
+    def _emit(self, entry: _Entry) -> Window | VLSample | Replayed | None:
+        """The item for a slot leaving the buffer; None when it is bad (counted, and skipped by the caller)."""
+        if self.replay:
+            if entry.key in self.bad_windows:
+                self.bad.report(self.name, entry.key, None)
+                return None
+            return REPLAYED
+        try:
+            return self._materialize(entry)
+        except (FormatError, KeyError, ValueError) as err:
+            self.bad_windows.add(entry.key)
+            self.bad.report(self.name, entry.key, err)
+            return None
+
+    def _epoch_entries(self) -> Iterator[_Entry]:
         paths, stride = epoch_assignment(
             [str(self.folder / s.path) for s in self.manifest.shards],
             self.epoch,
@@ -167,22 +255,31 @@ class SourceStream:
 
         for sample in iter_raw_samples(paths, stride, self.reader.count, on_error):
             try:
-                yield from self._items_of(sample)
+                yield from self._ingest(sample)
             except (FormatError, KeyError, ValueError) as err:
                 self.bad.report(self.name, f"{sample.get('__url__')}:{sample.get('__key__')}", err)
 
-    def __iter__(self) -> Iterator[Any]:
-        buffer: list[Any] = []
+    def _epoch_items(self) -> Iterator[Window | VLSample]:
+        """The current epoch's usable items in reading order (no shuffle buffer); for tools and tests."""
+        for entry in self._epoch_entries():
+            item = self._emit(entry)
+            if item is not None:
+                yield item
+
+    def __iter__(self) -> Iterator[Window | VLSample | Replayed]:
+        buffer: list[_Entry] = []
         while True:
             produced = 0
-            for item in self._epoch_items():
+            for entry in self._epoch_entries():
                 produced += 1
                 if len(buffer) < self.shuffle_buffer:
-                    buffer.append(item)
+                    buffer.append(entry)
                     continue
                 idx = int(self.rng.integers(len(buffer)))
-                buffer[idx], item = item, buffer[idx]
-                yield item
+                buffer[idx], entry = entry, buffer[idx]
+                item = self._emit(entry)
+                if item is not None:
+                    yield item
             if produced == 0:
                 raise DataError(
                     f"source {self.name!r} ({self.folder}) produced no usable samples in epoch {self.epoch} "

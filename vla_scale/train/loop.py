@@ -15,7 +15,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vla_scale.config import Config, ConfigError, config_hash, load_config, to_dict
-from vla_scale.data import SkipTracker, build_dataloader
+from vla_scale.data import StreamTracker, build_dataloader
 from vla_scale.data.format import Manifest
 from vla_scale.model import build_model
 from vla_scale.train import checkpoint
@@ -68,21 +68,29 @@ def train(run_dir: str | Path) -> None:
     if client is not None and rank == 0:
         print(f"[vla_scale] resumed from {ckpt_dir / checkpoint.read_latest(ckpt_dir)} at step {step}", flush=True)
 
+    if client is not None and client.get("world_size") != world:
+        raise ConfigError(
+            f"the checkpoint in {ckpt_dir} was written by {client.get('world_size')} ranks and this job has {world}; "
+            "resume with the same number of ranks (the data stream position is per rank)"
+        )
+    data_state = None if client is None else client["data"]
     loader = build_dataloader(
         cfg.data,
-        seed=cfg.run.seed + step,  # TODO(issue 4): restore the exact stream position instead of reseeding
+        seed=cfg.run.seed,
         rank=rank,
         world_size=world,
         tokenizer=model.tokenizer,
         micro_batch_size=cfg.train.micro_batch_size,
+        resume=data_state,
     )
     writer = MetricsWriter(run_dir, cfg.run.name, cfg.wandb, to_dict(cfg), start_step=step)
-    meters, skips = Meters(), SkipTracker()
+    meters = Meters()
+    stream = StreamTracker(cfg.run.seed, world, cfg.data.num_workers, cfg.train.micro_batch_size, data_state)
     accum = engine.gradient_accumulation_steps()
     pbar = tqdm(total=cfg.train.max_steps, initial=step, disable=rank != 0, file=sys.stdout, dynamic_ncols=True)
 
     def client_state() -> dict:
-        return {"step": step, "config_hash": config_hash(cfg), "world_size": world}
+        return {"step": step, "config_hash": config_hash(cfg), "world_size": world, "data": stream.state_dict()}
 
     data_iter = iter(loader)
     window_start, data_wait, samples, tokens = time.perf_counter(), 0.0, 0, 0
@@ -91,7 +99,7 @@ def train(run_dir: str | Path) -> None:
             t_fetch = time.perf_counter()
             batch = next(data_iter)
             data_wait += time.perf_counter() - t_fetch
-            skips.update(batch)
+            stream.update(batch)
             out = engine(batch.to(engine.device))
             engine.backward(out["loss"])
             engine.step()
@@ -113,7 +121,7 @@ def train(run_dir: str | Path) -> None:
                 samples_per_s=totals[0].item() / (totals[3].item() / world),
                 tokens_per_s=totals[1].item() / (totals[3].item() / world),
                 data_wait_frac=totals[2].item() / max(totals[3].item(), 1e-9),
-                skipped_samples=sum(skips.totals().values()),
+                skipped_samples=sum(stream.skipped().values()),
                 peak_mem_gb=peak_memory_gb(),
             )
             writer.write(step, values)
