@@ -12,7 +12,7 @@ from toy_shards import write_robot, write_vl
 
 from vla_scale.config.schema import DataConfig, SourceConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
-from vla_scale.data.loader import MixedBatches, build_dataloader, source_schedule
+from vla_scale.data.loader import MixedBatches, StreamTracker, batch_sources, build_dataloader
 from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream, epoch_assignment
 
 
@@ -113,11 +113,16 @@ def test_truncated_shard_is_reported_not_fatal(tmp_path):
     assert {"ep0000", "ep0001"} <= keys and s.bad.counts["toy_robot"] >= 1
 
 
-def test_source_schedule_matches_weights_and_is_rank_independent():
-    weights = np.array([0.7, 0.3])
-    picks = [source_schedule(5, i, weights) for i in range(4000)]
-    assert abs(picks.count(0) / len(picks) - 0.7) < 0.03
-    assert picks == [source_schedule(5, i, weights) for i in range(4000)]
+def test_batch_sources_mix_per_sample_within_one_kind_and_match_weights():
+    weights = np.array([0.5, 0.2, 0.3])
+    kinds = ["robot", "robot", "vl"]
+    batches = [batch_sources(5, i, weights, kinds, 8) for i in range(3000)]
+    assert all(len({kinds[s] for s in b}) == 1 for b in batches), "a batch must be all robot or all VL"
+    assert any(set(b) == {0, 1} for b in batches), "robot batches mix the two robot datasets per sample"
+    counts = Counter(s for b in batches for s in b)
+    for i, w in enumerate(weights):
+        assert abs(counts[i] / (8 * 3000) - w) < 0.02
+    assert batches == [batch_sources(5, i, weights, kinds, 8) for i in range(3000)]
 
 
 def test_mixed_loader_with_workers_yields_typed_batches(tmp_path, tokenizer):
@@ -135,8 +140,12 @@ def test_mixed_loader_with_workers_yields_typed_batches(tmp_path, tokenizer):
     batches: list[Batch] = list(itertools.islice(iter(loader), 12))
     sources = [b.data_source for b in batches]
     assert set(sources) == {"robot", "vl"}
-    expected = [source_schedule(0, i, np.array([0.5, 0.5])) for i in range(12)]
+    expected = [batch_sources(0, i, np.array([0.5, 0.5]), ["robot", "vl"], 3)[0] for i in range(12)]
     assert sources == ["robot" if e == 0 else "vl" for e in expected], "batch order must follow the global schedule"
+    tracker = StreamTracker(0, 1, 2, 3, None)
+    for b in batches:
+        tracker.update(b)
+    assert set(tracker.mix()) == {"toy_robot", "toy_vl"} and abs(sum(tracker.mix().values()) - 1) < 1e-9
     robot_b = next(b for b in batches if b.data_source == "robot")
     assert robot_b.images.shape == (3, 2, 3, 16, 16) and robot_b.images.dtype == torch.uint8
     assert robot_b.action.shape == (3, 2, 2, 4) and robot_b.action_mask.shape == (3, 2, 2)

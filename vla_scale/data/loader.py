@@ -22,9 +22,20 @@ from vla_scale.data.format import Manifest
 from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream
 
 
-def source_schedule(seed: int, batch_index: int, weights: np.ndarray) -> int:
-    """Index of the source that global batch `batch_index` draws from (same on every rank)."""
-    return int(np.random.default_rng([seed, batch_index, 104729]).choice(len(weights), p=weights))
+def batch_sources(seed: int, batch_index: int, weights: np.ndarray, kinds: list[str], size: int) -> list[int]:
+    """Source index of each sample of global batch `batch_index` (same on every rank and worker).
+
+    The batch's kind (robot or VL) is drawn by the kinds' total weights, so every rank takes
+    the same model path at the same step and the ZeRO collectives line up; within that kind
+    each sample picks its dataset by weight. Overall, source i supplies a share `weights[i]`.
+    """
+    rng = np.random.default_rng([seed, batch_index, 104729])
+    names = sorted(set(kinds))
+    totals = np.array([sum(w for w, k in zip(weights, kinds, strict=True) if k == name) for name in names])
+    kind = names[int(rng.choice(len(names), p=totals / totals.sum()))]
+    members = [i for i, k in enumerate(kinds) if k == kind]
+    within = np.array([weights[i] for i in members])
+    return [members[int(j)] for j in rng.choice(len(members), size=size, p=within / within.sum())]
 
 
 class MixedBatches(IterableDataset):
@@ -88,17 +99,25 @@ class MixedBatches(IterableDataset):
         sources = self._streams(Reader(self.rank, self.world_size, role, num_workers), bad, bad_windows)
         streams = [iter(s) if s is not None else None for s in sources]
 
-        def draw(src: int) -> list:
-            stream = streams[src]
-            assert stream is not None
-            return [next(stream) for _ in range(self.micro_batch_size)]
+        kinds = [m.kind for m in self.manifests]
+
+        def sources_of(batch_index: int) -> list[int]:
+            return batch_sources(self.seed, batch_index, self.weights, kinds, self.micro_batch_size)
+
+        def draw(srcs: list[int]) -> list:
+            items = []
+            for src in srcs:
+                stream = streams[src]
+                assert stream is not None  # weight-0 sources are never drawn
+                items.append(next(stream))
+            return items
 
         replayed = len(range(role, self.start_batch, num_workers))
         for s in sources:
             if s is not None:
                 s.replay = True
         for k in range(replayed):
-            draw(source_schedule(self.seed, k * num_workers + role, self.weights))
+            draw(sources_of(k * num_workers + role))
         for s in sources:
             if s is not None:
                 s.replay = False
@@ -106,14 +125,14 @@ class MixedBatches(IterableDataset):
         k = replayed
         while True:
             batch_index = k * num_workers + role
-            src = source_schedule(self.seed, batch_index, self.weights)
-            items = draw(src)
-            if self.manifests[src].kind == "robot":
+            srcs = sources_of(batch_index)
+            items = draw(srcs)
+            if kinds[srcs[0]] == "robot":
                 batch = collate_robot(items, self.tokenizer, self.cfg.max_text_len)
             else:
                 batch = collate_vl(items, self.tokenizer, self.cfg.max_text_len)
             batch.meta = {
-                "source": self.manifests[src].name,
+                "sources": [self.manifests[i].name for i in srcs],
                 "worker": role,
                 "batch_index": batch_index,
                 "skipped": dict(bad.counts),
@@ -169,11 +188,14 @@ class StreamTracker:
         self.seed, self.world_size = seed, world_size
         self.num_workers, self.micro_batch_size = num_workers, micro_batch_size
         self.batches = int(resume["batches"]) if resume else 0
+        self.samples: dict[str, int] = dict((resume or {}).get("samples", {}))
         self._skipped: dict[int, dict[str, int]] = {int(k): v for k, v in (resume or {}).get("skipped", {}).items()}
         self._bad: dict[int, list[str]] = {int(k): v for k, v in (resume or {}).get("bad_windows", {}).items()}
 
     def update(self, batch: Batch) -> None:
         self.batches += 1
+        for name in batch.meta.get("sources", []):
+            self.samples[name] = self.samples.get(name, 0) + 1
         if "worker" in batch.meta:
             self._skipped[batch.meta["worker"]] = batch.meta.get("skipped", {})
             self._bad[batch.meta["worker"]] = batch.meta.get("bad_windows", [])
@@ -186,9 +208,15 @@ class StreamTracker:
                 out[name] = out.get(name, 0) + n
         return out
 
+    def mix(self) -> dict[str, float]:
+        """Share of samples each source supplied so far (compare with the configured weights)."""
+        total = sum(self.samples.values())
+        return {name: n / total for name, n in sorted(self.samples.items())} if total else {}
+
     def state_dict(self) -> dict:
         return {
             "batches": self.batches,
+            "samples": dict(self.samples),
             "seed": self.seed,
             "world_size": self.world_size,
             "num_workers": self.num_workers,

@@ -122,6 +122,7 @@ def train(run_dir: str | Path) -> None:
                 tokens_per_s=totals[1].item() / (totals[3].item() / world),
                 data_wait_frac=totals[2].item() / max(totals[3].item(), 1e-9),
                 skipped_samples=sum(stream.skipped().values()),
+                **{f"mix/{name}": share for name, share in stream.mix().items()},
                 peak_mem_gb=peak_memory_gb(),
             )
             writer.write(step, values)
