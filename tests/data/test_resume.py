@@ -7,7 +7,7 @@ import torch
 from test_stream import _corrupt_first_image
 from toy_shards import write_robot, write_vl
 
-from vla_scale.config.schema import DataConfig, SourceConfig
+from vla_scale.config.schema import AugmentConfig, DataConfig, SourceConfig
 from vla_scale.data.loader import StreamTracker, build_dataloader
 from vla_scale.data.stream import DataError
 
@@ -27,6 +27,7 @@ def data_cfg(tmp_path, workers: int) -> DataConfig:
         num_workers=workers,
         shuffle_buffer=5,
         max_text_len=16,
+        augment=AugmentConfig(enabled=True, crop="resized_crop"),  # per-window RNG must survive the resume
     )
 
 

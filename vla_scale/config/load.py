@@ -183,6 +183,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key in ("window_size", "fwd_pred_next_n", "max_text_len", "shuffle_buffer"):
         if getattr(d, key) < 1:
             raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
+    a = d.augment
+    if len(a.crop_scale) != 2 or not 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1:
+        raise ConfigError(f"data.augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {a.crop_scale}")
+    for key in ("shift_px", "brightness", "contrast", "saturation"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"data.augment.{key} must be >= 0, got {getattr(a, key)}")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
     m = cfg.model

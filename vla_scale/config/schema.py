@@ -29,6 +29,19 @@ class SourceConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Robot-frame augmentation; one draw per camera per window, shared by the window's frames."""
+
+    enabled: bool = False
+    crop: Literal["none", "shift", "resized_crop"] = "shift"
+    shift_px: int = 4  # shift: edge-pad by this many pixels, crop back at a random offset
+    crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # resized_crop: area fraction range
+    brightness: float = 0.2  # colour jitter strengths; 0 turns each off
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+
+@dataclass
 class DataConfig:
     """How shards become batches: windowing, mixing, workers and the bad-sample policy."""
 
@@ -41,6 +54,7 @@ class DataConfig:
     shard_shuffle: bool = True
     max_text_len: int = 48  # token budget for instructions and VL conversations
     bad_sample_policy: Literal["skip", "fail"] = "skip"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass

@@ -84,6 +84,7 @@ class MixedBatches(IterableDataset):
                 chunk=self.cfg.fwd_pred_next_n,
                 bad=bad,
                 bad_windows=bad_windows,
+                augment=self.cfg.augment,
             )
             if self.weights[i] > 0
             else None  # weight-0 sources are never scheduled

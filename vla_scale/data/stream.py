@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from vla_scale.config.schema import AugmentConfig
+from vla_scale.data.augment import augment_frames, window_rng
 from vla_scale.data.format import (
     FormatError,
     Manifest,
@@ -131,6 +133,7 @@ class _Entry:
     """One shuffle-buffer slot: a robot window (episode + start frame) or a VL sample, still compressed."""
 
     key: str  # "<shard>:<sample key>[/<start>]", stable across runs
+    epoch: int = 0
     episode: _Episode | None = None
     start: int = 0
     raw: dict | None = None  # VL sample
@@ -164,6 +167,7 @@ class SourceStream:
         chunk: int,
         bad: BadSamples,
         bad_windows: set[str] | None = None,
+        augment: AugmentConfig | None = None,
     ):
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)
@@ -180,6 +184,7 @@ class SourceStream:
         self.bad = bad
         self.bad_windows = bad_windows if bad_windows is not None else set()
         self.replay = False
+        self.augment = augment if augment is not None else AugmentConfig()
         self.normalizer = Normalizer(load_stats(self.folder)) if self.kind == "robot" else None
         self.static_camera = self._static_camera()
         self.epoch = 0
@@ -197,14 +202,14 @@ class SourceStream:
         """Raw sample → buffer entries; robot arrays are checked and normalised here, images are not touched."""
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         if self.kind == "vl":
-            return [_Entry(key=where, raw=sample)]
+            return [_Entry(key=where, epoch=self.epoch, raw=sample)]
         assert self.normalizer is not None
         meta, action, state = decode_episode_arrays(sample)
         if self.static_camera not in meta.get("cameras", []):
             raise FormatError(f"sample {sample.get('__key__')}: no camera {self.static_camera!r}")
         chunks, chunk_mask = chunk_actions(self.normalizer.normalize_action(action), self.chunk)
         ep = _Episode(sample, meta, chunks, chunk_mask, self.normalizer.normalize_state(state))
-        return [_Entry(f"{where}/{t}", ep, t) for t in range(action.shape[0] - self.window_size + 1)]
+        return [_Entry(f"{where}/{t}", self.epoch, ep, t) for t in range(action.shape[0] - self.window_size + 1)]
 
     def _materialize(self, entry: _Entry) -> Window | VLSample:
         if entry.raw is not None:
@@ -212,16 +217,19 @@ class SourceStream:
         ep, sl = entry.episode, slice(entry.start, entry.start + self.window_size)
         assert ep is not None and self.static_camera is not None
         frames = range(entry.start, entry.start + self.window_size)
-        cameras = ep.meta.get("cameras", [])
+        images = np.stack([decode_frame(ep.raw, ep.meta, self.static_camera, t) for t in frames])
+        wrist = None
+        if WRIST_CAMERA in ep.meta.get("cameras", []):
+            wrist = np.stack([decode_frame(ep.raw, ep.meta, WRIST_CAMERA, t) for t in frames])
+        if self.augment.enabled:
+            rng = window_rng(self.seed, entry.epoch, entry.key)  # one draw per camera, shared by the frames
+            images = augment_frames(images, self.augment, rng)
+            wrist = None if wrist is None else augment_frames(wrist, self.augment, rng)
         return Window(
             key=f"{ep.raw.get('__key__')}/{entry.start}",
             instruction=ep.meta.get("instruction", ""),
-            images=np.stack([decode_frame(ep.raw, ep.meta, self.static_camera, t) for t in frames]),
-            wrist_images=(
-                np.stack([decode_frame(ep.raw, ep.meta, WRIST_CAMERA, t) for t in frames])
-                if WRIST_CAMERA in cameras
-                else None
-            ),
+            images=images,
+            wrist_images=wrist,
             state=ep.state[sl],
             action=ep.chunks[sl],
             action_mask=ep.chunk_mask[sl],
