@@ -3,6 +3,8 @@
 Each command is one module `data_tools/<command>.py` with `add_parser(subparsers)`,
 which registers its arguments and sets `func(args) -> exit code`; adding a command
 (`convert`, `verify`, `stats`, `inspect`) means adding its name to COMMANDS.
+COMMANDS holds module names: `inspect` lives in `inspect_cmd.py` so that it never
+shadows the standard library's `inspect`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from data_tools.writer import DatasetWriteError
 from vla_scale.data.format import FormatError
 
-COMMANDS = ("synth", "convert")
+COMMANDS = ("synth", "convert", "verify", "stats", "inspect_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:
