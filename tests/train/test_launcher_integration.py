@@ -12,7 +12,18 @@ from data_tools.synth import synth
 from vla_scale.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-TERMS = ("loss", "loss_arm", "loss_gripper", "acc_gripper", "loss_vl", "lr", "grad_norm", "samples_per_s")
+TERMS = (
+    "loss",
+    "loss_arm",
+    "loss_gripper",
+    "acc_gripper",
+    "loss_vl",
+    "lr",
+    "grad_norm",
+    "samples_per_s",
+    "tokens_per_s",
+)
+TERMS += ("data_wait_frac", "skipped_samples", "peak_mem_gb", "mix/synth_tabletop", "mix/synth_vl")
 
 pytestmark = pytest.mark.integration
 
