@@ -11,7 +11,7 @@ import argparse
 import importlib
 import importlib.util
 
-FORMATS = ("lerobot", "rlds")
+FORMATS = ("lerobot", "rlds", "hdf5", "llava", "calvin")
 
 
 def available_formats() -> list[str]:

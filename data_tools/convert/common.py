@@ -7,6 +7,10 @@ count), writes through `ShardWriter`, and makes the run resumable: after each fi
 shard, `convert_progress.json` records the shards so far and how many episodes they
 hold. Shards are cut by count or size only, so a rerun with `--resume` that keeps those
 shards and restarts at the next episode writes exactly what an uninterrupted run would.
+
+`load` returns an `Episode` (robot datasets) or a `VLSample` (kind "vl"), or raises
+`SkipSample` for a source that should be left out and counted (e.g. a missing image);
+the count and the first reasons go into the manifest's `extra["skipped"]`.
 """
 
 from __future__ import annotations
@@ -19,15 +23,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
 from data_tools.writer import ShardWriter
-from vla_scale.data.format import Episode, Manifest, ShardInfo, encode_episode
+from vla_scale.data.format import Episode, Manifest, ShardInfo, VLSample, encode_episode, encode_vl
 
 PROGRESS_FILE = "convert_progress.json"
 PROGRESS_VERSION = 1
+SKIP_EXAMPLES = 10  # skip reasons kept in the manifest; the rest are only counted
+
+
+class SkipSample(Exception):
+    """Raised by a `load` function for a source to leave out; the message says why."""
 
 
 @dataclass
@@ -58,27 +67,29 @@ class ConvertOptions:
             overwrite=args.overwrite,
             resume=args.resume,
             limit=args.limit,
-            cameras=list(args.camera or []),
+            cameras=list(getattr(args, "camera", None) or []),
         )
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """SRC, OUT and the options every converter takes."""
-    p.add_argument("src", metavar="SRC", help="source dataset folder")
+def add_common_args(p: argparse.ArgumentParser, robot: bool = True) -> None:
+    """SRC, OUT and the options every converter takes (`robot=False`: no --camera, "samples" in the help)."""
+    unit = "episodes" if robot else "samples"
+    p.add_argument("src", metavar="SRC", help="source dataset (folder or file)")
     p.add_argument("out", metavar="OUT", help="output folder for the vla_scale shards")
     p.add_argument("--workers", type=int, default=1, help="loader processes (default: %(default)s)")
     p.add_argument(
         "--shard-size-mb", type=float, default=256.0, help="start a new shard after this size (default: %(default)s)"
     )
-    p.add_argument("--episodes-per-shard", type=int, default=None, help="start a new shard after N episodes instead")
+    p.add_argument("--episodes-per-shard", type=int, default=None, help=f"start a new shard after N {unit} instead")
     p.add_argument("--image-ext", choices=("jpg", "png", "webp"), default="jpg", help="(default: %(default)s)")
-    p.add_argument(
-        "--camera",
-        action="append",
-        metavar="NAME=SOURCE_KEY",
-        help="map a source image key to an output camera (repeatable; static camera: rgb_static, wrist: rgb_wrist)",
-    )
-    p.add_argument("--limit", type=int, default=None, help="convert only the first N episodes (for a quick look)")
+    if robot:
+        p.add_argument(
+            "--camera",
+            action="append",
+            metavar="NAME=SOURCE_KEY",
+            help="map a source image key to an output camera (repeatable; static camera: rgb_static, wrist: rgb_wrist)",
+        )
+    p.add_argument("--limit", type=int, default=None, help=f"convert only the first N {unit} (for a quick look)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
     group.add_argument("--resume", action="store_true", help="continue an interrupted conversion into OUT")
@@ -102,31 +113,52 @@ def parse_cameras(specs: Sequence[str], default: dict[str, str]) -> dict[str, st
     return cameras
 
 
-def _encoded(source: Any, load: Callable[[Any], Episode], image_ext: str) -> dict:
-    """Worker side: load and compress one episode, so the parent only writes bytes."""
-    return encode_episode(load(source), image_ext)
+def _encoded(source: Any, load: Callable[[Any], Episode | VLSample], image_ext: str) -> dict | str:
+    """Worker side: load and compress one sample, so the parent only writes bytes; a str is a skip reason."""
+    try:
+        item = load(source)
+    except SkipSample as err:
+        return str(err)
+    return encode_vl(item, image_ext) if isinstance(item, VLSample) else encode_episode(item, image_ext)
 
 
-def _read_progress(out: Path, fingerprint: dict) -> tuple[list[ShardInfo], int]:
-    """Shards already finished and episodes they hold, from an interrupted run with the same settings."""
+@dataclass
+class Skipped:
+    """Sources left out so far: how many, and the first reasons (kept small for huge datasets)."""
+
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, reason: str) -> None:
+        self.count += 1
+        if len(self.first) < SKIP_EXAMPLES:
+            self.first.append(reason)
+
+
+def _read_progress(out: Path, fingerprint: dict) -> tuple[list[ShardInfo], int, Skipped]:
+    """Shards already finished, sources they cover and skips so far, from an interrupted run with the same settings."""
     path = out / PROGRESS_FILE
     if not path.is_file():
-        return [], 0
+        return [], 0, Skipped()
     data = json.loads(path.read_text())
     if data.get("version") != PROGRESS_VERSION or data.get("fingerprint") != fingerprint:
         raise ValueError(
             f"{path} was written by a conversion with other settings ({data.get('fingerprint')}); "
             "rerun with the same source and options, or with --overwrite to start over"
         )
-    return [ShardInfo(**s) for s in data["shards"]], int(data["episodes_done"])
+    skipped = Skipped(**data.get("skipped", {}))
+    return [ShardInfo(**s) for s in data["shards"]], int(data["episodes_done"]), skipped
 
 
-def _write_progress(out: Path, fingerprint: dict, shards: list[ShardInfo], episodes_done: int) -> None:
+def _write_progress(
+    out: Path, fingerprint: dict, shards: list[ShardInfo], episodes_done: int, skipped: Skipped
+) -> None:
     data = {
         "version": PROGRESS_VERSION,
         "fingerprint": fingerprint,
-        "episodes_done": episodes_done,
+        "episodes_done": episodes_done,  # sources consumed (written or skipped), not samples
         "shards": [asdict(s) for s in shards],
+        "skipped": asdict(skipped),
     }
     tmp = out / (PROGRESS_FILE + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -135,15 +167,17 @@ def _write_progress(out: Path, fingerprint: dict, shards: list[ShardInfo], episo
 
 def convert(
     sources: Sequence[Any],
-    load: Callable[[Any], Episode],
+    load: Callable[[Any], Episode | VLSample],
     opts: ConvertOptions,
     name: str,
     settings: dict,
     extra: dict | None = None,
+    kind: Literal["robot", "vl"] = "robot",
 ) -> Manifest:
-    """Write the episodes `load(s)` for `s` in `sources` into `opts.out`; returns the manifest.
+    """Write the samples `load(s)` for `s` in `sources` into `opts.out`; returns the manifest.
 
-    `load` must be picklable (a module-level function or a `functools.partial` of one).
+    `load` must be picklable (a module-level function or a `functools.partial` of one);
+    it returns Episodes for `kind="robot"` and VLSamples for `kind="vl"`.
     `settings` (JSON-able: the format and its key/camera options) goes into the progress
     file, so `--resume` refuses to continue a run made with other settings.
     """
@@ -169,10 +203,11 @@ def convert(
 
     kept: list[ShardInfo] | None = None
     start = 0
+    skipped = Skipped()
     if opts.resume:
         if (out / "manifest.json").is_file() and not (out / PROGRESS_FILE).is_file():
             return Manifest.load(out)  # already complete
-        kept, start = _read_progress(out, fingerprint)
+        kept, start, skipped = _read_progress(out, fingerprint)
         if start > len(sources):
             raise ValueError(f"{out}: {start} episodes are done but only {len(sources)} are asked for; raise --limit")
     elif opts.overwrite:
@@ -181,7 +216,7 @@ def convert(
     writer = ShardWriter(
         out,
         name,
-        "robot",
+        kind,
         max_samples=opts.episodes_per_shard,
         max_bytes=max_bytes,
         image_ext=opts.image_ext,
@@ -197,10 +232,19 @@ def convert(
         with writer:
             bar = tqdm(samples, total=len(sources), initial=start, desc=f"convert {name}", disable=not opts.progress)
             for i, sample in enumerate(bar, start=start):
+                if isinstance(sample, str):
+                    skipped.add(sample)
+                    continue
                 before = len(writer.shards)
                 writer.write_sample(sample)
                 if len(writer.shards) > before:
-                    _write_progress(out, fingerprint, writer.shards, i + 1)
+                    _write_progress(out, fingerprint, writer.shards, i + 1, skipped)
+            if skipped.count == len(sources):
+                raise ValueError(
+                    f"all {len(sources)} sources were skipped, e.g. {skipped.first[0]}; check SRC and options"
+                )
+            if skipped.count:
+                writer.extra["skipped"] = asdict(skipped)
         manifest = writer.close()
     finally:
         if pool is not None:
@@ -211,5 +255,14 @@ def convert(
 
 
 def report(manifest: Manifest, out: str) -> None:
-    frames = sum(s.frames for s in manifest.shards)
-    print(f"{out}: {manifest.num_samples} episodes, {frames} frames in {len(manifest.shards)} shards")
+    """One summary line, plus how many sources were skipped and why (the first few)."""
+    if manifest.kind == "robot":
+        frames = sum(s.frames for s in manifest.shards)
+        print(f"{out}: {manifest.num_samples} episodes, {frames} frames in {len(manifest.shards)} shards")
+    else:
+        print(f"{out}: {manifest.num_samples} samples in {len(manifest.shards)} shards")
+    skipped = manifest.extra.get("skipped")
+    if skipped:
+        print(f"skipped {skipped['count']} sources; the first ones:")
+        for reason in skipped["first"]:
+            print(f"  {reason}")

@@ -1,0 +1,175 @@
+"""`python -m data_tools convert calvin SRC OUT --trust-pickle`: a CALVIN split folder (e.g. task_D_D/training).
+
+CALVIN stores one `episode_XXXXXXX.npz` per frame (rgb_static, rgb_gripper, robot_obs,
+rel_actions, actions, ...) and the language annotations in
+`lang_annotations/auto_lang_ann.npy`: a pickled dict with `["info"]["indx"]`, a list of
+(start, end) frame ids (end inclusive, as CALVIN's own loader reads them), and
+`["language"]["ann"]`, one instruction per segment. Each annotated segment becomes one
+episode with its instruction (segments overlap, so frames may be stored more than once).
+
+Loading a pickle can run arbitrary code, so the annotation file is only read with
+`--trust-pickle`; the per-frame npz files are read with allow_pickle=False.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from data_tools.convert.common import ConvertOptions, add_common_args, convert, parse_cameras, report
+from vla_scale.data.format import Episode, FormatError
+
+ANNOTATIONS = "lang_annotations/auto_lang_ann.npy"
+DEFAULT_CAMERAS = {"rgb_static": "rgb_static", "rgb_wrist": "rgb_gripper"}
+TRUST_HELP = (
+    "allow loading the annotation file, which is a pickle (np.load with allow_pickle=True): "
+    "a pickle can run arbitrary code, so pass this only for data from a source you trust, "
+    "such as the official CALVIN download"
+)
+
+
+@dataclass(frozen=True)
+class Keys:
+    cameras: tuple[tuple[str, str], ...]  # (output camera, npz key)
+    state: tuple[str, ...]
+    action: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """One annotated segment; small and picklable."""
+
+    root: str
+    index: int  # position in the annotation file
+    start: int
+    end: int  # inclusive
+    instruction: str
+    task: str
+
+
+def frame_path(root: Path, frame: int) -> Path:
+    return root / f"episode_{frame:07d}.npz"
+
+
+def load_annotations(path: Path, trust_pickle: bool) -> tuple[list[tuple[int, int]], list[str], list[str]]:
+    """(start, end) segments, instructions and task names from auto_lang_ann.npy."""
+    if not path.is_file():
+        raise FormatError(f"{path} not found; SRC must be a CALVIN split folder (or pass --annotations PATH)")
+    if not trust_pickle:
+        raise FormatError(
+            f"{path} is a pickle (a Python object saved by np.save), and loading a pickle can run arbitrary code; "
+            "if you trust where this dataset came from (e.g. the official CALVIN download), rerun with --trust-pickle"
+        )
+    try:
+        ann = np.load(path, allow_pickle=True).item()
+        spans = [(int(s), int(e)) for s, e in ann["info"]["indx"]]
+        texts = [str(t) for t in ann["language"]["ann"]]
+        tasks = [str(t) for t in ann["language"].get("task", [""] * len(texts))]
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
+        raise FormatError(
+            f"{path}: not a CALVIN annotation dict with ['info']['indx'] and ['language']['ann'] ({err!r})"
+        ) from err
+    if not (len(spans) == len(texts) == len(tasks)):
+        raise FormatError(f"{path}: {len(spans)} segments but {len(texts)} instructions and {len(tasks)} tasks")
+    return spans, texts, tasks
+
+
+def read_frame(root: Path, frame: int) -> dict[str, np.ndarray]:
+    path = frame_path(root, frame)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise FormatError(f"{path} not found: the annotations name frame {frame}; is the split complete?") from None
+    except (ValueError, OSError) as err:
+        raise FormatError(f"{path}: unreadable npz ({err})") from err
+
+
+def resolve_keys(frame: dict[str, np.ndarray], args: argparse.Namespace, where: Path) -> Keys:
+    """Options (or defaults) checked against the first annotated frame."""
+    have = sorted(frame)
+    cameras = parse_cameras(args.camera or [], DEFAULT_CAMERAS)
+    for name, key in cameras.items():
+        arr = frame.get(key)
+        if arr is None or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+            raise FormatError(f"--camera {name}={key}: not a uint8 [H, W, 3] image in {where}; its keys are {have}")
+    state = tuple(k.strip() for k in args.state_keys.split(",") if k.strip())
+    for key in (*state, args.action_key):
+        if key not in frame:
+            raise FormatError(f"key {key!r} is not in {where}; change --state-keys / --action-key (keys: {have})")
+    return Keys(tuple(cameras.items()), state, args.action_key)
+
+
+def load_episode(src: Source, keys: Keys) -> Episode:
+    """Read the segment's frames (runs in a worker process)."""
+    root = Path(src.root)
+    frames = [read_frame(root, i) for i in range(src.start, src.end + 1)]
+    for i, fr in zip(range(src.start, src.end + 1), frames, strict=True):
+        missing = [k for k in (*keys.state, keys.action, *(k for _, k in keys.cameras)) if k not in fr]
+        if missing:
+            raise FormatError(f"{frame_path(root, i)}: no {missing} (the first frame has them)")
+    state = np.stack([np.concatenate([np.ravel(fr[k]) for k in keys.state]) for fr in frames]).astype(np.float32)
+    action = np.stack([np.ravel(fr[keys.action]) for fr in frames]).astype(np.float32)
+    meta = {"source_format": "calvin", "annotation_index": src.index, "start": src.start, "end": src.end}
+    if src.task:
+        meta["task"] = src.task
+    return Episode(
+        key=f"seg{src.index:07d}",
+        instruction=src.instruction,
+        action=action,
+        state=state,
+        frames={name: [fr[key] for fr in frames] for name, key in keys.cameras},
+        meta=meta,
+    )
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `python -m data_tools convert calvin`."""
+    p = subparsers.add_parser(
+        "calvin",
+        help="a CALVIN split folder; one episode per language-annotated segment (needs --trust-pickle)",
+        description=__doc__.splitlines()[0]
+        + " The language annotations are a pickle; they are read only with --trust-pickle."
+        " Default cameras: rgb_static → rgb_static, rgb_gripper → rgb_wrist.",
+    )
+    add_common_args(p)
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+    p.add_argument("--annotations", default=ANNOTATIONS, help="relative to SRC (default: %(default)s)")
+    p.add_argument(
+        "--action-key", choices=("rel_actions", "actions"), default="rel_actions", help="(default: %(default)s)"
+    )
+    p.add_argument("--state-keys", default="robot_obs", help="comma-separated to concatenate (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = ConvertOptions.from_args(args)
+    root = Path(opts.src)
+    if not root.is_dir():
+        raise FormatError(f"{root} is not a folder; SRC must be a CALVIN split folder such as task_D_D/training")
+    spans, texts, tasks = load_annotations(root / args.annotations, args.trust_pickle)
+    bad = next(((s, e) for s, e in spans if e < s), None)
+    if bad:
+        raise FormatError(f"{root / args.annotations}: segment {bad} ends before it starts")
+    sources = [
+        Source(str(root), i, s, e, text, task)
+        for i, ((s, e), text, task) in enumerate(zip(spans, texts, tasks, strict=True))
+    ]
+    if not sources:
+        raise FormatError(f"{root / args.annotations} lists no segments")
+    keys = resolve_keys(read_frame(root, sources[0].start), args, frame_path(root, sources[0].start))
+    settings = {
+        "format": "calvin",
+        "annotations": args.annotations,
+        "cameras": dict(keys.cameras),
+        "state": list(keys.state),
+        "action": keys.action,
+    }
+    name = f"calvin_{root.resolve().parent.name}_{root.resolve().name}"
+    manifest = convert(sources, partial(load_episode, keys=keys), opts, name, settings)
+    report(manifest, opts.out)
+    return 0
