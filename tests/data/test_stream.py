@@ -31,8 +31,8 @@ def one_epoch_episode_keys(folder, world, workers, window):
 
 @pytest.mark.parametrize(
     "episodes, per_shard, world, workers",
-    [(12, 3, 2, 2), (10, 3, 2, 1), (7, 2, 2, 2), (5, 5, 2, 2), (3, 1, 2, 2)],
-    ids=["even", "uneven", "odd-shards", "one-shard-4-readers", "fewer-samples-per-reader"],
+    [(12, 3, 2, 2), (10, 3, 2, 1), (11, 2, 2, 2), (7, 2, 2, 2), (5, 5, 2, 2), (3, 1, 2, 2)],
+    ids=["even", "uneven", "uneven-2x2", "odd-shards", "one-shard-4-readers", "fewer-samples-per-reader"],
 )
 def test_each_episode_read_exactly_once_per_epoch(tmp_path, episodes, per_shard, world, workers):
     write_robot(tmp_path, [4] * episodes, per_shard)
@@ -164,3 +164,65 @@ def test_missing_manifest_is_a_clear_error(tmp_path, tokenizer):
     cfg = DataConfig(sources=[SourceConfig(str(tmp_path / "nope"), 1.0)])
     with pytest.raises(ValueError, match="not a vla_scale dataset"):
         MixedBatches(cfg, 0, 0, 1, tokenizer, 2)
+
+
+def _rewrite_sample(shard, key, change):
+    """Rewrite `shard` with sample `key` altered by `change(dict) -> dict` (bypassing the writer's checks)."""
+    import webdataset as wds
+
+    samples = list(wds.tariterators.tarfile_samples(iter([{"url": str(shard)}])))
+    with open(shard, "wb") as f:
+        writer = wds.TarWriter(f, encoder=False)
+        for s in samples:
+            s = {k: v for k, v in s.items() if k != "__url__"}
+            writer.write(change(s) if s["__key__"] == key else s)
+        writer.close()
+
+
+def _npy(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        ("nan_action", "NaN or infinite"),
+        ("missing_action", "missing action.npy"),
+        ("wrong_shape", "length"),
+        ("bad_json", "meta.json is not JSON"),
+    ],
+)
+def test_corrupt_sample_kinds_are_skipped_and_counted_or_fatal(tmp_path, fault, reason, caplog):
+    write_robot(tmp_path, [3] * 4, per_shard=2)
+
+    def change(s):
+        if fault == "nan_action":
+            s["action.npy"] = _npy(np.full((3, 4), np.nan, np.float32))
+        elif fault == "missing_action":
+            del s["action.npy"]
+        elif fault == "wrong_shape":
+            s["state.npy"] = _npy(np.zeros((2, 4), np.float32))
+        else:
+            s["meta.json"] = b"{not json"
+        return s
+
+    _rewrite_sample(tmp_path / "shard-000001.tar", "ep0002", change)
+    s = stream(tmp_path, Reader(), window=3)
+    keys = [w.key.split("/")[0] for w in s._epoch_items()]
+    assert keys == ["ep0000", "ep0001", "ep0003"] and s.bad.counts["toy_robot"] == 1
+    assert "ep0002" in caplog.text and reason in caplog.text
+    with pytest.raises(DataError, match=reason):
+        list(stream(tmp_path, Reader(), window=3, policy="fail")._epoch_items())
+
+
+def test_empty_shard_is_reported(tmp_path, caplog):
+    import webdataset as wds
+
+    write_robot(tmp_path, [3] * 4, per_shard=2)
+    with open(tmp_path / "shard-000000.tar", "wb") as f:
+        wds.TarWriter(f, encoder=False).close()
+    s = stream(tmp_path, Reader(), window=3)
+    assert [w.key.split("/")[0] for w in s._epoch_items()] == ["ep0002", "ep0003"]
+    assert s.bad.counts["toy_robot"] == 1 and "holds no samples" in caplog.text

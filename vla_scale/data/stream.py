@@ -102,19 +102,30 @@ class BadSamples:
 def iter_raw_samples(
     paths: list[str], stride: int | None, count: int, on_error: Callable[[str, Exception], None]
 ) -> Iterator[dict]:
-    """Raw webdataset samples (bytes per member) from `paths`, optionally every `count`-th one."""
+    """Raw webdataset samples (bytes per member) from `paths`, optionally every `count`-th one.
+
+    A shard that reads cleanly but holds no sample at all (e.g. emptied by a failed copy) is
+    reported through `on_error` too, so it is counted instead of silently contributing nothing.
+    """
     position = 0
     for path in paths:
+        failed = False
 
         def handler(exn: Exception, path: str = path) -> bool:
+            nonlocal failed
+            failed = True
             on_error(path, exn)
             return True
 
+        found = 0
         for sample in wds.tariterators.tarfile_samples(iter([{"url": path}]), handler=handler):
+            found += 1
             keep = stride is None or position % count == stride
             position += 1
             if keep:
                 yield sample
+        if found == 0 and not failed:
+            on_error(path, FormatError("shard holds no samples; re-convert the dataset or restore the shard"))
 
 
 @dataclass
