@@ -1,9 +1,8 @@
 """The training DataLoader: per-source streams mixed by weight, collated in worker processes.
 
-Each batch comes from one source, chosen with an RNG seeded only by the run seed and
-the global batch index, so every rank takes the same path (robot or VL) at the same
-step and the ZeRO collectives line up; over a run the share of each source matches
-its configured weight.
+Which datasets a batch draws from is a function of the run seed and the global batch
+index only (`batch_sources`), so every rank takes the same path (robot or VL) at the
+same step and the ZeRO collectives line up, and a resumed run can replay the schedule.
 """
 
 from __future__ import annotations
