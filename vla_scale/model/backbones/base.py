@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoImageProcessor, AutoTokenizer
+from transformers.utils import is_torchvision_available
 
 from vla_scale.config.schema import BackboneConfig, TinyBackboneConfig
 
@@ -168,6 +170,44 @@ class BackboneAdapter(nn.Module, ABC):
         self.model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
         self.image_processor.save_pretrained(out_dir)
+
+
+class ConditionalGenerationAdapter(BackboneAdapter):
+    """Families laid out as HF `*ForConditionalGeneration` with `model.model.{vision_tower, multi_modal_projector,
+    language_model}` and `model.lm_head` (LLaVA, PaliGemma): the module accessors are the same for all of them."""
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    @property
+    def vision_module(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+
+def load_processors(path_or_id: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    """Tokenizer and image processor of a checkpoint (only the image processor's mean/std/rescale are used,
+    so its PIL backend, which needs no torchvision, is enough)."""
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+    backend = {} if is_torchvision_available() else {"backend": "pil"}
+    image_processor = AutoImageProcessor.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **backend)
+    return tokenizer, image_processor
 
 
 def resolve_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype | str:

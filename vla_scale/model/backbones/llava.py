@@ -11,53 +11,27 @@ import os
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import (
-    AutoImageProcessor,
-    AutoTokenizer,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     SiglipImageProcessorPil,
     SiglipVisionConfig,
 )
-from transformers.utils import is_torchvision_available
 
 from vla_scale.config.schema import TinyBackboneConfig
-from vla_scale.model.backbones.base import BackboneAdapter, register_backbone, resolve_dtype
+from vla_scale.model.backbones.base import (
+    ConditionalGenerationAdapter,
+    load_processors,
+    register_backbone,
+    resolve_dtype,
+)
 from vla_scale.model.backbones.tiny_tokenizer import IMAGE, build_tiny_tokenizer
 
 
 @register_backbone("llava")
-class LlavaAdapter(BackboneAdapter):
+class LlavaAdapter(ConditionalGenerationAdapter):
     """LLaVA: image features from `get_image_features` (vision tower layer + projector), LM = inner Llama."""
-
-    def __init__(self, model: LlavaForConditionalGeneration, tokenizer: Any, image_processor: Any):
-        super().__init__(model, tokenizer, image_processor)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.text_config.hidden_size)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.model.config.vision_config.image_size)
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.language_model.layers
-
-    @property
-    def vision_module(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    @property
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 `[B, C, H, W]` → projected patch features `[B, N, D]` (config's feature layer and select strategy)."""
@@ -114,10 +88,7 @@ class LlavaAdapter(BackboneAdapter):
     ) -> LlavaAdapter:
         """Load a LLaVA checkpoint (local folder or hub id); float32 unless `torch_dtype` says otherwise."""
         model = LlavaForConditionalGeneration.from_pretrained(path_or_id, dtype=resolve_dtype(torch_dtype))
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
-        # Only mean/std/rescale are read from the image processor; the PIL backend needs no torchvision.
-        backend = {} if is_torchvision_available() else {"backend": "pil"}
-        image_processor = AutoImageProcessor.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **backend)
+        tokenizer, image_processor = load_processors(path_or_id, trust_remote_code)
         return cls(model, tokenizer, image_processor)
 
     @classmethod

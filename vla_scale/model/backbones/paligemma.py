@@ -28,11 +28,8 @@ import os
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
-    AutoTokenizer,
     Gemma2Config,
     GemmaConfig,
     PaliGemmaConfig,
@@ -40,10 +37,14 @@ from transformers import (
     SiglipImageProcessorPil,
     SiglipVisionConfig,
 )
-from transformers.utils import is_torchvision_available
 
 from vla_scale.config.schema import TinyBackboneConfig
-from vla_scale.model.backbones.base import BackboneAdapter, register_backbone, resolve_dtype
+from vla_scale.model.backbones.base import (
+    ConditionalGenerationAdapter,
+    load_processors,
+    register_backbone,
+    resolve_dtype,
+)
 from vla_scale.model.backbones.tiny_tokenizer import build_tiny_tokenizer
 
 TEXT_FAMILIES = {"gemma": GemmaConfig, "gemma2": Gemma2Config}  # PaliGemma 1 and PaliGemma 2
@@ -56,7 +57,7 @@ def force_causal(config: PaliGemmaConfig) -> PaliGemmaConfig:
 
 
 @register_backbone("paligemma")
-class PaliGemmaAdapter(BackboneAdapter):
+class PaliGemmaAdapter(ConditionalGenerationAdapter):
     """PaliGemma: projected SigLIP patch features from `get_image_features`, LM = inner Gemma/Gemma2 (causal)."""
 
     tiny_text_family = "gemma"  # what `build_tiny` writes; loading reads the family from the checkpoint
@@ -65,30 +66,6 @@ class PaliGemmaAdapter(BackboneAdapter):
     def text_family(self) -> str:
         """`gemma` (PaliGemma 1) or `gemma2` (PaliGemma 2), read from the loaded text config."""
         return str(self.model.config.text_config.model_type)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.text_config.hidden_size)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.model.config.vision_config.image_size)
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.language_model.layers
-
-    @property
-    def vision_module(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    @property
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 `[B, C, H, W]` → projected SigLIP features `[B, (S/P)^2, D]`, unscaled like PaliGemma's own merge."""
@@ -140,9 +117,7 @@ class PaliGemmaAdapter(BackboneAdapter):
         model = PaliGemmaForConditionalGeneration.from_pretrained(
             path_or_id, config=config, dtype=resolve_dtype(torch_dtype)
         )
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
-        backend = {} if is_torchvision_available() else {"backend": "pil"}
-        image_processor = AutoImageProcessor.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **backend)
+        tokenizer, image_processor = load_processors(path_or_id, trust_remote_code)
         return cls(model, tokenizer, image_processor)
 
     @classmethod

@@ -31,18 +31,15 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 from transformers import (
-    AutoImageProcessor,
-    AutoTokenizer,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
 )
-from transformers.utils import is_torchvision_available
 
 from vla_scale.config.schema import TinyBackboneConfig
-from vla_scale.model.backbones.base import BackboneAdapter, register_backbone, resolve_dtype
+from vla_scale.model.backbones.base import BackboneAdapter, load_processors, register_backbone, resolve_dtype
 from vla_scale.model.backbones.tiny_tokenizer import build_tiny_tokenizer
 
 DEFAULT_IMAGE_SIDE = 224  # robot frames: 224 px -> 16x16 patches of 14 -> 64 tokens after the 2x2 merge
@@ -199,9 +196,7 @@ class Qwen2VLAdapter(BackboneAdapter):
     ) -> Qwen2VLAdapter:
         """Load a checkpoint of this family (local folder or hub id); float32 unless `torch_dtype` says otherwise."""
         model = cls.model_class.from_pretrained(path_or_id, dtype=resolve_dtype(torch_dtype))
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
-        backend = {} if is_torchvision_available() else {"backend": "pil"}
-        image_processor = AutoImageProcessor.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **backend)
+        tokenizer, image_processor = load_processors(path_or_id, trust_remote_code)
         return cls(model, tokenizer, image_processor)
 
     @classmethod
