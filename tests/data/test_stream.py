@@ -226,3 +226,15 @@ def test_empty_shard_is_reported(tmp_path, caplog):
     s = stream(tmp_path, Reader(), window=3)
     assert [w.key.split("/")[0] for w in s._epoch_items()] == ["ep0002", "ep0003"]
     assert s.bad.counts["toy_robot"] == 1 and "holds no samples" in caplog.text
+
+
+def test_vl_images_of_different_sizes_collate_to_one_batch(tokenizer):
+    from vla_scale.data.collate import collate_vl
+    from vla_scale.data.format import VLSample
+
+    conv = [{"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "a block"}]
+    small = VLSample("a", np.full((10, 12, 3), 50, np.uint8), conv)
+    large = VLSample("b", np.full((16, 20, 3), 200, np.uint8), conv)
+    batch = collate_vl([small, large], tokenizer, 16)
+    assert batch.images.shape == (2, 1, 3, 16, 20)
+    assert (batch.images[1] == 200).all() and (batch.images[0] == 50).all()  # the largest passes through untouched

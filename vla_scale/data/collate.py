@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.data.format import VLSample
@@ -29,6 +30,26 @@ def _pad(rows: Sequence[list[int]], pad_id: int, fill: int | None = None) -> tor
     return out
 
 
+def _stack_images(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack uint8 `[..., H, W, C]` arrays; ones of another size are first resized to the batch's largest H and W.
+
+    Sources differ in resolution (a VL set's images each have their own size; robot sets mixed in one
+    batch may too). The backbone adapter resizes to its own square side anyway, so this only makes the
+    batch rectangular; arrays already at the target size pass through untouched.
+    """
+    height = max(a.shape[-3] for a in arrays)
+    width = max(a.shape[-2] for a in arrays)
+
+    def fit(a: np.ndarray) -> np.ndarray:
+        if a.shape[-3:-1] == (height, width):
+            return a
+        flat = a.reshape(-1, *a.shape[-3:])
+        out = [np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR)) for img in flat]
+        return np.stack(out).reshape(*a.shape[:-3], height, width, a.shape[-1])
+
+    return np.stack([fit(a) for a in arrays])
+
+
 def _tokenize(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -42,9 +63,9 @@ def collate_robot(windows: Sequence[Window], tokenizer: Any, max_text_len: int) 
     has_wrist = all(w.wrist_images is not None for w in windows)
     return Batch(
         data_source="robot",
-        images=torch.from_numpy(to_channels_first(np.stack([w.images for w in windows]))),
+        images=torch.from_numpy(to_channels_first(_stack_images([w.images for w in windows]))),
         wrist_images=(
-            torch.from_numpy(to_channels_first(np.stack([w.wrist_images for w in windows]))) if has_wrist else None
+            torch.from_numpy(to_channels_first(_stack_images([w.wrist_images for w in windows]))) if has_wrist else None
         ),
         text_ids=text_ids,
         text_mask=text_mask,
@@ -81,7 +102,7 @@ def collate_vl(samples: Sequence[VLSample], tokenizer: Any, max_text_len: int) -
     rendered = [render_conversation(tokenizer, s.conversations, max_text_len) for s in samples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = [r[0] for r in rendered]
-    images = np.stack([s.image for s in samples])[:, None]
+    images = _stack_images([s.image for s in samples])[:, None]
     return Batch(
         data_source="vl",
         images=torch.from_numpy(to_channels_first(images)),

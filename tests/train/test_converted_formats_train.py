@@ -1,0 +1,121 @@
+"""Each source format converts with `python -m data_tools convert` and then trains through launchers/train.sh."""
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# The fixture builders live in the converter tests (tests/data_tools) and the launcher helper in
+# tests/train; neither folder is a package, so put both on sys.path and import them by module name
+# rather than copying ~200 lines of fixture code here.
+for _folder in ("data_tools", "train"):
+    _path = str(Path(__file__).resolve().parents[1] / _folder)
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from test_convert_calvin import make_calvin  # noqa: E402
+from test_convert_hdf5 import make_robomimic  # noqa: E402
+from test_convert_lerobot import make_v3  # noqa: E402
+from test_convert_llava import make_llava  # noqa: E402
+from test_convert_rlds import make_rlds  # noqa: E402
+from test_launcher_integration import run_launcher  # noqa: E402
+
+from data_tools.__main__ import main  # noqa: E402
+from data_tools.synth import synth  # noqa: E402
+from vla_scale.data.format import Manifest  # noqa: E402
+from vla_scale.data.loader import batch_sources  # noqa: E402
+from vla_scale.train.metrics import read_metrics  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+# 2 ranks x micro batch 2 with a global batch of 8 is 2 micro batches per rank per step. The batch's kind
+# (robot or VL) is drawn per micro batch from (seed, batch index); under seed 2 batches 0-3 go robot, VL,
+# VL, robot, so both loss terms appear in 2 steps (seed 0 draws only robot batches there).
+SEED = 2
+
+
+def _lerobot(work: Path) -> list[str]:
+    return ["lerobot", str(make_v3(work / "lerobot"))]
+
+
+def _rlds(work: Path) -> list[str]:
+    return ["rlds", str(make_rlds(work))]
+
+
+def _hdf5(work: Path) -> list[str]:
+    work.mkdir(parents=True, exist_ok=True)
+    return ["hdf5", str(make_robomimic(work / "image.hdf5")), "--instruction", "lift the cube"]
+
+
+def _calvin(work: Path) -> list[str]:
+    return ["calvin", str(make_calvin(work / "training")), "--trust-pickle"]
+
+
+def _llava(work: Path) -> list[str]:
+    src = make_llava(work)
+    return ["llava", str(src), "--image-folder", str(src.parent / "images")]
+
+
+# format → (builds the source and returns the `convert` arguments before OUT, kind of the converted set)
+FORMATS: dict[str, tuple[Callable[[Path], list[str]], str]] = {
+    "lerobot": (_lerobot, "robot"),
+    "rlds": (_rlds, "robot"),
+    "hdf5": (_hdf5, "robot"),
+    "calvin": (_calvin, "robot"),
+    "llava": (_llava, "vl"),
+}
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    synth(out, episodes=8, vl_samples=8, image_size=32, episodes_per_shard=4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny backbone folder for the module: the first job's prepare step writes it, the others reuse it."""
+    return tmp_path_factory.mktemp("shared") / "backbone"
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_convert_then_train(fmt: str, tmp_path: Path, synth_data: Path, backbone: Path) -> None:
+    make_source, kind = FORMATS[fmt]
+    draws = [batch_sources(SEED, i, np.array([0.75, 0.25]), ["robot", "vl"], 2) for i in range(4)]
+    assert {0, 1} <= {src for batch in draws for src in batch}, f"seed {SEED} no longer mixes both kinds: {draws}"
+    converted = tmp_path / "converted"
+    args = make_source(tmp_path / "src")
+    assert main(["convert", *args[:2], str(converted), "--episodes-per-shard", "2", *args[2:]]) == 0
+    manifest = Manifest.load(converted)
+    assert manifest.kind == kind and manifest.num_samples >= 2  # enough for 2 ranks x 1 worker
+
+    # run_launcher reads <data>/robot and <data>/vl: link the converted set in beside a synthetic one.
+    data = tmp_path / "data"
+    data.mkdir()
+    other = "vl" if kind == "robot" else "robot"
+    (data / kind).symlink_to(converted, target_is_directory=True)
+    (data / other).symlink_to(synth_data / other, target_is_directory=True)
+    run_launcher(
+        tmp_path,
+        data,
+        "train.max_steps=2",
+        "train.ckpt_every=2",
+        f"run.seed={SEED}",
+        f"model.backbone.pretrained={backbone}",  # the last override wins over run_launcher's own
+    )
+
+    run_dir = tmp_path / "runs" / "debug"
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in records), records
+    for term in ("loss_arm", "loss_vl"):
+        assert any(term in r and math.isfinite(r[term]) for r in records), f"{term} missing from metrics.jsonl"
+    assert f"mix/{manifest.name}" in set().union(*records), "the converted source supplied no samples"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert any((run_dir / "checkpoints" / "step_00000002").rglob("*optim_states.pt"))
+    assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 8
