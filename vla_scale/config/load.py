@@ -196,6 +196,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model.latent_num must be >= 1, got {m.latent_num}")
     if not m.backbone.pretrained:
         raise ConfigError("model.backbone.pretrained is empty: give a local folder or a hub id")
+    if m.discrete.n_bin < 2:
+        raise ConfigError(f"model.discrete.n_bin must be >= 2, got {m.discrete.n_bin}")
+    if not m.discrete.min_action < m.discrete.max_action:
+        raise ConfigError(
+            f"model.discrete.min_action ({m.discrete.min_action}) must be < model.discrete.max_action "
+            f"({m.discrete.max_action})"
+        )
+    # n_bin < vocabulary size is checked when the model is built (the vocabulary is the backbone's).
     for key, w in dataclasses.asdict(m.loss_weights).items():
         if w < 0:
             raise ConfigError(f"model.loss_weights.{key} must be >= 0, got {w}")

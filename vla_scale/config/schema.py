@@ -101,6 +101,17 @@ class LossWeightsConfig:
     arm: float = 1.0
     gripper: float = 0.01
     vl: float = 1.0
+    action_ce: float = 1.0  # discrete action tokens: next-token cross-entropy
+
+
+@dataclass
+class DiscreteActionConfig:
+    """`action_space: discrete`: each normalised action dim binned onto the LM's last `n_bin` vocabulary ids."""
+
+    n_bin: int = 256
+    min_action: float = -1.0  # bins cover [min_action, max_action]; values outside are clipped
+    max_action: float = 1.0
+    supervise_eos: bool = False  # append EOS after the action ids and train the LM to emit it
 
 
 @dataclass
@@ -108,13 +119,15 @@ class ModelConfig:
     """RoboVLM: the backbone plus fusion, action tokens and heads."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    action_space: Literal["continuous"] = "continuous"
+    # continuous: learnable action tokens + regression head; discrete: action ids + next-token loss
+    action_space: Literal["continuous", "discrete"] = "continuous"
     history_type: Literal["post"] = "post"
     latent_num: int = 1  # learnable action tokens inserted per frame
     use_state: bool = False  # insert a proprioceptive state token after the image tokens
     # Robot sequences: put the instruction before the image (image tokens then attend to it).
     instruction_first: bool = False
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
+    discrete: DiscreteActionConfig = field(default_factory=DiscreteActionConfig)
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
 
 

@@ -144,6 +144,13 @@ class BackboneAdapter(nn.Module, ABC):
         `return_logits=False` skips the vocabulary projection (robot batches do not need it).
         """
 
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states `[..., D]` → vocabulary logits `[..., V]`, exactly as `lm_forward` makes them.
+
+        Lets a caller project only the positions it needs (discrete action ids) instead of every position.
+        """
+        return self.lm_head(hidden)
+
     def enable_gradient_checkpointing(self) -> None:
         """Recompute decoder/vision layer activations in backward (non-reentrant, so frozen inputs are fine)."""
         kwargs = {"use_reentrant": False}

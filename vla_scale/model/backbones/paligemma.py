@@ -100,13 +100,16 @@ class PaliGemmaAdapter(ConditionalGenerationAdapter):
             return_dict=True,
         )
         hidden = out.last_hidden_state
-        logits = None
-        if return_logits:
-            logits = self.model.lm_head(hidden)
-            cap = getattr(self.model.config.text_config, "final_logit_softcapping", None)
-            if cap is not None:
-                logits = torch.tanh(logits / cap) * cap
+        logits = self.compute_logits(hidden) if return_logits else None
         return hidden, logits, out.cache if use_cache else None
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head plus Gemma's final logit soft-capping, when the config has one."""
+        logits = self.model.lm_head(hidden)
+        cap = getattr(self.model.config.text_config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @classmethod
     def from_pretrained(
