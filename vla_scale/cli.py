@@ -1,4 +1,4 @@
-"""`vla-scale` command line: prepare a run (used by launchers/train.sh) and summarise one."""
+"""`vla-scale` command line: prepare a run (used by launchers/train.sh), summarise, plot and export one."""
 
 from __future__ import annotations
 
@@ -49,6 +49,26 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from vla_scale.train.export import ExportError, export_policy
+
+    try:
+        out = export_policy(args.run_dir, args.out_dir, tag=args.tag)
+    except ExportError as err:
+        print(f"export error: {err}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from vla_scale.train.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vla-scale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--key", default="loss_arm")
     s.add_argument("--max-ratio", type=float, default=None, help="exit 1 unless last/first <= this")
     s.set_defaults(fn=_summary)
+    e = sub.add_parser("export", help="write a self-contained policy folder (safetensors + config + stats) of a run")
+    e.add_argument("run_dir")
+    e.add_argument("out_dir", help="new (or empty) folder for the policy")
+    e.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00000004 (default: latest)")
+    e.set_defaults(fn=_export)
+    g = sub.add_parser("plot", help="PNG curves of every loss/metric term in a run's metrics.jsonl")
+    g.add_argument("run_dir")
+    g.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
+    g.set_defaults(fn=_plot)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -107,6 +107,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def config_section(cls: type, data: dict, key: str) -> Any:
+    """Type-check one section on its own (e.g. the `model` block of an exported policy's vla_config.yaml)."""
+    return _build(cls, data, key)
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")

@@ -1,0 +1,154 @@
+"""Load an exported policy and turn camera frames + an instruction into robot actions.
+
+The inputs go through the same code as training data: the instruction is tokenised and the
+frames and state are batched by `collate_robot` (no special tokens, truncated to
+`max_text_len`), and state is normalised with the dataset's `Normalizer`, so a policy
+sees at inference exactly what it saw in training. Outputs are un-normalised into the
+robot's units. Weights are read with safetensors only (no pickle).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vla_scale.config.load import config_section
+from vla_scale.config.schema import ModelConfig
+from vla_scale.data.collate import collate_robot
+from vla_scale.data.format import load_stats
+from vla_scale.data.normalize import Normalizer
+from vla_scale.data.window import Window
+from vla_scale.model import RoboVLM, build_model
+
+EXPORT_FORMAT_VERSION = 1
+
+
+@dataclass
+class _Frame:
+    """One step of the episode history: camera frames and the normalised state."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    wrist: np.ndarray | None  # uint8 [H, W, 3]
+    state: np.ndarray  # float32 [S]
+
+
+def _check_image(image: object, name: str) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"{name} must be a uint8 [H, W, 3] RGB frame, got {arr.dtype} {arr.shape}")
+    return arr
+
+
+class Policy:
+    """A trained RoboVLM plus what inference needs: tokenizer, normalisation stats, episode history."""
+
+    def __init__(self, model: RoboVLM, normalizer: Normalizer, spec: dict, device: torch.device | str = "cpu"):
+        self.model = model.eval().to(device)
+        self.normalizer = normalizer
+        self.spec = spec
+        self.device = torch.device(device)
+        data = spec["data"]
+        self.window_size = int(data["window_size"])
+        self.chunk_size = int(data["fwd_pred_next_n"])
+        self.max_text_len = int(data["max_text_len"])
+        self.action_dim = int(data["action_dim"])
+        self.state_dim = int(data["state_dim"])
+        self.static_camera: str | None = data.get("static_camera")
+        self.wrist_camera: str | None = data.get("wrist_camera")
+        self._history: deque[_Frame] = deque(maxlen=self.window_size)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None) -> Policy:
+        """Load an export folder (`vla-scale export`), or a run directory, which is first exported
+        (its `latest` checkpoint) to a temporary folder that is removed once loaded."""
+        path = Path(path)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if (path / "vla_config.yaml").is_file():
+            return cls._load_export(path, device)
+        if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+            from vla_scale.train.export import export_policy
+
+            with tempfile.TemporaryDirectory(prefix="vla_policy-") as tmp:
+                return cls._load_export(export_policy(path, Path(tmp) / "policy"), device)
+        raise FileNotFoundError(
+            f"{path} is neither a policy export (no vla_config.yaml) nor a run directory with checkpoints; "
+            "export one with `vla-scale export RUN_DIR OUT_DIR`"
+        )
+
+    @classmethod
+    def _load_export(cls, folder: Path, device: torch.device | str) -> Policy:
+        spec = yaml.safe_load((folder / "vla_config.yaml").read_text())
+        if spec.get("format_version") != EXPORT_FORMAT_VERSION:
+            raise ValueError(
+                f"{folder}/vla_config.yaml has format_version {spec.get('format_version')}; this vla_scale reads "
+                f"{EXPORT_FORMAT_VERSION}: re-export the run with this version"
+            )
+        model_cfg: ModelConfig = config_section(ModelConfig, spec["model"], "model")
+        model_cfg.backbone.pretrained = str(folder / model_cfg.backbone.pretrained)
+        data = spec["data"]
+        model = build_model(
+            model_cfg, action_dim=data["action_dim"], state_dim=data["state_dim"], chunk_size=data["fwd_pred_next_n"]
+        )
+        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+        return cls(model, Normalizer(load_stats(folder)), spec, device)
+
+    def reset(self) -> None:
+        """Start a new episode: forget the frame/state history."""
+        self._history.clear()
+
+    def _frames(self, image: np.ndarray | dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        if not isinstance(image, dict):
+            return _check_image(image, "image"), None
+        if self.static_camera not in image:
+            raise KeyError(f"image dict has cameras {sorted(image)}; the policy needs {self.static_camera!r}")
+        wrist = image.get(self.wrist_camera) if self.wrist_camera else None
+        return _check_image(image[self.static_camera], self.static_camera), (
+            None if wrist is None else _check_image(wrist, str(self.wrist_camera))
+        )
+
+    @torch.no_grad()
+    def predict(
+        self, image: np.ndarray | dict[str, np.ndarray], instruction: str, state: np.ndarray | None = None
+    ) -> np.ndarray:
+        """One control step: uint8 frame `[H, W, 3]` (or `{camera: frame}`), instruction, raw state `[S]`
+        → action chunk `[N, A]` in the robot's units (gripper 0 open / 1 closed) for the current step.
+
+        The frame and state join the episode history (last `window_size` steps); call `reset()` between episodes.
+        """
+        static, wrist = self._frames(image)
+        if self.wrist_camera and wrist is None:
+            raise KeyError(f"the policy was trained with a wrist camera; pass {{..., {self.wrist_camera!r}: frame}}")
+        if state is None:
+            if self.model.state_encoder is not None:
+                raise ValueError(f"this policy uses proprioceptive state: pass state [{self.state_dim}]")
+            norm_state = np.zeros(self.state_dim, np.float32)
+        else:
+            state = np.asarray(state, dtype=np.float32)
+            if state.shape != (self.state_dim,):
+                raise ValueError(f"state must have shape [{self.state_dim}], got {state.shape}")
+            norm_state = self.normalizer.normalize_state(state)
+        self._history.append(_Frame(static, wrist, norm_state))
+        frames = list(self._history)
+        has_wrist = all(f.wrist is not None for f in frames)
+        window = Window(
+            key="policy",
+            instruction=instruction,
+            images=np.stack([f.image for f in frames]),
+            wrist_images=np.stack([f.wrist for f in frames]) if has_wrist else None,
+            state=np.stack([f.state for f in frames]),
+            action=np.zeros((len(frames), self.chunk_size, self.action_dim), np.float32),
+            action_mask=np.ones((len(frames), self.chunk_size), bool),
+        )
+        batch = collate_robot([window], self.model.tokenizer, self.max_text_len).to(self.device)
+        arm, gripper = self.model.predict_action(
+            batch.images, batch.text_ids, batch.text_mask, state=batch.state, wrist_images=batch.wrist_images
+        )
+        # Frames of the window are folded into the batch ("post" history): the last one is the current step.
+        return self.normalizer.unnormalize_action(arm[0, -1].cpu().numpy(), gripper[0, -1].cpu().numpy())

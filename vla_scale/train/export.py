@@ -1,0 +1,158 @@
+"""Export a trained run as a self-contained policy folder that `vla_scale.policy.Policy` loads.
+
+DeepSpeed checkpoints hold the weights partitioned per rank (ZeRO) and next to optimizer
+state; DeepSpeed's own `zero_to_fp32` reconstructs the full fp32 weights from them. The
+export folder then needs nothing from the run or the original backbone path:
+
+- `model.safetensors` — the whole RoboVLM state dict (fp32), the authoritative weights;
+- `backbone/` — the backbone adapter's `save_pretrained`: HF config, tokenizer, image processor
+  (and the fine-tuned VLM weights, so the folder is also a plain HF checkpoint of the VLM);
+- `vla_config.yaml` — the model section plus the data settings inference needs;
+- `stats.json` — the robot dataset's action/state normalisation statistics.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from vla_scale.config import Config, load_config, to_dict
+from vla_scale.data.format import Manifest
+from vla_scale.data.stream import WRIST_CAMERA
+from vla_scale.model import RoboVLM, build_model
+from vla_scale.train import checkpoint
+
+EXPORT_FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "vla_config.yaml"
+STATS_FILE = "stats.json"
+BACKBONE_DIR = "backbone"
+
+
+class ExportError(RuntimeError):
+    """A run that cannot be exported (no checkpoint, missing dataset); the message says what to do."""
+
+
+def robot_manifest(cfg: Config) -> tuple[Path, Manifest]:
+    """The first robot dataset of the run: its dims, cameras and stats define the policy's I/O."""
+    for src in cfg.data.sources:
+        manifest = Manifest.load(src.path)
+        if manifest.kind == "robot":
+            return Path(src.path), manifest
+    raise ExportError("the run's config lists no robot dataset in data.sources; a policy needs one")
+
+
+def resolve_tag(run_dir: Path, tag: str | None) -> str:
+    """`tag` if given (must exist), else the run's `latest`; refuses a run without a checkpoint."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{run_dir} is not a run directory (no config.yaml); pass <run.output_dir>/<run.name>")
+    ckpt_dir = run_dir / "checkpoints"
+    if tag is None:
+        tag = checkpoint.read_latest(ckpt_dir)
+        if tag is None:
+            raise ExportError(
+                f"{run_dir} has no complete checkpoint ({ckpt_dir}/latest is missing): train it first, "
+                "or with train.ckpt_every so a checkpoint is saved"
+            )
+    elif not (ckpt_dir / tag).is_dir():
+        found = sorted(p.name for p in ckpt_dir.glob("step_*")) if ckpt_dir.is_dir() else []
+        raise ExportError(f"checkpoint {ckpt_dir / tag} does not exist; available: {found or 'none'}")
+    return tag
+
+
+def load_fp32_state_dict(run_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a run's checkpoint, whatever ZeRO stage (0-3) and world size wrote it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run_dir = Path(run_dir)
+    tag = resolve_tag(run_dir, tag)
+    ckpt_dir = run_dir / "checkpoints"
+    if any((ckpt_dir / tag).glob("*optim_states.pt")):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        return {k: v.float() for k, v in state.items()}
+    # ZeRO stage 0 without a ZeRO optimizer: the model file holds the full weights already.
+    model_file = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise ExportError(f"{ckpt_dir / tag} holds neither ZeRO optimizer partitions nor {model_file.name}")
+    state = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
+    return {k: v.float() for k, v in state.items()}
+
+
+def build_run_model(run_dir: str | Path, tag: str | None = None) -> tuple[RoboVLM, Config]:
+    """The run's RoboVLM with the checkpoint's fp32 weights loaded strictly (on CPU, eval mode)."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    _, manifest = robot_manifest(cfg)
+    state = load_fp32_state_dict(run_dir, tag)
+    model = build_model(
+        cfg.model, action_dim=manifest.action_dim, state_dim=manifest.state_dim, chunk_size=cfg.data.fwd_pred_next_n
+    )
+    model.load_state_dict(state, strict=True)
+    return model.eval(), cfg
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): give later aliases their own copy."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for key, value in state.items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset())
+        out[key] = value.clone().contiguous() if ident in seen else value.contiguous()
+        seen.add(ident)
+    return out
+
+
+def policy_spec(cfg: Config, manifest: Manifest, tag: str) -> dict:
+    """What `vla_config.yaml` holds: the model section (backbone pointing at `backbone/`) + inference data settings."""
+    model = to_dict(cfg)["model"]
+    model["backbone"].update(pretrained=BACKBONE_DIR, tiny=None, gradient_checkpointing=False)
+    static = [c for c in manifest.cameras if c != WRIST_CAMERA]
+    return {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "model": model,
+        "data": {
+            "window_size": cfg.data.window_size,
+            "fwd_pred_next_n": cfg.data.fwd_pred_next_n,
+            "max_text_len": cfg.data.max_text_len,
+            "action_dim": manifest.action_dim,
+            "state_dim": manifest.state_dim,
+            "cameras": list(manifest.cameras),
+            "static_camera": static[0] if static else None,
+            "wrist_camera": WRIST_CAMERA if WRIST_CAMERA in manifest.cameras else None,
+        },
+        "source": {"run": cfg.run.name, "tag": tag},
+    }
+
+
+def export_policy(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
+    """Write the policy folder for `run_dir`'s checkpoint `tag` (default `latest`) to `out_dir`; returns it.
+
+    Written into a temporary sibling and renamed, so a failed export never leaves a half folder.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    tag = resolve_tag(run_dir, tag)
+    model, cfg = build_run_model(run_dir, tag)
+    data_dir, manifest = robot_manifest(cfg)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir} exists and is not empty; choose a new export folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(_unshared(model.state_dict()), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        model.adapter.save_pretrained(tmp / BACKBONE_DIR)
+        spec = policy_spec(cfg, manifest, tag)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
+        shutil.copyfile(data_dir / STATS_FILE, tmp / STATS_FILE)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
