@@ -37,6 +37,7 @@ class Keys:
     cameras: tuple[tuple[str, str], ...]  # (output camera, npz key)
     state: tuple[str, ...]
     action: str
+    remap_gripper: bool = True
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,12 @@ def resolve_keys(frame: dict[str, np.ndarray], args: argparse.Namespace, where: 
     for key in (*state, args.action_key):
         if key not in frame:
             raise FormatError(f"key {key!r} is not in {where}; change --state-keys / --action-key (keys: {have})")
-    return Keys(tuple(cameras.items()), state, args.action_key)
+    return Keys(tuple(cameras.items()), state, args.action_key, args.gripper == "vla_scale")
+
+
+def to_closed_is_one(gripper: np.ndarray) -> np.ndarray:
+    """CALVIN's gripper action is +1 open / -1 close; vla_scale's is 1 closed / 0 open."""
+    return (gripper < 0).astype(np.float32)
 
 
 def load_episode(src: Source, keys: Keys) -> Episode:
@@ -114,6 +120,10 @@ def load_episode(src: Source, keys: Keys) -> Episode:
             raise FormatError(f"{frame_path(root, i)}: no {missing} (the first frame has them)")
     state = np.stack([np.concatenate([np.ravel(fr[k]) for k in keys.state]) for fr in frames]).astype(np.float32)
     action = np.stack([np.ravel(fr[keys.action]) for fr in frames]).astype(np.float32)
+    if keys.remap_gripper:
+        action[:, -1] = to_closed_is_one(action[:, -1])
+        if keys.state and keys.state[-1] == "robot_obs":  # its last entry is the gripper action too
+            state[:, -1] = to_closed_is_one(state[:, -1])
     meta = {"source_format": "calvin", "annotation_index": src.index, "start": src.start, "end": src.end}
     if src.task:
         meta["task"] = src.task
@@ -143,6 +153,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--action-key", choices=("rel_actions", "actions"), default="rel_actions", help="(default: %(default)s)"
     )
     p.add_argument("--state-keys", default="robot_obs", help="comma-separated to concatenate (default: %(default)s)")
+    p.add_argument(
+        "--gripper",
+        choices=("vla_scale", "keep"),
+        default="vla_scale",
+        help="vla_scale: map CALVIN's gripper (+1 open / -1 close, last dim of the action and of robot_obs) to "
+        "1 closed / 0 open, the convention the trainer and the policy use; keep: store CALVIN's values "
+        "(default: %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
@@ -168,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         "cameras": dict(keys.cameras),
         "state": list(keys.state),
         "action": keys.action,
+        "gripper": args.gripper,
     }
     name = f"calvin_{root.resolve().parent.name}_{root.resolve().name}"
     manifest = convert(sources, partial(load_episode, keys=keys), opts, name, settings)

@@ -28,6 +28,13 @@ def vec(frame: int, dim: int, scale: float) -> np.ndarray:
     return (frame * scale + np.arange(dim) * 0.5).astype(np.float64)
 
 
+def with_gripper(v: np.ndarray, frame: int) -> np.ndarray:
+    """CALVIN's last action / robot_obs entry is the gripper command: +1 open, -1 close."""
+    v = v.copy()
+    v[-1] = 1.0 if frame % 3 else -1.0
+    return v
+
+
 def make_calvin(root: Path) -> Path:
     (root / "lang_annotations").mkdir(parents=True)
     for i in range(FIRST, LAST + 1):
@@ -35,10 +42,10 @@ def make_calvin(root: Path) -> Path:
             root / f"episode_{i:07d}.npz",
             rgb_static=image(i, 20, 0),
             rgb_gripper=image(i, 8, 1),
-            robot_obs=vec(i, 15, 1.0),
+            robot_obs=with_gripper(vec(i, 15, 1.0), i),
             scene_obs=vec(i, 24, -1.0),
-            rel_actions=vec(i, 7, 0.01),
-            actions=vec(i, 7, 2.0),
+            rel_actions=with_gripper(vec(i, 7, 0.01), i),
+            actions=with_gripper(vec(i, 7, 2.0), i),
         )
     ann = {
         "info": {"episodes": [], "indx": SEGMENTS},
@@ -92,8 +99,13 @@ def test_segments_become_episodes(src: Path, tmp_path: Path) -> None:
         ids = range(start, end + 1)
         assert ep.instruction == TEXTS[i]
         assert (ep.meta["task"], ep.meta["start"], ep.meta["end"]) == (TASKS[i], start, end)
-        np.testing.assert_array_equal(ep.action, np.stack([vec(f, 7, 0.01) for f in ids]).astype(np.float32))
-        np.testing.assert_array_equal(ep.state, np.stack([vec(f, 15, 1.0) for f in ids]).astype(np.float32))
+        action = np.stack([with_gripper(vec(f, 7, 0.01), f) for f in ids]).astype(np.float32)
+        state = np.stack([with_gripper(vec(f, 15, 1.0), f) for f in ids]).astype(np.float32)
+        np.testing.assert_array_equal(ep.action[:, :-1], action[:, :-1])
+        np.testing.assert_array_equal(ep.state[:, :-1], state[:, :-1])
+        # CALVIN's +1 open / -1 close becomes vla_scale's 1 closed / 0 open
+        np.testing.assert_array_equal(ep.action[:, -1], (action[:, -1] < 0).astype(np.float32))
+        np.testing.assert_array_equal(ep.state[:, -1], (state[:, -1] < 0).astype(np.float32))
         assert len(ep.frames["rgb_static"]) == len(ep.frames["rgb_wrist"]) == len(ids)
         for t, f in enumerate(ids):
             np.testing.assert_array_equal(ep.frames["rgb_static"][t], image(f, 20, 0))
@@ -102,15 +114,16 @@ def test_segments_become_episodes(src: Path, tmp_path: Path) -> None:
 
 def test_action_key_state_keys_and_workers(src: Path, tmp_path: Path) -> None:
     args = ("--trust-pickle", "--action-key", "actions", "--state-keys", "robot_obs,scene_obs", "--image-ext", "jpg")
+    args += ("--gripper", "keep")
     assert convert(src, tmp_path / "w1", *args) == 0
     assert convert(src, tmp_path / "w2", *args, "--workers", "2") == 0
     names = sorted(p.name for p in (tmp_path / "w1").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "w2").iterdir())
     assert all((tmp_path / "w1" / n).read_bytes() == (tmp_path / "w2" / n).read_bytes() for n in names)
     ep = read_episodes(tmp_path / "w1")[1]
-    np.testing.assert_array_equal(ep.action[2], vec(105, 7, 2.0).astype(np.float32))
+    np.testing.assert_array_equal(ep.action[2], with_gripper(vec(105, 7, 2.0), 105).astype(np.float32))
     np.testing.assert_array_equal(
-        ep.state[2], np.concatenate([vec(105, 15, 1.0), vec(105, 24, -1.0)]).astype(np.float32)
+        ep.state[2], np.concatenate([with_gripper(vec(105, 15, 1.0), 105), vec(105, 24, -1.0)]).astype(np.float32)
     )
 
 
