@@ -110,7 +110,12 @@ def test_bad_config_fails_before_any_process_starts(tmp_path, toy_data):
 
 def test_zero3_bf16_two_ranks(tmp_path, toy_data):
     """ZeRO stage and bf16 come from the config; ZeRO-3 partitions parameters across the 2 ranks."""
-    run_launcher(tmp_path, toy_data, "train.zero_stage=3", "train.bf16=true", "train.max_steps=2", "train.ckpt_every=0")
+    proc = run_launcher(
+        tmp_path, toy_data, "train.zero_stage=3", "train.bf16=true", "train.max_steps=2", "train.ckpt_every=0"
+    )
+    # the backbone must not be materialised whole on every rank before DeepSpeed partitions it
+    logs = proc.stdout + _rank_logs(tmp_path / "rank_logs")
+    assert "backbone loaded partitioned by deepspeed.zero.Init: True" in logs
     run_dir = tmp_path / "runs" / "debug"
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers.integrations import HfDeepSpeedConfig
 
 from vla_scale.config import Config, ConfigError, config_hash, load_config, to_dict
 from vla_scale.data import StreamTracker, build_dataloader
@@ -59,7 +60,14 @@ def train(run_dir: str | Path) -> None:
         )
     seed_everything(cfg.run.seed)
     action_dim, state_dim = robot_dims(cfg)
+    # Under ZeRO-3, transformers' DeepSpeed integration must be alive while from_pretrained runs, so the
+    # backbone is created partitioned (deepspeed.zero.Init) instead of whole on every rank. Keep the
+    # reference for the whole run: transformers holds it only weakly.
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.train.zero_stage == 3 else None
     model = build_model(cfg.model, action_dim=action_dim, state_dim=state_dim, chunk_size=cfg.data.fwd_pred_next_n)
+    if hf_ds_config is not None and rank == 0:
+        partitioned = all(hasattr(p, "ds_id") for p in model.adapter.model.parameters())
+        print(f"[vla_scale] ZeRO-3: backbone loaded partitioned by deepspeed.zero.Init: {partitioned}", flush=True)
     engine, _, scheduler = build_engine(model, cfg, ds_config)
 
     ckpt_dir = run_dir / "checkpoints"
@@ -137,6 +145,7 @@ def train(run_dir: str | Path) -> None:
         checkpoint.save(engine, ckpt_dir, step, client_state(), cfg.train.keep_last)
     pbar.close()
     writer.close()
+    del hf_ds_config
     if rank == 0:
         print(f"[vla_scale] done: {step} steps, run directory {run_dir}", flush=True)
     dist.barrier()
