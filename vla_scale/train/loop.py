@@ -113,7 +113,7 @@ def train(run_dir: str | Path) -> None:
             engine.step()
             meters.add({k: v for k, v in out.items() if k != "num_tokens"})
             samples += batch.batch_size
-            tokens += int(out["num_tokens"]) if "num_tokens" in out else int(batch.text_mask.sum())
+            tokens = tokens + (out["num_tokens"].detach() if "num_tokens" in out else batch.text_mask.sum())
         step += 1
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -122,7 +122,7 @@ def train(run_dir: str | Path) -> None:
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             values = meters.reduce()
             elapsed = time.perf_counter() - window_start
-            totals = torch.tensor([samples, tokens, data_wait, elapsed], dtype=torch.float64)
+            totals = torch.tensor([samples, float(tokens), data_wait, elapsed], dtype=torch.float64)
             dist.all_reduce(totals)
             values.update(
                 lr=scheduler.get_last_lr()[0],

@@ -22,20 +22,24 @@ from vla_scale.config.schema import WandbConfig
 
 
 class Meters:
-    """Running sums and counts per metric key on this rank."""
+    """Running sums and counts per metric key on this rank.
+
+    Sums stay as detached device tensors until `reduce`, so logging adds no host-device
+    sync to every micro-step; the one sync happens at log time.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
 
     def add(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
-            self.sums[key] += float(value.detach().float().item() if isinstance(value, torch.Tensor) else value)
+            self.sums[key] = self.sums[key] + (value.detach().float() if isinstance(value, torch.Tensor) else value)
             self.counts[key] += 1
 
     def reduce(self) -> dict[str, float]:
         """Mean of each key over every sample seen on every rank since the last reset (collective)."""
-        local = {k: (self.sums[k], self.counts[k]) for k in self.sums}
+        local = {k: (float(self.sums[k]), self.counts[k]) for k in self.sums}
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
             dist.all_gather_object(gathered, local)
