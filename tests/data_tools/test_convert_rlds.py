@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+from tfrecord_encoder import example, feature, write_tfrecord
 
 from data_tools.__main__ import main
 from data_tools.convert import rlds
@@ -22,52 +22,8 @@ LENGTHS = ((4, 6), (5,))  # episodes per tfrecord file
 NAME = "toy_rlds"
 
 
-# -- a tiny independent TFRecord + tf.train.Example encoder --------------------------------
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def ld(field: int, payload: bytes) -> bytes:
-    return varint(field << 3 | 2) + varint(len(payload)) + payload
-
-
-def feature(values: list) -> bytes:
-    if isinstance(values[0], bytes):
-        return ld(1, b"".join(ld(1, v) for v in values))
-    if isinstance(values[0], float):
-        return ld(2, ld(1, struct.pack(f"<{len(values)}f", *values)))
-    return ld(3, ld(1, b"".join(varint(v) for v in values)))
-
-
-def example(features: dict[str, list]) -> bytes:
-    return ld(1, b"".join(ld(1, ld(1, k.encode()) + ld(2, feature(v))) for k, v in features.items()))
-
-
-def frame_record(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", masked(length)) + data + struct.pack("<I", masked(data))
+def feature_example(values: dict[str, list]) -> bytes:
+    return example({k: feature(v) for k, v in values.items()})
 
 
 # -- the fixture dataset ---------------------------------------------------------------------
@@ -129,7 +85,7 @@ def make_rlds(root: Path) -> Path:
         records = []
         for length in lengths:
             records.append(
-                example(
+                feature_example(
                     {
                         "steps/observation/image": [encoded(frame(ep, t, 0), "JPEG") for t in range(length)],
                         "steps/observation/wrist_image": [encoded(frame(ep, t, 1), "PNG") for t in range(length)],
@@ -142,9 +98,9 @@ def make_rlds(root: Path) -> Path:
                 )
             )
             ep += 1
-        (folder / f"{NAME}-train.tfrecord-{f:05d}-of-00002").write_bytes(b"".join(frame_record(r) for r in records))
-    val = example({"steps/action": [0.0] * 7, "steps/is_first": [1]})
-    (folder / f"{NAME}-val.tfrecord-00000-of-00001").write_bytes(frame_record(val))
+        write_tfrecord(folder / f"{NAME}-train.tfrecord-{f:05d}-of-00002", records)
+    val = feature_example({"steps/action": [0.0] * 7, "steps/is_first": [1]})
+    write_tfrecord(folder / f"{NAME}-val.tfrecord-00000-of-00001", [val])
     return folder
 
 

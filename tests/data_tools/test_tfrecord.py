@@ -2,76 +2,22 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tfrecord_encoder import (
+    bytes_feature,
+    crc32c_bitwise,
+    example,
+    float_feature,
+    int_feature,
+    masked,
+    write_tfrecord,
+)
 
 from data_tools import tfrecord
 from data_tools.tfrecord import TFRecordError, crc32c, iter_records, masked_crc32c, parse_example, record_offsets
-
-
-def crc32c_bitwise(data: bytes) -> int:
-    """Reference CRC-32C, bit by bit (no table), to check the reader's table version."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked(data: bytes) -> int:
-    crc = crc32c_bitwise(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def frame_record(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", masked(length)) + data + struct.pack("<I", masked(data))
-
-
-def varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64 → 10-byte two's complement, as protobuf does
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def ld(field: int, payload: bytes) -> bytes:
-    return varint(field << 3 | 2) + varint(len(payload)) + payload
-
-
-def bytes_feature(values: list[bytes]) -> bytes:
-    return ld(1, b"".join(ld(1, v) for v in values))
-
-
-def float_feature(values: list[float], packed: bool = True) -> bytes:
-    if packed:
-        inner = ld(1, struct.pack(f"<{len(values)}f", *values))
-    else:
-        inner = b"".join(varint(1 << 3 | 5) + struct.pack("<f", v) for v in values)
-    return ld(2, inner)
-
-
-def int_feature(values: list[int], packed: bool = True) -> bytes:
-    if packed:
-        inner = ld(1, b"".join(varint(v) for v in values))
-    else:
-        inner = b"".join(varint(1 << 3) + varint(v) for v in values)
-    return ld(3, inner)
-
-
-def example(features: dict[str, bytes]) -> bytes:
-    return ld(1, b"".join(ld(1, ld(1, k.encode()) + ld(2, v)) for k, v in features.items()))
-
-
-def write_tfrecord(path: Path, records: list[bytes]) -> None:
-    path.write_bytes(b"".join(frame_record(r) for r in records))
 
 
 def test_crc32c_known_values() -> None:
