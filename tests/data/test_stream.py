@@ -238,3 +238,20 @@ def test_vl_images_of_different_sizes_collate_to_one_batch(tokenizer):
     batch = collate_vl([small, large], tokenizer, 16)
     assert batch.images.shape == (2, 1, 3, 16, 20)
     assert (batch.images[1] == 200).all() and (batch.images[0] == 50).all()  # the largest passes through untouched
+
+
+def test_episode_without_the_static_camera_is_skipped_and_named(tmp_path, caplog):
+    import json
+
+    write_robot(tmp_path, [3] * 2, per_shard=2)
+
+    def rename_camera(s):
+        meta = json.loads(s["meta.json"])
+        meta["cameras"] = ["rgb_front"]
+        s["meta.json"] = json.dumps(meta).encode()
+        return s
+
+    _rewrite_sample(tmp_path / "shard-000000.tar", "ep0001", rename_camera)
+    s = stream(tmp_path, Reader(), window=3)
+    assert [w.key for w in s._epoch_items()] == ["ep0000/0"]
+    assert s.bad.counts["toy_robot"] == 1 and "no camera 'rgb_static'" in caplog.text
