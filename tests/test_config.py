@@ -104,3 +104,89 @@ def test_exponent_without_dot_is_a_number():
     assert load_config(ROOT / "configs/debug.yaml", ["optim.lr=3e-4"]).optim.lr == 3e-4
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(ROOT / "configs/debug.yaml", ["train.max_steps=1e3"])
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("model.resampler.num_latents=0", r"model\.resampler\.num_latents must be >= 1"),
+        ("model.resampler.depth=0", r"model\.resampler\.depth must be >= 1"),
+        ("model.resampler.heads=0", r"model\.resampler\.heads must be >= 1"),
+        ("model.clip_reg.pretrained=", r"model\.clip_reg\.pretrained is empty"),
+        ("model.clip_reg.embed_dim=0", r"model\.clip_reg\.embed_dim must be >= 1"),
+        ("model.clip_reg.loss=l2", r"model\.clip_reg\.loss: 'l2' is not one of"),
+        ("model.clip_reg.tiny.num_heads=3", r"model\.clip_reg\.tiny\.num_heads \(3\) must be >= 1 and divide"),
+        ("model.loss_weights.clip=-1", r"model\.loss_weights\.clip must be >= 0"),
+    ],
+)
+def test_bad_resampler_and_clip_settings_name_the_key(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(ROOT / "configs/debug_mechanisms.yaml", [override])
+
+
+def test_mechanisms_config_builds_and_trains_a_step(tmp_path):
+    """configs/debug_mechanisms.yaml: resampler + CLIP regulariser, tiny backbone and tiny CLIP written on first use."""
+    import torch
+
+    from vla_scale.data.batch import IGNORE_INDEX, Batch
+    from vla_scale.model import build_model
+
+    overrides = [f"model.backbone.pretrained={tmp_path}/llava", f"model.clip_reg.pretrained={tmp_path}/clip"]
+    cfg = load_config(ROOT / "configs/debug_mechanisms.yaml", overrides)
+    assert cfg.model.resampler.enabled and cfg.model.clip_reg.enabled
+    model = build_model(cfg.model, action_dim=7, state_dim=8, chunk_size=cfg.data.fwd_pred_next_n)
+    assert (tmp_path / "clip" / "config.json").is_file() and model.resampler.num_latents == 4
+    ids = model.tokenizer(["pick up the red block"], add_special_tokens=False, return_tensors="pt").input_ids
+    batch = Batch(
+        data_source="robot",
+        images=torch.randint(0, 256, (1, 1, 3, 32, 32), dtype=torch.uint8),
+        text_ids=ids,
+        text_mask=torch.ones_like(ids, dtype=torch.bool),
+        text_labels=torch.full_like(ids, IGNORE_INDEX),
+        state=torch.zeros(1, 1, 8),
+        action=torch.zeros(1, 1, 2, 7),
+    )
+    out = model(batch)
+    assert torch.isfinite(out["loss_clip"])
+    out["loss"].backward()
+
+
+# --- history modelling (model.history_type x model.head.type x model.action_space) ---------------------------
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["model.history_type=pre", "model.head.type=lstm"], r"head\.type=lstm .*needs model\.history_type: post"),
+        (["model.history_type=video", "model.head.type=gpt"], r"history_type video .*use model\.head\.type: mlp"),
+        (["model.action_space=discrete", "model.head.type=gpt"], r"needs model\.action_space: continuous"),
+        (["model.head.type=gpt", "model.head.num_heads=3"], r"model\.head\.num_heads \(3\) must be >= 1 and divide"),
+        (["model.head.type=lstm", "model.head.num_layers=0"], r"model\.head\.num_layers must be >= 1"),
+        (["model.head.type=gpt", "model.head.max_history=4"], r"max_history \(4\) must equal data\.window_size \(1\)"),
+        (["model.history_type=interleaved"], r"model\.history_type: 'interleaved' is not one of"),
+    ],
+)
+def test_impossible_history_combinations_say_what_to_change(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(ROOT / "configs/debug.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.history_type=pre", "data.window_size=3"],
+        ["model.history_type=pre", "model.action_space=discrete", "data.window_size=2"],
+        ["model.history_type=video", "model.action_space=discrete"],
+        ["model.history_type=video"],  # window_size 1: one frame, one set of action tokens
+        ["model.head.type=lstm", "data.window_size=3", "model.head.max_history=3"],
+    ],
+)
+def test_history_combinations_that_work_load(overrides):
+    load_config(ROOT / "configs/debug.yaml", overrides)
+
+
+def test_history_config_resolves_head_memory_to_the_window(tmp_path):
+    cfg = load_config(ROOT / "configs/debug_history.yaml")
+    assert (cfg.data.window_size, cfg.model.history_type, cfg.model.head.type) == (2, "post", "gpt")
+    assert cfg.model.head.max_history == 2  # 0 in the file: follows data.window_size
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert load_config(ROOT / "configs/debug_history.yaml", ["data.window_size=4"]).model.head.max_history == 4

@@ -53,7 +53,7 @@ def _export(args: argparse.Namespace) -> int:
     from vla_scale.train.export import ExportError, export_policy
 
     try:
-        out = export_policy(args.run_dir, args.out_dir, tag=args.tag)
+        out = export_policy(args.run_dir, args.out_dir, tag=args.tag, merge_lora_adapters=not args.keep_lora)
     except ExportError as err:
         print(f"export error: {err}", file=sys.stderr)
         return 1
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("run_dir")
     e.add_argument("out_dir", help="new (or empty) folder for the policy")
     e.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00000004 (default: latest)")
+    e.add_argument("--keep-lora", action="store_true", help="keep LoRA adapters separate instead of merging them")
     e.set_defaults(fn=_export)
     g = sub.add_parser("plot", help="PNG curves of every loss/metric term in a run's metrics.jsonl")
     g.add_argument("run_dir")

@@ -63,6 +63,7 @@ class Policy:
         self.static_camera: str | None = data.get("static_camera")
         self.wrist_camera: str | None = data.get("wrist_camera")
         self._history: deque[_Frame] = deque(maxlen=self.window_size)
+        self.model.reset()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None) -> Policy:
@@ -94,14 +95,19 @@ class Policy:
         model_cfg.backbone.pretrained = str(folder / model_cfg.backbone.pretrained)
         data = spec["data"]
         model = build_model(
-            model_cfg, action_dim=data["action_dim"], state_dim=data["state_dim"], chunk_size=data["fwd_pred_next_n"]
+            model_cfg,
+            action_dim=data["action_dim"],
+            state_dim=data["state_dim"],
+            chunk_size=data["fwd_pred_next_n"],
+            load_clip=False,  # the CLIP regulariser's text model only teaches during training
         )
         model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
         return cls(model, Normalizer(load_stats(folder)), spec, device)
 
     def reset(self) -> None:
-        """Start a new episode: forget the frame/state history."""
+        """Start a new episode: forget the frame/state history and the head's memory (lstm / gpt heads)."""
         self._history.clear()
+        self.model.reset()
 
     def _frames(self, image: np.ndarray | dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         if not isinstance(image, dict):
@@ -135,7 +141,8 @@ class Policy:
                 raise ValueError(f"state must have shape [{self.state_dim}], got {state.shape}")
             norm_state = self.normalizer.normalize_state(state)
         self._history.append(_Frame(static, wrist, norm_state))
-        frames = list(self._history)
+        # A history head (lstm / gpt) remembers the episode itself: it takes the current frame only.
+        frames = list(self._history)[-1:] if self.model.stepwise else list(self._history)
         has_wrist = all(f.wrist is not None for f in frames)
         window = Window(
             key="policy",
@@ -147,8 +154,10 @@ class Policy:
             action_mask=np.ones((len(frames), self.chunk_size), bool),
         )
         batch = collate_robot([window], self.model.tokenizer, self.max_text_len).to(self.device)
-        arm, gripper = self.model.predict_action(
+        predict = self.model.predict_action_step if self.model.stepwise else self.model.predict_action
+        arm, gripper = predict(
             batch.images, batch.text_ids, batch.text_mask, state=batch.state, wrist_images=batch.wrist_images
         )
-        # Frames of the window are folded into the batch ("post" history): the last one is the current step.
+        # One chunk per frame given ("post" mlp, "pre"), or one for the last frame ("video", stepwise heads):
+        # the last is the current step's.
         return self.normalizer.unnormalize_action(arm[0, -1].cpu().numpy(), gripper[0, -1].cpu().numpy())

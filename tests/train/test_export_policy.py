@@ -25,6 +25,7 @@ from vla_scale.data.format import decode_episode, load_stats  # noqa: E402
 from vla_scale.data.normalize import EPS, Normalizer  # noqa: E402
 from vla_scale.policy import Policy  # noqa: E402
 from vla_scale.train.export import ExportError, build_run_model, export_policy, load_fp32_state_dict  # noqa: E402
+from vla_scale.train.metrics import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -189,3 +190,36 @@ def test_zero_to_fp32_script_round_trip(run, tmp_path):
     assert set(recovered) == set(exported)
     for key, value in exported.items():
         assert torch.equal(recovered[key], value), key
+
+
+def test_resampler_and_clip_regulariser_run_exports_and_loads_without_clip(tmp_path, toy_data):  # noqa: F811
+    """A 2-rank ZeRO-2 run with both mechanisms logs `loss_clip`; its export loads as a Policy with the tiny CLIP
+    text model moved away (a training-only teacher) and predicts what the checkpoint's model predicts."""
+    clip = tmp_path / "clip"
+    mechanisms = [
+        "model.resampler.enabled=true",
+        "model.resampler.num_latents=4",
+        "model.resampler.dim_head=16",
+        "model.clip_reg.enabled=true",
+        f"model.clip_reg.pretrained={clip}",
+        "model.clip_reg.embed_dim=16",
+        "model.clip_reg.tiny.hidden_size=32",
+    ]
+    run_launcher(tmp_path, toy_data, "train.max_steps=2", "train.ckpt_every=0", *mechanisms)
+    run_dir = tmp_path / "runs" / "debug"
+    records = read_metrics(run_dir)
+    assert any("loss_clip" in r for r in records) and all(r["loss"] == r["loss"] for r in records)
+    export = export_policy(run_dir, tmp_path / "policy")
+    weights = load_file(str(export / "model.safetensors"))
+    assert "clip_reg.proj.weight" in weights and "resampler.latents" in weights
+    assert not any("text_model" in k for k in weights)
+    model, cfg = build_run_model(run_dir)
+    ep = first_episode(toy_data)
+    normalizer = Normalizer(load_stats(toy_data / "robot"))
+    frame, max_len = ep.frames["rgb_static"][0], cfg.data.max_text_len
+    expected = reference_actions(model, normalizer, frame, ep.instruction, ep.state[0], max_len)
+    clip.rename(tmp_path / "clip.hidden")
+    policy = Policy.from_pretrained(export, device="cpu")
+    assert policy.model.clip_reg is not None and policy.model.clip_reg.teacher is None
+    out = policy.predict(frame, ep.instruction, ep.state[0])
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)

@@ -28,10 +28,10 @@ TERMS += ("data_wait_frac", "skipped_samples", "peak_mem_gb", "mix/synth_tableto
 pytestmark = pytest.mark.integration
 
 
-def run_launcher(tmp_path: Path, data: Path, *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
-    """Start launchers/train.sh; on failure print every rank's log so CI shows why."""
-    logs = tmp_path / "rank_logs"
-    env = dict(os.environ, PYTHON=sys.executable, RANK_LOG_DIR=str(logs), CPU_RANKS="2", WANDB_MODE="offline")
+def launcher_command(tmp_path: Path, data: Path, *overrides: str) -> tuple[list[str], dict[str, str]]:
+    """launchers/train.sh on configs/debug.yaml with the toy data, and its environment (2 CPU ranks, logs per rank)."""
+    env = dict(os.environ, PYTHON=sys.executable, RANK_LOG_DIR=str(tmp_path / "rank_logs"), CPU_RANKS="2")
+    env["WANDB_MODE"] = "offline"
     env.pop("MASTER_PORT", None)
     cmd = [
         str(ROOT / "launchers/train.sh"),
@@ -42,12 +42,22 @@ def run_launcher(tmp_path: Path, data: Path, *overrides: str, timeout: int = 420
         f"model.backbone.pretrained={tmp_path / 'backbone'}",
         *overrides,
     ]
+    return cmd, env
+
+
+def run_launcher(
+    tmp_path: Path, data: Path, *overrides: str, timeout: int = 420, expect_fail: bool = False, env_extra=None
+) -> subprocess.CompletedProcess:
+    """Start launchers/train.sh and wait; on an unexpected exit code print every rank's log so CI shows why."""
+    logs = tmp_path / "rank_logs"
+    cmd, env = launcher_command(tmp_path, data, *overrides)
+    env.update(env_extra or {})
     try:
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"launcher timed out after {timeout}s\n{err.stdout}\n{err.stderr}\n{_rank_logs(logs)}")
-    if proc.returncode != 0:
-        pytest.fail(f"launcher failed ({proc.returncode})\n{proc.stdout}\n{proc.stderr}\n{_rank_logs(logs)}")
+    if (proc.returncode != 0) != expect_fail:
+        pytest.fail(f"launcher exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n{_rank_logs(logs)}")
     return proc
 
 

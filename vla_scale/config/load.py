@@ -18,7 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from vla_scale.config.schema import Config
+from vla_scale.config.schema import TRAINABLE_GROUPS, Config, ModelConfig
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
@@ -152,6 +152,9 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         keys, value = _parse_override(text)
         apply_override(tree, keys, value)
     cfg = _build(Config, tree, "")
+    head = cfg.model.head
+    if head.type in HISTORY_HEADS and head.max_history == 0:
+        head.max_history = cfg.data.window_size  # resolved here so the run directory and export record it
     validate(cfg)
     return cfg
 
@@ -209,6 +212,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"({m.discrete.max_action})"
         )
     # n_bin < vocabulary size is checked when the model is built (the vocabulary is the backbone's).
+    validate_history(m, d.window_size)
+    _validate_resampler_and_clip(m)
     for key, w in dataclasses.asdict(m.loss_weights).items():
         if w < 0:
             raise ConfigError(f"model.loss_weights.{key} must be >= 0, got {w}")
@@ -217,6 +222,106 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"optim.betas needs two numbers, got {o.betas}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _validate_engine(cfg)
+
+
+def _validate_engine(cfg: Config) -> None:
+    """Precision, offload, LoRA and the unfreezing schedule."""
+    t, lora = cfg.train, cfg.model.lora
+    if t.bf16 and t.fp16:
+        raise ConfigError("train.bf16 and train.fp16 are both on; pick one precision")
+    if t.offload_optimizer and t.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer needs ZeRO: set train.zero_stage to 1, 2 or 3")
+    if t.offload_params and t.zero_stage != 3:
+        raise ConfigError("train.offload_params needs ZeRO-3: set train.zero_stage=3 (or turn offload_params off)")
+    if t.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
+    if lora.enabled:
+        if lora.r < 1 or lora.alpha <= 0:
+            raise ConfigError(f"model.lora needs r >= 1 and alpha > 0, got r={lora.r}, alpha={lora.alpha}")
+        if not 0.0 <= lora.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+        if not lora.target_modules:
+            raise ConfigError("model.lora.target_modules is empty: use [all-linear] or name modules like q_proj")
+    previous = -1
+    for i, stage in enumerate(t.stages):
+        key = f"train.stages.{i}"
+        if i == 0 and stage.start_step != 0:
+            raise ConfigError(f"{key}.start_step must be 0: the first stage covers the start of the run")
+        if stage.start_step <= previous:
+            raise ConfigError(f"{key}.start_step ({stage.start_step}) must be greater than the previous stage's")
+        previous = stage.start_step
+        if stage.lr_scale <= 0:
+            raise ConfigError(f"{key}.lr_scale must be > 0, got {stage.lr_scale}")
+        if not stage.trainable:
+            raise ConfigError(f"{key}.trainable is empty: name at least one parameter group")
+        for name in stage.trainable:
+            if name.startswith("re:") or re.fullmatch(r"decoder_last_[1-9][0-9]*", name):
+                continue
+            if name not in TRAINABLE_GROUPS:
+                hint = _suggest(name, [*TRAINABLE_GROUPS, "decoder_last_2", "re:<regex>"])
+                raise ConfigError(f"{key}.trainable: unknown parameter group {name!r}.{hint}")
+            if name == "lora" and not lora.enabled:
+                raise ConfigError(f"{key}.trainable names 'lora' but model.lora.enabled is false")
+
+
+HISTORY_HEADS = ("lstm", "gpt")
+
+
+def validate_history(m: ModelConfig, window_size: int | None = None) -> None:
+    """History type x head x action space combinations (mechanism 4); `window_size` adds the head-memory check.
+
+    Also called by `RoboVLM` itself, so a model built without `load_config` fails the same way.
+    """
+    head = m.head
+    if head.type in HISTORY_HEADS:
+        if m.history_type != "post":
+            raise ConfigError(
+                f"model.head.type={head.type} fuses the window over time itself and needs model.history_type: post; "
+                f"with history_type {m.history_type} the VLM already sees the window: use model.head.type: mlp"
+            )
+        if m.action_space == "discrete":
+            raise ConfigError(
+                f"model.head.type={head.type} needs model.action_space: continuous (the discrete action space "
+                "predicts action ids with the LM and has no head); set model.head.type: mlp"
+            )
+        if head.num_layers < 1:
+            raise ConfigError(f"model.head.num_layers must be >= 1, got {head.num_layers}")
+        if head.max_history < 0:
+            raise ConfigError(f"model.head.max_history must be >= 0 (0: data.window_size), got {head.max_history}")
+        if window_size is not None and head.max_history not in (0, window_size):
+            raise ConfigError(
+                f"model.head.max_history ({head.max_history}) must equal data.window_size ({window_size}) for "
+                f"model.head.type={head.type}: the head trains on windows of window_size frames and keeps as many at "
+                "inference; set it to 0 to follow data.window_size"
+            )
+    if head.type == "gpt" and (head.num_heads < 1 or head.hidden_size % head.num_heads):
+        raise ConfigError(
+            f"model.head.num_heads ({head.num_heads}) must be >= 1 and divide "
+            f"model.head.hidden_size ({head.hidden_size})"
+        )
+
+
+def _validate_resampler_and_clip(m: ModelConfig) -> None:
+    """Perceiver resampler sizes and the CLIP regulariser (mechanisms 9 and 10); both work with either action space
+    and every backbone family (resampled images get 1D positions where a family's positions follow the patch grid)."""
+    r = m.resampler
+    for key in ("num_latents", "depth", "heads", "dim_head", "ff_mult"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"model.resampler.{key} must be >= 1, got {getattr(r, key)}")
+    c = m.clip_reg
+    if c.embed_dim < 1:
+        raise ConfigError(f"model.clip_reg.embed_dim must be >= 1 (the CLIP model's projection_dim), got {c.embed_dim}")
+    if c.enabled and not c.pretrained:
+        raise ConfigError(
+            "model.clip_reg.pretrained is empty: give a CLIP checkpoint (local folder or hub id, e.g. "
+            "openai/clip-vit-base-patch32), or a missing folder plus model.clip_reg.tiny for a random tiny one"
+        )
+    if c.tiny is not None and (c.tiny.num_heads < 1 or c.tiny.hidden_size % c.tiny.num_heads):
+        raise ConfigError(
+            f"model.clip_reg.tiny.num_heads ({c.tiny.num_heads}) must be >= 1 and divide "
+            f"model.clip_reg.tiny.hidden_size ({c.tiny.hidden_size})"
+        )
 
 
 def to_dict(cfg: Config) -> dict:

@@ -89,9 +89,16 @@ class BackboneConfig:
 class ActionHeadConfig:
     """The head that turns action-token hidden states into an action chunk."""
 
-    type: Literal["mlp"] = "mlp"
+    # mlp: each frame on its own; lstm / gpt (history_type post only): a causal LSTM / transformer over the
+    # window's per-frame action features, with per-episode memory at inference
+    type: Literal["mlp", "lstm", "gpt"] = "mlp"
     hidden_size: int = 256
     arm_loss: Literal["mse", "huber"] = "mse"
+    num_layers: int = 2  # lstm / gpt: layers over time
+    num_heads: int = 4  # gpt: attention heads (must divide hidden_size)
+    # lstm / gpt: frames the head remembers at inference (and gpt's positions); 0 = data.window_size (set by
+    # load_config). Training windows are window_size frames, so any other value would meet unseen contexts.
+    max_history: int = 0
 
 
 @dataclass
@@ -102,6 +109,7 @@ class LossWeightsConfig:
     gripper: float = 0.01
     vl: float = 1.0
     action_ce: float = 1.0  # discrete action tokens: next-token cross-entropy
+    clip: float = 1.0  # CLIP regulariser (`model.clip_reg`), robot batches only
 
 
 @dataclass
@@ -115,13 +123,62 @@ class DiscreteActionConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the linear layers of the language model's decoder layers."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # "all-linear", or module names matched as suffixes inside the decoder layers (e.g. [q_proj, v_proj]).
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class ResamplerConfig:
+    """Perceiver resampler: each image's tokens → `num_latents` learned latents (width = LM hidden size)."""
+
+    enabled: bool = False
+    num_latents: int = 16  # tokens per image after resampling
+    depth: int = 2  # cross-attention + feed-forward blocks
+    heads: int = 4
+    dim_head: int = 64  # attention width = heads x dim_head
+    ff_mult: int = 4  # feed-forward width = ff_mult x LM hidden size
+
+
+@dataclass
+class TinyClipConfig:
+    """Sizes of a random-weight CLIP text model (tests, CPU demo); its projection width is `clip_reg.embed_dim`."""
+
+    hidden_size: int = 32
+    num_layers: int = 1
+    num_heads: int = 2
+    intermediate_size: int = 64
+
+
+@dataclass
+class ClipRegConfig:
+    """CLIP regulariser: pooled action-token states, projected, pulled toward the instruction's CLIP text embedding."""
+
+    enabled: bool = False
+    pretrained: str = "openai/clip-vit-base-patch32"  # local folder or hub id (CLIPTextModelWithProjection)
+    embed_dim: int = 512  # the CLIP model's projection_dim (checked at load); fixes the projection's shape
+    loss: Literal["cosine", "smooth_l1"] = "cosine"
+    # When set and `pretrained` is a missing local folder, a random-weight CLIP text model is written there.
+    tiny: TinyClipConfig | None = None
+
+
+@dataclass
 class ModelConfig:
     """RoboVLM: the backbone plus fusion, action tokens and heads."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     # continuous: learnable action tokens + regression head; discrete: action ids + next-token loss
     action_space: Literal["continuous", "discrete"] = "continuous"
-    history_type: Literal["post"] = "post"
+    # post: one frame per VLM sequence (window folded into the batch), history fused by the head (lstm / gpt);
+    # pre: the window's frames interleaved in one sequence, action tokens after each frame;
+    # video: the window's frames in one sequence, one set of action tokens for the last frame
+    history_type: Literal["post", "pre", "video"] = "post"
     latent_num: int = 1  # learnable action tokens inserted per frame
     use_state: bool = False  # insert a proprioceptive state token after the image tokens
     # Robot sequences: put the instruction before the image (image tokens then attend to it).
@@ -129,6 +186,9 @@ class ModelConfig:
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
     discrete: DiscreteActionConfig = field(default_factory=DiscreteActionConfig)
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    clip_reg: ClipRegConfig = field(default_factory=ClipRegConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -144,6 +204,39 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
 
 
+# Named parameter groups a stage can make trainable (resolved in `vla_scale.train.stages`);
+# also `decoder_last_<N>` and `re:<regex>`.
+TRAINABLE_GROUPS = (
+    "all",
+    "heads",
+    "action_head",
+    "action_token",
+    "state_encoder",
+    "resampler",
+    "vision",
+    "projector",
+    "embeddings",
+    "lm_head",
+    "decoder",
+    "language_model",
+    "lora",
+)
+
+
+@dataclass
+class StageConfig:
+    """One stage of the unfreezing schedule: from `start_step` on, only `trainable` parameters train.
+
+    Names (see `vla_scale.train.stages`): heads, action_head, action_token, state_encoder,
+    resampler, vision, projector, embeddings, lm_head, decoder, decoder_last_<N>,
+    language_model, lora, all, or `re:<regex>` over parameter names.
+    """
+
+    start_step: int = 0
+    trainable: list[str] = field(default_factory=lambda: ["all"])
+    lr_scale: float = 1.0
+
+
 @dataclass
 class TrainConfig:
     """The DeepSpeed engine and the loop around it."""
@@ -153,11 +246,18 @@ class TrainConfig:
     global_batch_size: int = 4  # micro_batch_size x world_size x grad accumulation
     zero_stage: int = 2
     bf16: bool = False
+    fp16: bool = False  # dynamic loss scaling; the scale is logged as `loss_scale`
+    offload_optimizer: bool = False  # ZeRO >= 1: optimizer state and step on CPU (DeepSpeed cpu_adam)
+    offload_params: bool = False  # ZeRO-3: parameters live on CPU between uses
     grad_clip: float = 1.0
     log_every: int = 1
     ckpt_every: int = 0  # 0: only at the end
     keep_last: int = 2
     process_group_timeout_s: int = 600
+    # A step whose loss or gradients are NaN/inf is skipped; this many in a row stop the run.
+    max_bad_steps: int = 5
+    # Unfreezing schedule; empty = one stage training everything (or heads + LoRA when LoRA is on).
+    stages: list[StageConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -10,12 +10,17 @@ from vla_scale.model.backbones import (
     load_backbone,
     register_backbone,
 )
+from vla_scale.model.clip_regularizer import ClipRegularizer, ClipTextTeacher
+from vla_scale.model.resampler import PerceiverResampler
 from vla_scale.model.robovlm import FusedSequence, RoboVLM, build_model
 
 __all__ = [
     "BackboneAdapter",
+    "ClipRegularizer",
+    "ClipTextTeacher",
     "FusedSequence",
     "MLPActionHead",
+    "PerceiverResampler",
     "RoboVLM",
     "available_backbones",
     "build_model",

@@ -45,12 +45,13 @@ class MLPActionHead(nn.Module):
         self.gripper = nn.Linear(hidden_size, chunk_size)
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[B', latent_num, D]` → (arm `[B', N, A-1]`, gripper logits `[B', N, 1]`)."""
+        """`[..., latent_num, D]` → (arm `[..., N, A-1]`, gripper logits `[..., N, 1]`); leading dims (batch,
+        frames) pass through, each frame on its own."""
         if self.pooling == "mean":
-            pooled = latents.mean(dim=1)
+            pooled = latents.mean(dim=-2)
         else:
-            pooled = rearrange(latents, "b l d -> b (l d)")
+            pooled = rearrange(latents, "... l d -> ... (l d)")
         h = self.mlp(pooled)
-        arm = rearrange(self.arm(h), "b (n a) -> b n a", n=self.chunk_size)
-        gripper = rearrange(self.gripper(h), "b (n one) -> b n one", one=1)
+        arm = rearrange(self.arm(h), "... (n a) -> ... n a", n=self.chunk_size)
+        gripper = rearrange(self.gripper(h), "... (n one) -> ... n one", one=1)
         return arm, gripper

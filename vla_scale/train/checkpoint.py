@@ -6,17 +6,23 @@ Layout under `<run_dir>/checkpoints/`:
 - `latest` — the tag of the newest *complete* checkpoint, in DeepSpeed's own format,
   replaced atomically only after every rank has finished writing, so a job killed
   during a save resumes from the previous checkpoint.
+
+`VLA_SCALE_SAVE_PAUSE_S=<seconds>` holds every rank inside the save, after the files are
+written and before `latest` moves: a drill hook for testing a kill during a save.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch.distributed as dist
 
 LATEST = "latest"
+META = "vla_scale_state.json"  # step and stage, readable before an engine exists (the stage decides its shape)
 
 
 def tag_for(step: int) -> str:
@@ -43,6 +49,13 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    pause = float(os.environ.get("VLA_SCALE_SAVE_PAUSE_S", "0"))
+    if pause > 0:
+        print(f"[vla_scale] pausing {pause}s inside the save of {tag} (VLA_SCALE_SAVE_PAUSE_S)", flush=True)
+        time.sleep(pause)
+    if dist.get_rank() == 0:
+        meta = {"step": step, "stage": client_state.get("stage", 0), "world_size": client_state.get("world_size")}
+        (ckpt_dir / tag / META).write_text(json.dumps(meta))
     dist.barrier()
     if dist.get_rank() == 0:
         _write_latest(ckpt_dir, tag)
@@ -57,6 +70,15 @@ def _prune(ckpt_dir: Path, keep_last: int, protect: str) -> None:
     for old in tags[:-keep_last]:
         if old != protect:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+def read_meta(ckpt_dir: str | Path) -> dict | None:
+    """Step, stage and world size of the `latest` checkpoint, or None when starting fresh."""
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        return None
+    path = Path(ckpt_dir) / tag / META
+    return json.loads(path.read_text()) if path.is_file() else {"step": None, "stage": 0, "world_size": None}
 
 
 def load_latest(engine, ckpt_dir: str | Path) -> dict | None:

@@ -8,8 +8,10 @@ import os
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from vla_scale.config.load import ConfigError
 from vla_scale.config.schema import Config, OptimConfig
 
 
@@ -59,14 +61,61 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
     return fn
 
 
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that refuses a step whose gradients hold NaN or inf, agreed across ranks.
+
+    DeepSpeed's ZeRO optimizers skip such steps themselves only when they compute a grad norm
+    (clipping on, or fp16/bf16 overflow checks); ZeRO-0 in fp32 has no check at all. Under ZeRO
+    each rank sees only its gradient partition, so the verdict is all-reduced before anyone
+    steps. `overflow` is what DeepSpeed's engine reads to count a skipped step.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        bad = torch.zeros((), device=device)
+        for grad in grads:
+            bad = torch.maximum(bad, (~torch.isfinite(grad)).any().float())
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.overflow = bool(bad.item())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: DeepSpeed's CPU Adam under optimizer offload, else the guarded torch one."""
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if not groups:
+        raise ConfigError("no trainable parameters: the current stage's `trainable` list selects nothing")
+    if cfg.train.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-compiles the cpu_adam op on first use
+
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
+    return GuardedAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate is a pure function of (step, stage), set before every step: nothing to checkpoint."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def build_engine(model: nn.Module, cfg: Config, ds_config: dict):
-    """Wrap `model` in a DeepSpeed engine with a torch AdamW (no JIT-compiled optimizer ops needed)."""
+    """Wrap `model` in a DeepSpeed engine over its currently trainable parameters; returns (engine, optimizer).
+
+    Called again at every stage switch (after `engine.destroy()`), so optimizer state only ever
+    exists for what the stage trains. The returned optimizer is the base one whose `lr` the loop sets.
+    """
     import deepspeed
 
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.train.max_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
-    return engine, optimizer, scheduler
+    optimizer = build_optimizer(model, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer

@@ -9,6 +9,11 @@ export folder then needs nothing from the run or the original backbone path:
   (and the fine-tuned VLM weights, so the folder is also a plain HF checkpoint of the VLM);
 - `vla_config.yaml` — the model section plus the data settings inference needs;
 - `stats.json` — the robot dataset's action/state normalisation statistics.
+
+A LoRA run is exported merged by default (the adapters folded into plain layers; the folder
+then needs no peft); with `merge_lora=False` the adapters stay separate: `model.safetensors`
+holds them next to the base weights, `backbone/` holds the base weights only, and the policy
+re-injects LoRA from `vla_config.yaml` when it loads.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from vla_scale.config import Config, load_config, to_dict
 from vla_scale.data.format import Manifest
 from vla_scale.data.stream import WRIST_CAMERA
 from vla_scale.model import RoboVLM, build_model
+from vla_scale.model.lora import base_state_dict, has_lora, merge_lora
 from vla_scale.train import checkpoint
 
 EXPORT_FORMAT_VERSION = 1
@@ -89,8 +95,13 @@ def build_run_model(run_dir: str | Path, tag: str | None = None) -> tuple[RoboVL
     cfg = load_config(run_dir / "config.yaml")
     _, manifest = robot_manifest(cfg)
     state = load_fp32_state_dict(run_dir, tag)
+    # The CLIP regulariser's frozen text model is a training-only teacher: not in the weights, not needed here.
     model = build_model(
-        cfg.model, action_dim=manifest.action_dim, state_dim=manifest.state_dim, chunk_size=cfg.data.fwd_pred_next_n
+        cfg.model,
+        action_dim=manifest.action_dim,
+        state_dim=manifest.state_dim,
+        chunk_size=cfg.data.fwd_pred_next_n,
+        load_clip=False,
     )
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg
@@ -107,10 +118,12 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def policy_spec(cfg: Config, manifest: Manifest, tag: str) -> dict:
+def policy_spec(cfg: Config, manifest: Manifest, tag: str, lora_merged: bool = False) -> dict:
     """What `vla_config.yaml` holds: the model section (backbone pointing at `backbone/`) + inference data settings."""
     model = to_dict(cfg)["model"]
     model["backbone"].update(pretrained=BACKBONE_DIR, tiny=None, gradient_checkpointing=False)
+    if lora_merged:
+        model["lora"]["enabled"] = False
     static = [c for c in manifest.cameras if c != WRIST_CAMERA]
     return {
         "format_version": EXPORT_FORMAT_VERSION,
@@ -129,7 +142,20 @@ def policy_spec(cfg: Config, manifest: Manifest, tag: str) -> dict:
     }
 
 
-def export_policy(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
+def _save_backbone(model: RoboVLM, out_dir: Path) -> None:
+    """The adapter's HF folder; with LoRA kept, only the base weights under their original names."""
+    adapter = model.adapter
+    if not has_lora(adapter):
+        adapter.save_pretrained(out_dir)
+        return
+    adapter.model.save_pretrained(out_dir, state_dict=base_state_dict(adapter.model.state_dict()))
+    adapter.tokenizer.save_pretrained(out_dir)
+    adapter.image_processor.save_pretrained(out_dir)
+
+
+def export_policy(
+    run_dir: str | Path, out_dir: str | Path, tag: str | None = None, merge_lora_adapters: bool = True
+) -> Path:
     """Write the policy folder for `run_dir`'s checkpoint `tag` (default `latest`) to `out_dir`; returns it.
 
     Written into a temporary sibling and renamed, so a failed export never leaves a half folder.
@@ -137,6 +163,7 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, tag: str | None = No
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     tag = resolve_tag(run_dir, tag)
     model, cfg = build_run_model(run_dir, tag)
+    merged = merge_lora_adapters and merge_lora(model.adapter) > 0
     data_dir, manifest = robot_manifest(cfg)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty; choose a new export folder")
@@ -144,8 +171,8 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, tag: str | None = No
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         save_file(_unshared(model.state_dict()), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        model.adapter.save_pretrained(tmp / BACKBONE_DIR)
-        spec = policy_spec(cfg, manifest, tag)
+        _save_backbone(model, tmp / BACKBONE_DIR)
+        spec = policy_spec(cfg, manifest, tag, lora_merged=merged)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
         shutil.copyfile(data_dir / STATS_FILE, tmp / STATS_FILE)
         tmp.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared

@@ -1,4 +1,9 @@
-"""Per-rank entry point started by the `deepspeed` launcher (`launchers/train.sh`)."""
+"""Per-rank entry point started by `deepspeed` (`launchers/train.sh`) or torchrun (`launchers/torchrun.sh`).
+
+Both launchers describe the process group in the environment (RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT), which is what `init_distributed` reads; only deepspeed also passes
+`--local_rank`.
+"""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import yaml
 from vla_scale.config import Config, ConfigError, load_config, save_config, to_dict, validate
 from vla_scale.data.format import FormatError, Manifest
 from vla_scale.model.backbones.base import ensure_tiny_backbone, get_backbone_class
+from vla_scale.model.clip_regularizer import ensure_tiny_clip
 from vla_scale.train.ds_config import build_ds_config
 
 # Keys that may change when a run directory is reused (resume with a longer schedule, new logging).
@@ -84,4 +85,7 @@ def prepare_run(config_path: str | Path | None, overrides: Sequence[str], world_
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     ensure_tiny_backbone(cfg.model.backbone, seed=cfg.run.seed)
+    # Before the ranks start: under a process group, save_pretrained writes weights on rank 0 only.
+    if cfg.model.clip_reg.enabled:
+        ensure_tiny_clip(cfg.model.clip_reg, seed=cfg.run.seed)
     return run_dir

@@ -46,6 +46,9 @@ class BackboneAdapter(nn.Module, ABC):
     family: str = ""
     image_start_id: int | None = None
     image_end_id: int | None = None
+    # Set by RoboVLM when a resampler replaces the tower's tokens by latents that have no patch grid:
+    # families whose positions follow the grid (Qwen's multimodal RoPE) then give them 1D positions.
+    images_resampled: bool = False
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any):
         super().__init__()
@@ -283,13 +286,29 @@ def ensure_tiny_backbone(cfg: BackboneConfig, seed: int = 0) -> bool:
     """
     if cfg.tiny is None or not cfg.pretrained:
         return False
-    target = Path(cfg.pretrained)
+    tiny = cfg.tiny
+    return write_folder_once(cfg.pretrained, lambda tmp: build_tiny_backbone(cfg.family, tiny, tmp, seed=seed))
+
+
+def write_folder_once(target: str | os.PathLike, build: Callable[[Path], Any]) -> bool:
+    """Run `build(tmp)` into a temporary sibling of the missing folder `target` and rename it into place.
+
+    Ranks racing on a shared filesystem never see a half-written folder; a build must be deterministic
+    (same seed), since the loser's copy is discarded. Returns True when this call wrote `target`.
+    """
+    target = Path(target)
     if target.exists():
         return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        # transformers' save_pretrained writes weights on rank 0 only: this rank's copy would lack them.
+        raise RuntimeError(
+            f"{target} does not exist and rank {torch.distributed.get_rank()} cannot write it: write tiny checkpoints "
+            "before the process group starts (launchers/train.sh does, in its prepare step)"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        build_tiny_backbone(cfg.family, cfg.tiny, tmp, seed=seed)
+        build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

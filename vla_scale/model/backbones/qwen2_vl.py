@@ -17,6 +17,9 @@ Family quirks (transformers 5.24, read from `models/qwen2_vl` and `models/qwen2_
   Several images inside one start/end pair (e.g. a wrist camera) are alternately typed image/video so
   `get_rope_index` treats each as its own span; with a temporal grid of 1 a video span's positions are
   those of an image, so each image gets its own grid positions, back to back.
+- With `model.resampler` on, an image is `num_latents` resampler latents with no grid: the
+  adapter's `images_resampled` is set and image spans take consecutive 1D positions like text
+  (what the top-level forward does for any non-image token), so no grid is pretended.
 - KV-cache steps continue from the last prefix's `rope_deltas` (kept on the adapter, as the HF model
   keeps them on itself).
 """
@@ -130,6 +133,8 @@ class Qwen2VLAdapter(BackboneAdapter):
         starts = self._special_mask(inputs_embeds, self.image_start_id) & mask
         ends = self._special_mask(inputs_embeds, self.image_end_id) & mask
         inside = ((starts.long().cumsum(1) - ends.long().cumsum(1)) > 0) & ~starts & mask
+        if self.images_resampled:  # latents, not a patch grid: 1D positions like text (see module docstring)
+            inside = torch.zeros_like(inside)
         n = self.tokens_per_image
         offset = inside.long().cumsum(1) - 1  # index among this row's image tokens
         if (inside.sum(1) % n).any():

@@ -51,12 +51,14 @@ def tiny_corpus() -> list[str]:
 
 
 def build_tiny_tokenizer(
-    pad: str = PAD,
+    pad: str | None = PAD,
     bos: str | None = BOS,
     eos: str = EOS,
     extra_special_tokens: dict[str, str] | None = None,
+    append_eos: bool = False,
 ) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained offline; prepends `bos` (Llama/Gemma style) unless it is None (Qwen style), no EOS.
+    """Byte-level BPE trained offline; prepends `bos` (Llama/Gemma style) unless it is None (Qwen style), no EOS
+    unless `append_eos` (CLIP style: its text model pools the EOS position). `pad=None` pads with `eos` (CLIP).
 
     The defaults are LLaVA's (`<pad>`, `<s>`, `</s>`, `<image>` as `image_token`). `extra_special_tokens`
     maps attribute names to token strings (e.g. `{"image_token": "<|image_pad|>"}`); they get ids right
@@ -76,7 +78,14 @@ def build_tiny_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(tiny_corpus(), trainer)
-    if bos is not None:
+    if append_eos:
+        if bos is None:
+            raise ValueError("append_eos needs a bos token too (CLIP's <|startoftext|> ... <|endoftext|> layout)")
+        ids = [(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {bos} $B {eos}", special_tokens=ids
+        )
+    elif bos is not None:
         bos_id = tok.token_to_id(bos)
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
@@ -85,7 +94,7 @@ def build_tiny_tokenizer(
         tokenizer_object=tok,
         bos_token=bos,
         eos_token=eos,
-        pad_token=pad,
+        pad_token=pad if pad is not None else eos,
         extra_special_tokens=extras,
         model_max_length=2048,
         padding_side="right",

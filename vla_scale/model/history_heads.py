@@ -1,0 +1,137 @@
+"""History-aware action heads (`history_type: post`): fuse the window's per-frame action features over time.
+
+The VLM sees one frame per sequence; each frame's `latent_num` action-token states are mean-pooled into
+one feature, and a causal LSTM or a causal transformer ("gpt") runs over the window's features, so
+frame t's chunk depends on frames <= t only. The same weights run step by step at inference with
+per-episode memory (`step` / `reset`): stepping through frames from a reset gives what the windowed
+forward gives for those frames. The memory covers `max_history` frames, the training window: after
+that the head runs over the last `max_history` frames only, exactly like a training window ending at
+the current frame (RoboVLMs does the same for its LSTM decoder).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from vla_scale.config.schema import ActionHeadConfig
+from vla_scale.model.action_head import MLPActionHead
+
+
+class HistoryHead(nn.Module):
+    """Shared parts: pool + project per frame, a causal time model (subclass), chunk outputs, the frame memory."""
+
+    def __init__(self, in_dim: int, action_dim: int, chunk_size: int, hidden_size: int, max_history: int):
+        super().__init__()
+        if action_dim < 2:
+            raise ValueError(f"action_dim must be >= 2 (arm dims then one gripper dim), got {action_dim}")
+        if max_history < 1:
+            raise ValueError(
+                f"model.head.max_history must be >= 1 for a history head, got {max_history} "
+                "(load_config sets 0 to data.window_size; set it when building ModelConfig by hand)"
+            )
+        self.chunk_size = chunk_size
+        self.max_history = max_history
+        self.proj = nn.Linear(in_dim, hidden_size)
+        self.arm = nn.Linear(hidden_size, chunk_size * (action_dim - 1))
+        self.gripper = nn.Linear(hidden_size, chunk_size)
+        self._frames: deque[torch.Tensor] = deque(maxlen=max_history)  # projected features [B, H], not weights
+
+    def _time(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal fusion over time: `[B, T, H]` → `[B, T, H]`, output t from inputs <= t."""
+        raise NotImplementedError
+
+    def _time_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One new frame `[B, H]` → its fused output `[B, H]`, using and updating the memory."""
+        raise NotImplementedError
+
+    def _outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        arm = rearrange(self.arm(h), "... (n a) -> ... n a", n=self.chunk_size)
+        gripper = rearrange(self.gripper(h), "... (n one) -> ... n one", one=1)
+        return arm, gripper
+
+    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training / windowed: `[B, T, latent_num, D]` → (arm `[B, T, N, A-1]`, gripper logits `[B, T, N, 1]`)."""
+        if latents.dim() != 4:
+            raise ValueError(f"a history head takes [B, T, latent_num, D], got shape {tuple(latents.shape)}")
+        if latents.shape[1] > self.max_history:
+            raise ValueError(
+                f"window of {latents.shape[1]} frames exceeds model.head.max_history={self.max_history}; "
+                "it must equal data.window_size"
+            )
+        return self._outputs(self._time(self.proj(latents.mean(dim=2))))
+
+    def step(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference, one frame: `[B, latent_num, D]` → (arm `[B, N, A-1]`, gripper logits `[B, N, 1]`)."""
+        if self._frames and self._frames[-1].shape[0] != latents.shape[0]:
+            raise ValueError("batch size changed within an episode; call reset() between episodes")
+        return self._outputs(self._time_step(self.proj(latents.mean(dim=1))))
+
+    def reset(self) -> None:
+        """Forget the episode: the next `step` is the first frame of a window."""
+        self._frames.clear()
+
+
+class LSTMHistoryHead(HistoryHead):
+    """A stacked LSTM over frames; at inference it carries its hidden state while the episode fits the window."""
+
+    def __init__(self, in_dim: int, action_dim: int, chunk_size: int, cfg: ActionHeadConfig):
+        super().__init__(in_dim, action_dim, chunk_size, cfg.hidden_size, cfg.max_history)
+        self.rnn = nn.LSTM(cfg.hidden_size, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True)
+        self._state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _time(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+    def _time_step(self, x: torch.Tensor) -> torch.Tensor:
+        full = len(self._frames) == self.max_history
+        self._frames.append(x)  # drops the oldest frame once full
+        if full:  # past the window: rerun over the last max_history frames from a fresh state, like training
+            out, self._state = self.rnn(torch.stack(list(self._frames), dim=1))
+        else:
+            out, self._state = self.rnn(x[:, None], self._state)
+        return out[:, -1]
+
+    def reset(self) -> None:
+        super().reset()
+        self._state = None
+
+
+class GPTHistoryHead(HistoryHead):
+    """A small causal transformer over frames with learned frame positions; at inference it reruns over a
+    rolling buffer of the last `max_history` frame features (positions 0.. as in a training window)."""
+
+    def __init__(self, in_dim: int, action_dim: int, chunk_size: int, cfg: ActionHeadConfig):
+        super().__init__(in_dim, action_dim, chunk_size, cfg.hidden_size, cfg.max_history)
+        h = cfg.hidden_size
+        self.pos = nn.Parameter(torch.randn(cfg.max_history, h) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            h, cfg.num_heads, 4 * h, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        # No dropout: training and stepwise inference then compute the same function.
+        self.blocks = nn.TransformerEncoder(layer, cfg.num_layers, norm=nn.LayerNorm(h), enable_nested_tensor=False)
+
+    def _time(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)  # True = may not attend
+        return self.blocks(x + self.pos[:t], mask=future, is_causal=True)
+
+    def _time_step(self, x: torch.Tensor) -> torch.Tensor:
+        self._frames.append(x)
+        return self._time(torch.stack(list(self._frames), dim=1))[:, -1]
+
+
+def build_action_head(
+    cfg: ActionHeadConfig, in_dim: int, action_dim: int, chunk_size: int, latent_num: int
+) -> nn.Module:
+    """`model.head.type` → the head module; every head maps `[B, T, latent_num, D]` to `[B, T, N, ...]` chunks."""
+    if cfg.type == "mlp":
+        return MLPActionHead(in_dim, action_dim, chunk_size, latent_num=latent_num, hidden_size=cfg.hidden_size)
+    if cfg.type == "lstm":
+        return LSTMHistoryHead(in_dim, action_dim, chunk_size, cfg)
+    if cfg.type == "gpt":
+        return GPTHistoryHead(in_dim, action_dim, chunk_size, cfg)
+    raise ValueError(f"model.head.type={cfg.type!r}; use 'mlp', 'lstm' or 'gpt'")
