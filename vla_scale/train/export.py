@@ -78,15 +78,20 @@ def load_fp32_state_dict(run_dir: str | Path, tag: str | None = None) -> dict[st
     run_dir = Path(run_dir)
     tag = resolve_tag(run_dir, tag)
     ckpt_dir = run_dir / "checkpoints"
+    model_file = ckpt_dir / tag / "mp_rank_00_model_states.pt"  # ZeRO 0-2 (ZeRO-3 names its files per rank)
+    state: dict[str, torch.Tensor] = {}
+    if model_file.is_file():
+        module = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
+        state = {k: v.float() for k, v in module.items() if v.numel() > 0}
     if any((ckpt_dir / tag).glob("*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-        return {k: v.float() for k, v in state.items()}
-    # ZeRO stage 0 without a ZeRO optimizer: the model file holds the full weights already.
-    model_file = ckpt_dir / tag / "mp_rank_00_model_states.pt"
-    if not model_file.is_file():
+        # The fp32 masters of the trained parameters. Parameters frozen by the stage or by LoRA have no
+        # master; ZeRO-2/3 record them beside the partitions, bf16 ZeRO-1 does not, and then their values
+        # come from the module file above, where they sit untouched since loading.
+        masters = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        state.update({k: v.float() for k, v in masters.items()})
+    if not state:
         raise ExportError(f"{ckpt_dir / tag} holds neither ZeRO optimizer partitions nor {model_file.name}")
-    state = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
-    return {k: v.float() for k, v in state.items()}
+    return state
 
 
 def build_run_model(run_dir: str | Path, tag: str | None = None) -> tuple[RoboVLM, Config]:
