@@ -190,3 +190,19 @@ def test_history_config_resolves_head_memory_to_the_window(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert load_config(ROOT / "configs/debug_history.yaml", ["data.window_size=4"]).model.head.max_history == 4
+
+
+def test_every_shipped_config_loads_and_together_they_use_every_mechanism():
+    """Each recipe in configs/ is valid, builds a DeepSpeed config for 8 ranks, and each mechanism ships in one."""
+    configs = [load_config(p) for p in sorted((ROOT / "configs").glob("*.yaml"))]
+    assert len(configs) >= 9
+    for cfg in configs:
+        build_ds_config(cfg, 8 if cfg.train.global_batch_size % (8 * cfg.train.micro_batch_size) == 0 else 1)
+    models = [c.model for c in configs]
+    assert {m.backbone.family for m in models} >= {"llava", "paligemma", "qwen2_5_vl", "kosmos2", "smolvlm"}
+    assert {m.action_space for m in models} == {"continuous", "discrete"}
+    assert {m.history_type for m in models} == {"post", "pre", "video"}
+    assert {m.head.type for m in models} == {"mlp", "lstm", "gpt"}
+    assert any(m.use_state for m in models) and any(m.instruction_first for m in models)
+    assert any(m.resampler.enabled for m in models) and any(m.clip_reg.enabled for m in models)
+    assert any(m.lora.enabled for m in models) and any(c.train.stages for c in configs)

@@ -281,3 +281,23 @@ def test_policy_uses_head_memory_or_the_window(tiny_path, history, head):
         np.testing.assert_allclose(outs[t][:, :-1], arm[0, -1].numpy(), atol=1e-5)
     policy.reset()
     np.testing.assert_allclose(policy.predict(frames[0], TEXTS[0], states[0]), outs[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["lstm", "gpt"])
+def test_history_head_gradient_checkpointing_gives_the_same_gradients(head):
+    from vla_scale.config.schema import ActionHeadConfig
+    from vla_scale.model.history_heads import build_action_head
+
+    torch.manual_seed(0)
+    cfg = ActionHeadConfig(type=head, hidden_size=16, num_layers=2, num_heads=2, max_history=3)
+    module = build_action_head(cfg, in_dim=8, action_dim=4, chunk_size=2, latent_num=2).train()
+    latents = torch.randn(2, 3, 2, 8)
+    grads = []
+    for recompute in (False, True):
+        module.gradient_checkpointing = recompute
+        module.zero_grad()
+        arm, gripper = module(latents)
+        (arm.square().sum() + gripper.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)

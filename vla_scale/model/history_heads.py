@@ -16,6 +16,7 @@ from collections import deque
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vla_scale.config.schema import ActionHeadConfig
 from vla_scale.model.action_head import MLPActionHead
@@ -39,6 +40,11 @@ class HistoryHead(nn.Module):
         self.arm = nn.Linear(hidden_size, chunk_size * (action_dim - 1))
         self.gripper = nn.Linear(hidden_size, chunk_size)
         self._frames: deque[torch.Tensor] = deque(maxlen=max_history)  # projected features [B, H], not weights
+        # Recompute the time model's activations in backward (set with the backbone's gradient checkpointing).
+        self.gradient_checkpointing = False
+
+    def _recompute(self) -> bool:
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
     def _time(self, x: torch.Tensor) -> torch.Tensor:
         """Causal fusion over time: `[B, T, H]` → `[B, T, H]`, output t from inputs <= t."""
@@ -84,6 +90,8 @@ class LSTMHistoryHead(HistoryHead):
         self._state: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _time(self, x: torch.Tensor) -> torch.Tensor:
+        if self._recompute():
+            return checkpoint(lambda inp: self.rnn(inp)[0], x, use_reentrant=False)
         return self.rnn(x)[0]
 
     def _time_step(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +125,13 @@ class GPTHistoryHead(HistoryHead):
     def _time(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
         future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)  # True = may not attend
-        return self.blocks(x + self.pos[:t], mask=future, is_causal=True)
+        h = x + self.pos[:t]
+        for layer in self.blocks.layers:
+            if self._recompute():
+                h = checkpoint(layer, h, future, None, True, use_reentrant=False)
+            else:
+                h = layer(h, src_mask=future, is_causal=True)
+        return self.blocks.norm(h)
 
     def _time_step(self, x: torch.Tensor) -> torch.Tensor:
         self._frames.append(x)

@@ -627,4 +627,7 @@ def build_model(
         adapter.enable_gradient_checkpointing()
     if cfg.lora.enabled:
         apply_lora(adapter.decoder_layers, cfg.lora)
-    return RoboVLM(cfg, action_dim, state_dim, adapter, chunk_size=chunk_size, clip_teacher=clip_teacher)
+    model = RoboVLM(cfg, action_dim, state_dim, adapter, chunk_size=chunk_size, clip_teacher=clip_teacher)
+    if backbone.gradient_checkpointing and hasattr(model.action_head, "gradient_checkpointing"):
+        model.action_head.gradient_checkpointing = True  # history heads: recompute the time model too
+    return model
