@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import platform
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -89,6 +91,33 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def fast_cpu_info() -> dict:
+    """The fields DeepSpeed reads from py-cpuinfo (arch, flags, vendor), taken from /proc/cpuinfo and uname.
+
+    py-cpuinfo's `get_cpu_info` probes CPUID in a child process; on a loaded 2-core VM that probe was
+    seen spinning for over ten minutes inside DeepSpeedCPUAdam's constructor.
+    """
+    machine = platform.machine().lower()
+    arch = {"x86_64": "X86_64", "amd64": "X86_64", "aarch64": "ARM_8", "arm64": "ARM_8"}.get(machine, machine.upper())
+    if machine.startswith("ppc"):
+        arch = "PPC_64"
+    elif machine.startswith("riscv"):
+        arch = "riscv64"
+    info: dict = {"arch": arch, "flags": [], "vendor_id_raw": "unknown"}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "vendor_id":
+            info["vendor_id_raw"] = value.strip()
+        elif key in ("flags", "Features") and not info["flags"]:
+            info["flags"] = value.split()
+    return info
+
+
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: DeepSpeed's CPU Adam under optimizer offload, else the guarded torch one."""
     o = cfg.optim
@@ -96,8 +125,10 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     if not groups:
         raise ConfigError("no trainable parameters: the current stage's `trainable` list selects nothing")
     if cfg.train.offload_optimizer:
+        import cpuinfo
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-compiles the cpu_adam op on first use
 
+        cpuinfo.get_cpu_info = fast_cpu_info  # read by DeepSpeedCPUAdam and its op builder
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
     return GuardedAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
