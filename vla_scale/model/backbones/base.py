@@ -44,6 +44,7 @@ class BackboneAdapter(nn.Module, ABC):
     """
 
     family: str = ""
+    model_class: type[nn.Module] | None = None  # the HF class the default `from_pretrained` loads
     image_start_id: int | None = None
     image_end_id: int | None = None
     # Set by RoboVLM when a resampler replaces the tower's tokens by latents that have no patch grid:
@@ -133,7 +134,18 @@ class BackboneAdapter(nn.Module, ABC):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 `[B, C, H, W]` → image tokens `[B, N, D]` in the LM embedding space."""
 
+    @property
     @abstractmethod
+    def language_model(self) -> nn.Module:
+        """The decoder stack that runs on `inputs_embeds` (no vision tower, no vocabulary projection)."""
+
+    def lm_position_ids(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past_length: int
+    ) -> torch.Tensor | None:
+        """Position ids for the LM, or None for the decoder's own default; families with special positions
+        (PaliGemma's 1-indexed, Qwen's multimodal 3D, Kosmos-2's mask-derived) override this."""
+        return None
+
     def lm_forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -144,8 +156,21 @@ class BackboneAdapter(nn.Module, ABC):
     ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
         """Run the LM on embeddings → (hidden `[B, L, D]` after the final norm, logits `[B, L, V]` or None, cache).
 
-        `return_logits=False` skips the vocabulary projection (robot batches do not need it).
+        The decoder stack is called directly: the families' top-level forwards insist on image placeholder
+        ids. `return_logits=False` skips the vocabulary projection (robot batches do not need it).
         """
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask.long(),
+            position_ids=self.lm_position_ids(inputs_embeds, attention_mask, past),
+            cache=past_key_values,
+            use_cache=use_cache,
+            return_dict=True,
+        )
+        hidden = out.last_hidden_state
+        logits = self.compute_logits(hidden) if return_logits else None
+        return hidden, logits, out.cache if use_cache else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states `[..., D]` → vocabulary logits `[..., V]`, exactly as `lm_forward` makes them.
@@ -164,11 +189,19 @@ class BackboneAdapter(nn.Module, ABC):
 
     # --- loading and saving ---------------------------------------------------------
     @classmethod
-    @abstractmethod
     def from_pretrained(
         cls, path_or_id: str, trust_remote_code: bool = False, torch_dtype: torch.dtype | str | None = None
     ) -> BackboneAdapter:
-        """Load model, tokenizer and image processor from a local folder or hub id."""
+        """Load model (`model_class`), tokenizer and image processor from a local folder or hub id.
+
+        float32 unless `torch_dtype` says otherwise; `trust_remote_code` reaches the processors only
+        (every supported family is in transformers itself).
+        """
+        if cls.model_class is None:
+            raise NotImplementedError(f"{cls.__name__} must set model_class or override from_pretrained")
+        model = cls.model_class.from_pretrained(path_or_id, dtype=resolve_dtype(torch_dtype))
+        tokenizer, image_processor = load_processors(path_or_id, trust_remote_code)
+        return cls(model, tokenizer, image_processor)
 
     @classmethod
     @abstractmethod
@@ -193,6 +226,10 @@ class ConditionalGenerationAdapter(BackboneAdapter):
     @property
     def image_size(self) -> int:
         return int(self.model.config.vision_config.image_size)
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
 
     @property
     def decoder_layers(self) -> nn.ModuleList:

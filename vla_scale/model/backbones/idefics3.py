@@ -41,7 +41,7 @@ from transformers import (
 )
 
 from vla_scale.config.schema import TinyBackboneConfig
-from vla_scale.model.backbones.base import BackboneAdapter, load_processors, register_backbone, resolve_dtype
+from vla_scale.model.backbones.base import BackboneAdapter, register_backbone
 from vla_scale.model.backbones.kosmos2 import special_token_id
 from vla_scale.model.backbones.tiny_tokenizer import build_tiny_tokenizer
 
@@ -115,34 +115,9 @@ class Idefics3Adapter(BackboneAdapter):
         tag = self.embed_tokens(torch.tensor([self.global_image_id], device=features.device))
         return torch.cat([tag.expand(features.shape[0], 1, -1).to(features.dtype), features], dim=1)
 
-    def lm_forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        past_key_values: Any = None,
-        use_cache: bool = False,
-        return_logits: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """The inner Llama on `inputs_embeds` (the top-level forward would look for `<image>` placeholders)."""
-        out = self.model.model.text_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask.long(),
-            cache=past_key_values,
-            use_cache=use_cache,
-            return_dict=True,
-        )
-        hidden = out.last_hidden_state
-        logits = self.model.lm_head(hidden) if return_logits else None
-        return hidden, logits, out.cache if use_cache else None
-
-    @classmethod
-    def from_pretrained(
-        cls, path_or_id: str, trust_remote_code: bool = False, torch_dtype: torch.dtype | str | None = None
-    ) -> Idefics3Adapter:
-        """Load a checkpoint of this family (local folder or hub id); float32 unless `torch_dtype` says otherwise."""
-        model = cls.model_class.from_pretrained(path_or_id, dtype=resolve_dtype(torch_dtype))
-        tokenizer, image_processor = load_processors(path_or_id, trust_remote_code)
-        return cls(model, tokenizer, image_processor)
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.text_model
 
     @classmethod
     def build_tiny(cls, tiny_cfg: TinyBackboneConfig, out_dir: str | os.PathLike, seed: int = 0) -> Idefics3Adapter:

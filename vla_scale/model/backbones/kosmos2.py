@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from vla_scale.config.schema import TinyBackboneConfig
-from vla_scale.model.backbones.base import BackboneAdapter, load_processors, register_backbone, resolve_dtype
+from vla_scale.model.backbones.base import BackboneAdapter, register_backbone
 from vla_scale.model.backbones.tiny_tokenizer import build_tiny_tokenizer
 
 BOI, EOI = "<image>", "</image>"  # Kosmos2Processor's boi/eoi tokens
@@ -67,6 +67,8 @@ def special_token_id(tokenizer: Any, token: str) -> int | None:
 @register_backbone("kosmos2")
 class Kosmos2Adapter(BackboneAdapter):
     """Kosmos-2: image tokens = the resampler's `latent_query_num` outputs; LM = `text_model.model`."""
+
+    model_class = Kosmos2ForConditionalGeneration
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any):
         super().__init__(model, tokenizer, image_processor)
@@ -124,37 +126,15 @@ class Kosmos2Adapter(BackboneAdapter):
         count = mask.cumsum(dim=1) * mask
         return count[:, -length:] + pad
 
-    def lm_forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        past_key_values: Any = None,
-        use_cache: bool = False,
-        return_logits: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """The Kosmos-2 decoder on unscaled `inputs_embeds` with mask-derived absolute positions."""
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        positions = self.position_ids(attention_mask, inputs_embeds.shape[1], past)
-        out = self.text_decoder(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask.long(),
-            position_ids=positions,
-            cache=past_key_values,
-            use_cache=use_cache,
-            return_dict=True,
-        )
-        hidden = out.last_hidden_state
-        logits = self.lm_head(hidden) if return_logits else None
-        return hidden, logits, out.cache if use_cache else None
+    @property
+    def language_model(self) -> nn.Module:
+        return self.text_decoder
 
-    @classmethod
-    def from_pretrained(
-        cls, path_or_id: str, trust_remote_code: bool = False, torch_dtype: torch.dtype | str | None = None
-    ) -> Kosmos2Adapter:
-        """Load a Kosmos-2 checkpoint (local folder or hub id); float32 unless `torch_dtype` says otherwise."""
-        model = Kosmos2ForConditionalGeneration.from_pretrained(path_or_id, dtype=resolve_dtype(torch_dtype))
-        tokenizer, image_processor = load_processors(path_or_id, trust_remote_code)
-        return cls(model, tokenizer, image_processor)
+    def lm_position_ids(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past_length: int
+    ) -> torch.Tensor:
+        """Absolute positions derived from the attention mask, as HF derives them from `input_ids`."""
+        return self.position_ids(attention_mask, inputs_embeds.shape[1], past_length)
 
     @classmethod
     def build_tiny(cls, tiny_cfg: TinyBackboneConfig, out_dir: str | os.PathLike, seed: int = 0) -> Kosmos2Adapter:

@@ -8,7 +8,6 @@ trained offline on a built-in tabletop-robot corpus, and a SigLIP image processo
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from transformers import (
@@ -22,9 +21,7 @@ from transformers import (
 from vla_scale.config.schema import TinyBackboneConfig
 from vla_scale.model.backbones.base import (
     ConditionalGenerationAdapter,
-    load_processors,
     register_backbone,
-    resolve_dtype,
 )
 from vla_scale.model.backbones.tiny_tokenizer import IMAGE, build_tiny_tokenizer
 
@@ -32,6 +29,8 @@ from vla_scale.model.backbones.tiny_tokenizer import IMAGE, build_tiny_tokenizer
 @register_backbone("llava")
 class LlavaAdapter(ConditionalGenerationAdapter):
     """LLaVA: image features from `get_image_features` (vision tower layer + projector), LM = inner Llama."""
+
+    model_class = LlavaForConditionalGeneration
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 `[B, C, H, W]` → projected patch features `[B, N, D]` (config's feature layer and select strategy)."""
@@ -61,35 +60,6 @@ class LlavaAdapter(ConditionalGenerationAdapter):
         if tails:
             features = features + sum(t.reshape(-1)[0].float() for t in tails).to(features.dtype) * 0.0
         return features.to(self.embed_dtype)
-
-    def lm_forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        past_key_values: Any = None,
-        use_cache: bool = False,
-        return_logits: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """The inner Llama on `inputs_embeds` (the top-level forward insists on `<image>` placeholder ids)."""
-        out = self.model.model.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask.long(),
-            cache=past_key_values,
-            use_cache=use_cache,
-            return_dict=True,
-        )
-        hidden = out.last_hidden_state
-        logits = self.model.lm_head(hidden) if return_logits else None
-        return hidden, logits, out.cache if use_cache else None
-
-    @classmethod
-    def from_pretrained(
-        cls, path_or_id: str, trust_remote_code: bool = False, torch_dtype: torch.dtype | str | None = None
-    ) -> LlavaAdapter:
-        """Load a LLaVA checkpoint (local folder or hub id); float32 unless `torch_dtype` says otherwise."""
-        model = LlavaForConditionalGeneration.from_pretrained(path_or_id, dtype=resolve_dtype(torch_dtype))
-        tokenizer, image_processor = load_processors(path_or_id, trust_remote_code)
-        return cls(model, tokenizer, image_processor)
 
     @classmethod
     def build_tiny(cls, tiny_cfg: TinyBackboneConfig, out_dir: str | os.PathLike, seed: int = 0) -> LlavaAdapter:

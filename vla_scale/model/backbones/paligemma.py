@@ -80,28 +80,12 @@ class PaliGemmaAdapter(ConditionalGenerationAdapter):
             features = features + self.vision_module(pixels[:1]).pooler_output.reshape(-1)[0] * 0.0
         return features.to(self.embed_dtype)
 
-    def lm_forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        past_key_values: Any = None,
-        use_cache: bool = False,
-        return_logits: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """The inner Gemma on `inputs_embeds` with PaliGemma's 1-indexed positions (no `token_type_ids` needed)."""
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past + 1
-        out = self.model.model.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask.long(),
-            position_ids=positions.unsqueeze(0),
-            cache=past_key_values,
-            use_cache=use_cache,
-            return_dict=True,
-        )
-        hidden = out.last_hidden_state
-        logits = self.compute_logits(hidden) if return_logits else None
-        return hidden, logits, out.cache if use_cache else None
+    def lm_position_ids(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past_length: int
+    ) -> torch.Tensor:
+        """PaliGemma's 1-indexed positions (what its top-level forward uses; no `token_type_ids` needed)."""
+        positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length + 1
+        return positions.unsqueeze(0)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head plus Gemma's final logit soft-capping, when the config has one."""

@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from vla_scale.config.schema import TinyBackboneConfig
-from vla_scale.model.backbones.base import BackboneAdapter, load_processors, register_backbone, resolve_dtype
+from vla_scale.model.backbones.base import BackboneAdapter, register_backbone
 from vla_scale.model.backbones.tiny_tokenizer import build_tiny_tokenizer
 
 DEFAULT_IMAGE_SIDE = 224  # robot frames: 224 px -> 16x16 patches of 14 -> 64 tokens after the 2x2 merge
@@ -168,41 +168,19 @@ class Qwen2VLAdapter(BackboneAdapter):
         pos = torch.arange(length, device=device) + seen + deltas.to(device).view(-1, 1)
         return repeat(pos, "b l -> three b l", three=3)
 
-    def lm_forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        past_key_values: Any = None,
-        use_cache: bool = False,
-        return_logits: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """The inner Qwen2 LM on `inputs_embeds` with explicit multimodal RoPE positions."""
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past:
-            positions = self._cached_position_ids(inputs_embeds, attention_mask, past)
-        else:
-            positions = self.position_ids(inputs_embeds, attention_mask)
-        out = self.model.model.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask.long(),
-            position_ids=positions,
-            cache=past_key_values,
-            use_cache=use_cache,
-            return_dict=True,
-        )
-        hidden = out.last_hidden_state
-        logits = self.model.lm_head(hidden) if return_logits else None
-        return hidden, logits, out.cache if use_cache else None
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def lm_position_ids(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past_length: int
+    ) -> torch.Tensor:
+        """Explicit multimodal RoPE positions: from the fused layout for a prefix, continued for cached steps."""
+        if past_length:
+            return self._cached_position_ids(inputs_embeds, attention_mask, past_length)
+        return self.position_ids(inputs_embeds, attention_mask)
 
     # --- loading and building ---------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls, path_or_id: str, trust_remote_code: bool = False, torch_dtype: torch.dtype | str | None = None
-    ) -> Qwen2VLAdapter:
-        """Load a checkpoint of this family (local folder or hub id); float32 unless `torch_dtype` says otherwise."""
-        model = cls.model_class.from_pretrained(path_or_id, dtype=resolve_dtype(torch_dtype))
-        tokenizer, image_processor = load_processors(path_or_id, trust_remote_code)
-        return cls(model, tokenizer, image_processor)
 
     @classmethod
     def _tiny_vision_config(cls, tiny_cfg: TinyBackboneConfig) -> dict[str, Any]:
