@@ -14,8 +14,11 @@ on the held-out scenes only:
   the predicted first xy move then points more toward the newly named object than toward
   the original target (same check with the original instruction as a sanity reference).
 
-A model that reads the image but ignores the instruction follows the swap in about half the
-cases at best; one that grounds the colour word in the image follows it nearly always.
+An instruction-blind model makes the same move under both instructions, so for each pair it
+follows exactly one of them (original + swapped = 1, "instruction effect" 0); one that grounds
+the colour word in the image follows both (effect 1). The direction is taken at the first
+frame, where no history exists: later in an episode the previous frame and state already show
+where the gripper is heading, so a low action error alone does not prove grounding.
 Figures are printed as a table and written to `<work>/learning_check.json`.
 """
 
@@ -40,6 +43,7 @@ from data_tools.synth import NOUNS, synth
 from vla_scale.data.collate import collate_robot
 from vla_scale.data.format import Episode, Manifest, decode_episode, load_stats
 from vla_scale.data.normalize import Normalizer
+from vla_scale.data.stream import WRIST_CAMERA
 from vla_scale.data.window import Window, chunk_actions
 from vla_scale.model import RoboVLM
 from vla_scale.train.export import build_run_model
@@ -98,6 +102,7 @@ class ModelResult:
     train_ratio: float
     follow_original: float
     follow_swapped: float
+    instruction_effect: float
     argmax_original: float
     argmax_swapped: float
     cos_named_original: float
@@ -321,7 +326,7 @@ def evaluate(name: str, run_dir: Path, data: DataPaths, args: argparse.Namespace
     """Load the run's final checkpoint and compute every figure on held-out (and, for contrast, training) scenes."""
     model, cfg = build_run_model(run_dir)
     norm = Normalizer(load_stats(data.train_robot))  # the model predicts in the training set's units
-    camera = next(c for c in Manifest.load(data.train_robot).cameras if c != "rgb_wrist")
+    camera = next(c for c in Manifest.load(data.train_robot).cameras if c != WRIST_CAMERA)
     heldout = read_episodes(data.heldout_robot)
     train_eps = read_episodes(data.train_robot, limit=args.eval_train_episodes)
     common = {"norm": norm, "camera": camera, "max_text_len": cfg.data.max_text_len, "batch": args.eval_batch}
@@ -338,6 +343,9 @@ def evaluate(name: str, run_dir: Path, data: DataPaths, args: argparse.Namespace
         "train_mse": t_mse,
         "train_baseline_mse": t_base,
         "train_ratio": t_mse / t_base,
+        # An instruction-blind model makes the same move under both instructions, so per pair it follows
+        # exactly one of them: follow_original + follow_swapped = 1, effect 0. Perfect grounding: effect 1.
+        "instruction_effect": follow.follow_original + follow.follow_swapped - 1.0,
         **asdict(follow),
     }
 
@@ -353,6 +361,7 @@ def print_table(results: list[ModelResult], expert: float, meta: dict) -> None:
         ("arm chunk MSE ratio, train scenes", "train_ratio", "{:.3f}"),
         ("follows original instr. (pairwise)", "follow_original", "{:.3f}"),
         ("follows swapped instr. (pairwise)", "follow_swapped", "{:.3f}"),
+        ("instruction effect (orig+swap-1)", "instruction_effect", "{:.3f}"),
         ("named obj best of 3, original", "argmax_original", "{:.3f}"),
         ("named obj best of 3, swapped", "argmax_swapped", "{:.3f}"),
         ("mean cos to named obj, original", "cos_named_original", "{:.3f}"),
@@ -367,8 +376,8 @@ def print_table(results: list[ModelResult], expert: float, meta: dict) -> None:
             cells = ["-" if getattr(r, key) is None else fmt.format(getattr(r, key)) for r in results]
         print(label.ljust(width) + "".join(c.rjust(14) for c in cells))
     print(
-        f"(pairs per model: {results[0].pairs}; chance: pairwise ~0.5, best of 3 ~0.33; expert's own first move, "
-        f"pairwise: {expert:.3f})"
+        f"(pairs per model: {results[0].pairs}; chance: pairwise ~0.5, effect 0, best of 3 ~0.33; "
+        f"expert's own first move, pairwise: {expert:.3f})"
     )
     print(
         f"data: {meta['train_episodes']} training episodes (seed {meta['seed']}), "
