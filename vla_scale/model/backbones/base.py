@@ -91,9 +91,9 @@ class BackboneAdapter(nn.Module, ABC):
 
     # --- modules (staged unfreezing, checkpointing, LoRA targeting) ---------------
     @property
-    @abstractmethod
     def decoder_layers(self) -> nn.ModuleList:
-        """The LM decoder layers, in order."""
+        """The LM decoder layers, in order (staged unfreezing, LoRA targeting, checkpointing)."""
+        return self.language_model.layers
 
     @property
     @abstractmethod
@@ -230,10 +230,6 @@ class ConditionalGenerationAdapter(BackboneAdapter):
     @property
     def language_model(self) -> nn.Module:
         return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.language_model.layers
 
     @property
     def vision_module(self) -> nn.Module:

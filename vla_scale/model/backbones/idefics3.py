@@ -89,10 +89,6 @@ class Idefics3Adapter(BackboneAdapter):
         return self.image_seq_len + (self.global_image_id is not None)
 
     @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.text_model.layers
-
-    @property
     def vision_module(self) -> nn.Module:
         return self.model.model.vision_model
 

@@ -94,10 +94,6 @@ class Kosmos2Adapter(BackboneAdapter):
         return int(self.model.config.latent_query_num)
 
     @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.text_decoder.layers
-
-    @property
     def vision_module(self) -> nn.Module:
         return self.model.vision_model
 

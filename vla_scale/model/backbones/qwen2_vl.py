@@ -88,10 +88,6 @@ class Qwen2VLAdapter(BackboneAdapter):
         return (self.image_size // (self.patch_size * self.merge_size)) ** 2
 
     @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.language_model.layers
-
-    @property
     def vision_module(self) -> nn.Module:
         return self.model.model.visual
 
