@@ -131,12 +131,18 @@ def train(run_dir: str | Path) -> None:
             "resume with the same number of ranks (the data stream position is per rank)"
         )
     # The checkpoint's optimizer state has the shape of the stage it was written in: rebuild that stage first.
+    if meta is not None and meta["stage"] >= len(stages):
+        raise ConfigError(
+            f"the checkpoint in {ckpt_dir} was written in stage {meta['stage']} but train.stages now lists "
+            f"{len(stages)}; restore the stage list the run was started with"
+        )
     stage = stages[meta["stage"]] if meta is not None else stages[0]
     engine, optimizer, stage_report = start_stage(model, stage, cfg, ds_config)
     client = checkpoint.load_latest(engine, ckpt_dir)
     step = 0 if client is None else int(client["step"])
     if client is not None:
-        set_rng_state(client["rng"])
+        if "rng" in client:
+            set_rng_state(client["rng"])
         if rank == 0:
             print(f"[vla_scale] resumed from {ckpt_dir / checkpoint.read_latest(ckpt_dir)} at step {step}", flush=True)
 
