@@ -72,12 +72,15 @@ class GuardedAdamW(torch.optim.AdamW):
     steps. `overflow` is what DeepSpeed's engine reads to count a skipped step.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, check: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.check = check  # off where DeepSpeed's own overflow check already covers the step
         self.overflow = False
 
     @torch.no_grad()
     def step(self, closure=None):
+        if not self.check:
+            return super().step(closure)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
         bad = torch.zeros((), device=device)
@@ -130,7 +133,11 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
         cpuinfo.get_cpu_info = fast_cpu_info  # read by DeepSpeedCPUAdam and its op builder
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
-    return GuardedAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    # ZeRO 1-3 skip non-finite steps themselves when they compute a grad norm (clipping on) or check
+    # bf16/fp16 overflow; the guard's extra passes over the gradients are only needed elsewhere.
+    t = cfg.train
+    deepspeed_checks = t.zero_stage > 0 and (t.grad_clip > 0 or t.bf16 or t.fp16)
+    return GuardedAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, check=not deepspeed_checks)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -181,6 +181,10 @@ def train(run_dir: str | Path) -> None:
         wanted = stage_at(stages, step)
         if wanted.index != stage.index:
             engine.destroy()
+            # destroy() leaves the engine's forward hooks on the model, which keep the old engine (its
+            # optimizer state, masters and gradient buffers) alive: remove them so it can be freed.
+            engine.module_forward_pre_hook.remove()
+            engine.module_forward_post_hook.remove()
             del engine, optimizer
             gc.collect()
             stage = wanted
