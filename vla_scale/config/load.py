@@ -7,7 +7,6 @@ All checks here run before any process group starts: the launcher calls
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import re
@@ -18,20 +17,13 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from vla_scale.config.errors import ConfigError, suggest
 from vla_scale.config.schema import TRAINABLE_GROUPS, Config, ModelConfig
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message says which key and what to change."""
-
-
-def _suggest(key: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(key, options, n=3, cutoff=0.5)
-    if close:
-        return f" Did you mean {' or '.join(repr(c) for c in close)}?"
-    return f" Valid keys: {', '.join(sorted(options))}."
+_suggest = suggest
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -116,7 +108,11 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw  # not a YAML scalar (e.g. `@3`): keep the text; the field's type check still applies
+    return key.strip().split("."), value
 
 
 def apply_override(tree: dict, path: list[str], value: Any) -> None:
@@ -223,6 +219,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     _validate_engine(cfg)
+    cfg.debug.validate("debug", world_size)
 
 
 def _validate_engine(cfg: Config) -> None:

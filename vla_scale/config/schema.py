@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from vla_scale.config.schema_debug import DebugConfig
+
 
 @dataclass
 class RunConfig:
@@ -279,3 +281,4 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
