@@ -1,0 +1,49 @@
+"""Success rates with confidence intervals, per task and overall.
+
+Why Wilson: with 10-50 episodes per task and rates near 0 or 1 (a random agent, a good
+policy), the normal-approximation interval collapses to a point or leaves [0, 1]; the
+Wilson score interval stays inside [0, 1] and keeps its coverage at small n.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (lower, upper) for `successes` out of `n`; (0, 1) when n == 0."""
+    if n < 0 or not 0 <= successes <= max(n, 0):
+        raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(flags: Sequence[bool]) -> dict:
+    """`{"rate", "successes", "n", "ci95": [lo, hi]}` of a list of outcomes."""
+    k, n = sum(bool(f) for f in flags), len(flags)
+    lo, hi = wilson_interval(k, n)
+    return {"rate": k / n if n else float("nan"), "successes": k, "n": n, "ci95": [lo, hi]}
+
+
+def summarize_episodes(episodes: Iterable[dict], tasks: Sequence[str], swap: bool = False) -> dict:
+    """Per-task and overall figures from episode records (`task`, `success`, `length`, and with `swap`:
+    `followed`, `original`). Overall pools every episode, so tasks weigh by their episode counts."""
+    episodes = list(episodes)
+    keys = ("success", "followed", "original") if swap else ("success",)
+
+    def block(eps: list[dict]) -> dict:
+        out = {key: rate([e[key] for e in eps]) for key in keys}
+        out["episodes"] = len(eps)
+        out["mean_length"] = sum(e["length"] for e in eps) / len(eps) if eps else float("nan")
+        return out
+
+    per_task = {task: block([e for e in episodes if e["task"] == task]) for task in tasks}
+    return {"tasks": per_task, "overall": block(episodes)}
