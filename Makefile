@@ -9,17 +9,19 @@ PY := $(VENV)/bin/python
 # clusters, install the torch build for your CUDA first and set TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Exact versions the suite was last run with (pip-tools; torch excluded, see TORCH_SPEC).
+LOCK := configs/requirements.lock
 DEMO_DATA := data/synth
 DEMO_RUN := runs/demo_cpu
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml $(LOCK) | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" -e ".[dev]"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -e ".[dev]" -c $(LOCK)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +36,16 @@ demo: $(STAMP) $(DEMO_DATA)/robot/manifest.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Unit tier for the edit loop: everything except the real multi-process jobs.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
+
+# Refresh the lock after changing pyproject.toml (UPGRADE=1 also moves pinned versions forward).
+lock: | $(PY)
+	$(PY) -m pip install -q pip-tools
+	$(PY) -m piptools compile -q --strip-extras --extra dev --unsafe-package torch --no-emit-index-url --no-emit-find-links \
+		$(if $(UPGRADE),--upgrade) --output-file $(LOCK) pyproject.toml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vla_scale data_tools tests
