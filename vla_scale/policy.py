@@ -155,9 +155,7 @@ class Policy:
         )
         batch = collate_robot([window], self.model.tokenizer, self.max_text_len).to(self.device)
         predict = self.model.predict_action_step if self.model.stepwise else self.model.predict_action
-        arm, gripper = predict(
-            batch.images, batch.text_ids, batch.text_mask, state=batch.state, wrist_images=batch.wrist_images
-        )
+        arm, gripper = predict(batch.observation)
         # One chunk per frame given ("post" mlp, "pre"), or one for the last frame ("video", stepwise heads):
         # the last is the current step's.
         return self.normalizer.unnormalize_action(arm[0, -1].cpu().numpy(), gripper[0, -1].cpu().numpy())

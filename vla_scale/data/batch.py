@@ -18,6 +18,8 @@ L = text tokens, C/H/W = image channels/height/width.
 
 Images stay uint8 until the model: the backbone adapter resizes and normalises them
 the way its vision tower expects, so the data path knows nothing of the model.
+The model-input fields (images, text, wrist images, state) travel into the model as one
+`Observation` (`batch.observation`); the rest are targets and bookkeeping.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
+
+from vla_scale.data.observation import Observation
 
 IGNORE_INDEX = -100
 
@@ -47,6 +51,11 @@ class Batch:
     @property
     def batch_size(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def observation(self) -> Observation:
+        """The model inputs (images, instruction, wrist images, state), shape-checked; targets stay here."""
+        return Observation.from_batch(self)
 
     def to(self, device: torch.device | str) -> Batch:
         """Move every tensor to `device` (non_blocking where pinned)."""

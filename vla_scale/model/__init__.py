@@ -12,7 +12,8 @@ from vla_scale.model.backbones import (
 )
 from vla_scale.model.clip_regularizer import ClipRegularizer, ClipTextTeacher
 from vla_scale.model.resampler import PerceiverResampler
-from vla_scale.model.robovlm import FusedSequence, RoboVLM, build_model
+from vla_scale.model.robovlm import RoboVLM, build_model
+from vla_scale.model.sequence import FusedSequence, SequenceBuilder
 
 __all__ = [
     "BackboneAdapter",
@@ -22,6 +23,7 @@ __all__ = [
     "MLPActionHead",
     "PerceiverResampler",
     "RoboVLM",
+    "SequenceBuilder",
     "available_backbones",
     "build_model",
     "build_tiny_backbone",

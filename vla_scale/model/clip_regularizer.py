@@ -35,6 +35,7 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProject
 from vla_scale.config.schema import ClipRegConfig, TinyClipConfig
 from vla_scale.model.backbones.base import write_folder_once
 from vla_scale.model.backbones.tiny_tokenizer import build_tiny_tokenizer
+from vla_scale.model.zero_sync import zero_touch
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -179,4 +180,4 @@ class ClipRegularizer(nn.Module):
     def touch(self, like: torch.Tensor) -> torch.Tensor:
         """0-valued scalar that puts `proj` in the graph (a zero gradient) on batches without a CLIP term (ZeRO)."""
         x = torch.zeros(1, self.proj.in_features, device=like.device, dtype=self.proj.weight.dtype)
-        return 0.0 * self.proj(x).float().sum()
+        return zero_touch(self.proj(x))

@@ -1,0 +1,125 @@
+"""The continuous action path: learned action tokens, an action head on their output states, regression losses.
+
+`latent_num` copies of one learned `action_token` fill each action slot of the fused sequence
+(see `sequence.py`); their LM output states `[B, T', latent_num, D]` go through the action head
+(`mlp`, or a history head `lstm` / `gpt` that fuses the window's frames causally) to a normalised
+arm chunk `[B, T', N, A-1]` and gripper logits `[B, T', N, 1]`. Training: MSE or Huber on the arm
+dims, BCE on the gripper, both over unmasked chunk steps only.
+
+The parameters (`action_token`, `action_head`) live on `RoboVLM` under those names, so checkpoints
+and the training stages' parameter groups keep their names; `ContinuousActions` holds only the
+config and takes the model in each call.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from vla_scale.config.schema import ModelConfig
+from vla_scale.data.batch import Batch
+from vla_scale.data.observation import Observation
+from vla_scale.model.history_heads import HistoryHead, build_action_head
+from vla_scale.model.sequence import chunk_targets, predicted_frames
+from vla_scale.model.zero_sync import zero_touch
+
+if TYPE_CHECKING:
+    from vla_scale.model.robovlm import RoboVLM
+
+
+def build_continuous_modules(
+    cfg: ModelConfig, hidden: int, action_dim: int, chunk_size: int, dtype: torch.dtype
+) -> tuple[nn.Parameter, nn.Module]:
+    """The learned action token `[D]` and the action head (maps `[B, T, latent_num, D]` to `[B, T, N, ...]`)."""
+    # Small normal, not zeros: the LM's first RMSNorm has a huge gradient at the zero vector.
+    token = nn.Parameter((torch.randn(hidden) * 0.02).to(dtype))
+    head = build_action_head(cfg.head, hidden, action_dim, chunk_size, cfg.latent_num).to(dtype)
+    return token, head
+
+
+class ContinuousActions:
+    """Losses and predictions of the continuous path; `model` is the RoboVLM holding the parameters."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.latent_num = cfg.latent_num
+
+    def latents(self, model: RoboVLM, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
+        """Learned action tokens' output states `[B, T', latent_num, D]` (T' = T, or 1 under `video`) and the
+        number of attended LM positions."""
+        fused = model.robot_sequence(obs, n_action=self.latent_num, action_token=model.action_token, append_eos=True)
+        hidden, _, _ = model.adapter.lm_forward(fused.embeds, fused.attention_mask, return_logits=False)
+        frames = predicted_frames(self.cfg.history_type, obs.num_frames)
+        # Action positions in row-major order: sample, then frame (its own row, or its slot in the row), then token.
+        pattern = "(b t n) d -> b t n d"
+        latents = rearrange(hidden[fused.action_mask], pattern, b=obs.batch_size, t=frames, n=self.latent_num)
+        return latents, fused.attention_mask.sum()
+
+    def outputs(
+        self, model: RoboVLM, obs: Observation
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head outputs → (arm `[B, T', N, A-1]`, gripper logits `[B, T', N, 1]`, action-token hidden states
+        `[B*T', latent_num, D]`, number of attended LM positions). A history head (lstm / gpt) runs over the
+        given window from a fresh state."""
+        latents, num_tokens = self.latents(model, obs)
+        arm, gripper = model.action_head(latents)
+        return arm, gripper, rearrange(latents, "b t n d -> (b t) n d"), num_tokens
+
+    def losses(self, model: RoboVLM, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, None]:
+        """(loss terms, action-token states `[B*T', latent_num, D]` for the CLIP regulariser, their mask: all)."""
+        arm, gripper, action_hidden, num_tokens = self.outputs(model, batch.observation)
+        action, mask = chunk_targets(batch, self.cfg.history_type)
+        # Zero the targets of masked steps first so NaN/inf padding cannot leak into loss or gradients.
+        target = torch.where(mask.unsqueeze(-1), action.float(), 0.0)
+        count = mask.sum().clamp(min=1)
+        if self.cfg.head.arm_loss == "huber":
+            arm_err = F.huber_loss(arm.float(), target[..., :-1], reduction="none", delta=1.0)
+        else:
+            arm_err = F.mse_loss(arm.float(), target[..., :-1], reduction="none")
+        loss_arm = torch.where(mask, arm_err.mean(dim=-1), 0.0).sum() / count
+        grip_logit, grip_target = gripper.float()[..., 0], target[..., -1]
+        bce = F.binary_cross_entropy_with_logits(grip_logit, grip_target, reduction="none")
+        loss_gripper = torch.where(mask, bce, 0.0).sum() / count
+        correct = (grip_logit > 0) == (grip_target > 0.5)
+        acc_gripper = (correct & mask).sum().float().detach() / count
+        weights = self.cfg.loss_weights
+        loss = weights.arm * loss_arm + weights.gripper * loss_gripper
+        # lm_head is idle on continuous robot batches: keep it in the graph with one token (see zero_sync).
+        loss = loss + zero_touch(model.adapter.lm_head(action_hidden[:1, :1]))
+        out = {
+            "loss": loss,
+            "loss_arm": loss_arm,
+            "loss_gripper": loss_gripper,
+            "acc_gripper": acc_gripper,
+            "num_tokens": num_tokens,
+        }
+        return out, action_hidden, None
+
+    def idle_outputs(self, model: RoboVLM) -> list[torch.Tensor]:
+        """Outputs of the action token and head on batches that do not use them (VL), for `zero_touch`."""
+        arm, gripper = model.action_head(repeat(model.action_token, "d -> 1 1 n d", n=self.latent_num))
+        return [arm, gripper]
+
+    def predict(self, model: RoboVLM, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised arm chunk `[B, T', N, A-1]`, gripper probability `[B, T', N, 1]`) over the window."""
+        arm, gripper, _, _ = self.outputs(model, obs)
+        return arm.float(), torch.sigmoid(gripper.float())
+
+    def predict_step(self, model: RoboVLM, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame `[B, 1, ...]` through a history head's memory → (arm `[B, 1, N, A-1]`, gripper probability)."""
+        head = model.action_head
+        if not isinstance(head, HistoryHead):
+            raise ValueError(
+                "predict_action_step needs model.head.type lstm or gpt; other heads take the window in predict_action"
+            )
+        if obs.num_frames != 1:
+            raise ValueError(
+                f"predict_action_step takes one frame [B, 1, C, H, W], got shape {tuple(obs.images.shape)}"
+            )
+        latents, _ = self.latents(model, obs)
+        arm, gripper = head.step(latents[:, 0])
+        return arm[:, None].float(), torch.sigmoid(gripper[:, None].float())
