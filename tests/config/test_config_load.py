@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vla_scale.config import ConfigError, config_hash, load_config, save_config
+from vla_scale.config import ConfigError, load_config
 from vla_scale.train.ds_config import build_ds_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["debug.yaml", "demo_cpu.yaml"])
@@ -63,21 +63,6 @@ def test_wrong_types_name_the_key(override, pattern):
         load_config(ROOT / "configs/debug.yaml", [override])
 
 
-@pytest.mark.parametrize(
-    "override, pattern",
-    [
-        ("train.zero_stage=4", r"zero_stage"),
-        ("train.global_batch_size=7", r"multiple of train\.micro_batch_size"),
-        ("data.sources.0.weight=-1", r"data\.sources\.0\.weight must be >= 0"),
-        ("data.window_size=0", r"data\.window_size must be >= 1"),
-        ("model.backbone.pretrained=", r"model\.backbone\.pretrained is empty"),
-    ],
-)
-def test_impossible_values(override, pattern):
-    with pytest.raises(ConfigError, match=pattern):
-        load_config(ROOT / "configs/debug.yaml", [override])
-
-
 def test_world_size_batch_check_and_ds_config():
     cfg = load_config(ROOT / "configs/debug.yaml")  # global 8, micro 2
     assert build_ds_config(cfg, 2)["gradient_accumulation_steps"] == 2
@@ -90,38 +75,11 @@ def test_world_size_batch_check_and_ds_config():
     assert ds["train_batch_size"] == 8
 
 
-def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(ROOT / "configs/debug.yaml", ["optim.lr=0.25"])
-    save_config(cfg, tmp_path / "config.yaml")
-    again = load_config(tmp_path / "config.yaml")
-    assert again == cfg
-    assert config_hash(again) == config_hash(cfg)
-    assert config_hash(load_config(ROOT / "configs/debug.yaml")) != config_hash(cfg)
-
-
 def test_exponent_without_dot_is_a_number():
     """YAML 1.1 reads `3e-4` as a string; a float field accepts it as the number it means."""
     assert load_config(ROOT / "configs/debug.yaml", ["optim.lr=3e-4"]).optim.lr == 3e-4
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(ROOT / "configs/debug.yaml", ["train.max_steps=1e3"])
-
-
-@pytest.mark.parametrize(
-    "override, pattern",
-    [
-        ("model.resampler.num_latents=0", r"model\.resampler\.num_latents must be >= 1"),
-        ("model.resampler.depth=0", r"model\.resampler\.depth must be >= 1"),
-        ("model.resampler.heads=0", r"model\.resampler\.heads must be >= 1"),
-        ("model.clip_reg.pretrained=", r"model\.clip_reg\.pretrained is empty"),
-        ("model.clip_reg.embed_dim=0", r"model\.clip_reg\.embed_dim must be >= 1"),
-        ("model.clip_reg.loss=l2", r"model\.clip_reg\.loss: 'l2' is not one of"),
-        ("model.clip_reg.tiny.num_heads=3", r"model\.clip_reg\.tiny\.num_heads \(3\) must be >= 1 and divide"),
-        ("model.loss_weights.clip=-1", r"model\.loss_weights\.clip must be >= 0"),
-    ],
-)
-def test_bad_resampler_and_clip_settings_name_the_key(override, pattern):
-    with pytest.raises(ConfigError, match=pattern):
-        load_config(ROOT / "configs/debug_mechanisms.yaml", [override])
 
 
 def test_mechanisms_config_builds_and_trains_a_step(tmp_path):
@@ -151,47 +109,6 @@ def test_mechanisms_config_builds_and_trains_a_step(tmp_path):
     out["loss"].backward()
 
 
-# --- history modelling (model.history_type x model.head.type x model.action_space) ---------------------------
-@pytest.mark.parametrize(
-    "overrides, pattern",
-    [
-        (["model.history_type=pre", "model.head.type=lstm"], r"head\.type=lstm .*needs model\.history_type: post"),
-        (["model.history_type=video", "model.head.type=gpt"], r"history_type video .*use model\.head\.type: mlp"),
-        (["model.action_space=discrete", "model.head.type=gpt"], r"needs model\.action_space: continuous"),
-        (["model.head.type=gpt", "model.head.num_heads=3"], r"model\.head\.num_heads \(3\) must be >= 1 and divide"),
-        (["model.head.type=lstm", "model.head.num_layers=0"], r"model\.head\.num_layers must be >= 1"),
-        (["model.head.type=gpt", "model.head.max_history=4"], r"max_history \(4\) must equal data\.window_size \(1\)"),
-        (["model.history_type=interleaved"], r"model\.history_type: 'interleaved' is not one of"),
-    ],
-)
-def test_impossible_history_combinations_say_what_to_change(overrides, pattern):
-    with pytest.raises(ConfigError, match=pattern):
-        load_config(ROOT / "configs/debug.yaml", overrides)
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["model.history_type=pre", "data.window_size=3"],
-        ["model.history_type=pre", "model.action_space=discrete", "data.window_size=2"],
-        ["model.history_type=video", "model.action_space=discrete"],
-        ["model.history_type=video"],  # window_size 1: one frame, one set of action tokens
-        ["model.head.type=lstm", "data.window_size=3", "model.head.max_history=3"],
-    ],
-)
-def test_history_combinations_that_work_load(overrides):
-    load_config(ROOT / "configs/debug.yaml", overrides)
-
-
-def test_history_config_resolves_head_memory_to_the_window(tmp_path):
-    cfg = load_config(ROOT / "configs/debug_history.yaml")
-    assert (cfg.data.window_size, cfg.model.history_type, cfg.model.head.type) == (2, "post", "gpt")
-    assert cfg.model.head.max_history == 2  # 0 in the file: follows data.window_size
-    save_config(cfg, tmp_path / "config.yaml")
-    assert load_config(tmp_path / "config.yaml") == cfg
-    assert load_config(ROOT / "configs/debug_history.yaml", ["data.window_size=4"]).model.head.max_history == 4
-
-
 def test_every_shipped_config_loads_and_together_they_use_every_mechanism():
     """Each recipe in configs/ is valid, builds a DeepSpeed config for 8 ranks, and each mechanism ships in one."""
     configs = [load_config(p) for p in sorted((ROOT / "configs").glob("*.yaml"))]
@@ -206,3 +123,23 @@ def test_every_shipped_config_loads_and_together_they_use_every_mechanism():
     assert any(m.use_state for m in models) and any(m.instruction_first for m in models)
     assert any(m.resampler.enabled for m in models) and any(m.clip_reg.enabled for m in models)
     assert any(m.lora.enabled for m in models) and any(c.train.stages for c in configs)
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("data.sources.5.weight=1", r"override data\.sources\.5\.weight: list data\.sources has only 2 items"),
+        ("train.stages.0.start_step=0", r"list train\.stages has only 0 items; it is empty: set the whole list"),
+        ("optim.lr.x=1", r"override optim\.lr\.x: optim\.lr is 0\.001, not a section"),
+        ("train.max_steps", r"override 'train\.max_steps' must look like section\.key=value"),
+    ],
+)
+def test_overrides_that_cannot_apply_say_why(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(ROOT / "configs/debug.yaml", [override])
+
+
+def test_override_value_that_is_not_yaml_is_kept_as_text():
+    cfg = load_config(ROOT / "configs/debug.yaml", ["run.name=@night", "data.sources=[{path: a}]"])
+    assert cfg.run.name == "@night"
+    assert [s.path for s in cfg.data.sources] == ["a"]

@@ -21,3 +21,11 @@ def suggest(word: str, options: Iterable[str]) -> str:
     if close:
         return f" Did you mean {' or '.join(repr(c) for c in close)}?"
     return f" Valid keys: {', '.join(sorted(options))}."
+
+
+def check_at_least(obj: object, prefix: str, keys: tuple[str, ...], low: float) -> None:
+    """Each of `keys` on `obj` must be >= `low`; the error names `<prefix>.<key>`."""
+    for key in keys:
+        value = getattr(obj, key)
+        if value < low:
+            raise ConfigError(f"{prefix}.{key} must be >= {low}, got {value}")

@@ -8,15 +8,15 @@ None of them changes what a healthy run learns, so they may differ when a run is
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 from vla_scale.config.errors import ConfigError, suggest
+from vla_scale.config.schema_model import LossWeightsConfig
 
 # The loss terms RoboVLM returns: `loss` (the weighted total) and one `loss_<name>` per weight in
 # `model.loss_weights` (arm, gripper, vl, action_ce, clip).
-LOSS_TERM_NAMES = ("arm", "gripper", "vl", "action_ce", "clip")
-LOSS_TERMS = ("loss", *(f"loss_{name}" for name in LOSS_TERM_NAMES))
+LOSS_TERMS = ("loss", *(f"loss_{f.name}" for f in fields(LossWeightsConfig)))
 
 _INJECT_SYNTAX = "'term@step[,step...][:rankR]', e.g. 'loss_arm@3,4' or 'loss@2:rank1'"
 
@@ -67,17 +67,20 @@ class DebugConfig:
     # not need, so it is skipped unless this is on).
     shm_allreduce: bool = False
 
-    def validate(self, prefix: str = "debug", world_size: int | None = None) -> None:
-        """Reject a malformed drill before any rank starts; `world_size` adds the rank-in-range check."""
-        injection = parse_inject_nan(self.inject_nan, f"{prefix}.inject_nan")
-        if injection is not None and injection.rank is not None and world_size is not None:
-            if injection.rank >= world_size:
-                raise ConfigError(
-                    f"{prefix}.inject_nan={self.inject_nan!r} names rank{injection.rank} but the job has "
-                    f"{world_size} ranks (rank0 to rank{world_size - 1})"
-                )
+    def validate(self, prefix: str = "debug") -> None:
+        """Reject a malformed drill before any rank starts."""
+        parse_inject_nan(self.inject_nan, f"{prefix}.inject_nan")
         if self.save_pause_s < 0:
             raise ConfigError(f"{prefix}.save_pause_s must be >= 0 (0 turns the pause off), got {self.save_pause_s}")
+
+    def check_world_size(self, world_size: int, prefix: str = "debug") -> None:
+        """An `inject_nan` limited to one rank must name a rank the job has."""
+        injection = parse_inject_nan(self.inject_nan, f"{prefix}.inject_nan")
+        if injection is not None and injection.rank is not None and injection.rank >= world_size:
+            raise ConfigError(
+                f"{prefix}.inject_nan={self.inject_nan!r} names rank{injection.rank} but the job has "
+                f"{world_size} ranks (rank0 to rank{world_size - 1})"
+            )
 
     def nan_injection(self) -> NanInjection | None:
         """The parsed `inject_nan` (None when off)."""

@@ -1,0 +1,69 @@
+"""`data:` — which datasets feed the run and how their shards become batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vla_scale.config.errors import ConfigError, check_at_least
+
+
+@dataclass
+class SourceConfig:
+    """One dataset (a folder with manifest.json, stats.json and shards) and its mixing weight."""
+
+    path: str = ""
+    weight: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{prefix}.path is empty")
+        if self.weight < 0:
+            raise ConfigError(f"{prefix}.weight must be >= 0, got {self.weight}")
+
+
+@dataclass
+class AugmentConfig:
+    """Robot-frame augmentation; one draw per camera per window, shared by the window's frames."""
+
+    enabled: bool = False
+    crop: Literal["none", "shift", "resized_crop"] = "shift"
+    shift_px: int = 4  # shift: edge-pad by this many pixels, crop back at a random offset
+    crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # resized_crop: area fraction range
+    brightness: float = 0.2  # colour jitter strengths; 0 turns each off
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+    def validate(self, prefix: str = "data.augment") -> None:
+        low_high = self.crop_scale
+        if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1] <= 1:
+            raise ConfigError(f"{prefix}.crop_scale must be [low, high] with 0 < low <= high <= 1, got {low_high}")
+        check_at_least(self, prefix, ("shift_px", "brightness", "contrast", "saturation"), 0)
+
+
+@dataclass
+class DataConfig:
+    """How shards become batches: windowing, mixing, workers and the bad-sample policy."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    window_size: int = 1  # frames of history per training sample
+    fwd_pred_next_n: int = 1  # action chunk length predicted at each frame
+    num_workers: int = 1  # DataLoader workers per rank
+    prefetch_factor: int = 2
+    shuffle_buffer: int = 64  # windows held for shuffling, per worker
+    shard_shuffle: bool = True
+    max_text_len: int = 48  # token budget for instructions and VL conversations
+    bad_sample_policy: Literal["skip", "fail"] = "skip"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, prefix: str = "data") -> None:
+        """Sources, window sizes and augmentation; whether the folders hold datasets is checked by `prepare`."""
+        if not self.sources:
+            raise ConfigError(f"{prefix}.sources is empty: list at least one dataset folder with a manifest.json")
+        for i, src in enumerate(self.sources):
+            src.validate(f"{prefix}.sources.{i}")
+        if sum(s.weight for s in self.sources) <= 0:
+            raise ConfigError(f"{prefix}.sources: at least one weight must be > 0")
+        check_at_least(self, prefix, ("window_size", "fwd_pred_next_n", "max_text_len", "shuffle_buffer"), 1)
+        self.augment.validate(f"{prefix}.augment")
+        check_at_least(self, prefix, ("num_workers",), 0)

@@ -1,0 +1,109 @@
+"""`model.*` blocks for the optional mechanisms: discrete actions, LoRA, the Perceiver resampler and the
+CLIP regulariser. Each block checks its own sizes; `ModelConfig` decides when a block applies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vla_scale.config.errors import ConfigError, check_at_least
+
+
+@dataclass
+class DiscreteActionConfig:
+    """`action_space: discrete`: each normalised action dim binned onto the LM's last `n_bin` vocabulary ids."""
+
+    n_bin: int = 256
+    min_action: float = -1.0  # bins cover [min_action, max_action]; values outside are clipped
+    max_action: float = 1.0
+    supervise_eos: bool = False  # append EOS after the action ids and train the LM to emit it
+
+    def validate(self, prefix: str = "model.discrete") -> None:
+        # n_bin < vocabulary size is checked when the model is built (the vocabulary is the backbone's).
+        check_at_least(self, prefix, ("n_bin",), 2)
+        if not self.min_action < self.max_action:
+            raise ConfigError(
+                f"{prefix}.min_action ({self.min_action}) must be < {prefix}.max_action ({self.max_action})"
+            )
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the linear layers of the language model's decoder layers."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # "all-linear", or module names matched as suffixes inside the decoder layers (e.g. [q_proj, v_proj]).
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def validate(self, prefix: str = "model.lora") -> None:
+        """Checked only when enabled: a disabled block may keep any values."""
+        if not self.enabled:
+            return
+        if self.r < 1 or self.alpha <= 0:
+            raise ConfigError(f"{prefix} needs r >= 1 and alpha > 0, got r={self.r}, alpha={self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{prefix}.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError(f"{prefix}.target_modules is empty: use [all-linear] or name modules like q_proj")
+
+
+@dataclass
+class ResamplerConfig:
+    """Perceiver resampler: each image's tokens → `num_latents` learned latents (width = LM hidden size)."""
+
+    enabled: bool = False
+    num_latents: int = 16  # tokens per image after resampling
+    depth: int = 2  # cross-attention + feed-forward blocks
+    heads: int = 4
+    dim_head: int = 64  # attention width = heads x dim_head
+    ff_mult: int = 4  # feed-forward width = ff_mult x LM hidden size
+
+    def validate(self, prefix: str = "model.resampler") -> None:
+        # Works with either action space and every backbone family (resampled images get 1D positions
+        # where a family's positions follow the patch grid).
+        check_at_least(self, prefix, ("num_latents", "depth", "heads", "dim_head", "ff_mult"), 1)
+
+
+@dataclass
+class TinyClipConfig:
+    """Sizes of a random-weight CLIP text model (tests, CPU demo); its projection width is `clip_reg.embed_dim`."""
+
+    hidden_size: int = 32
+    num_layers: int = 1
+    num_heads: int = 2
+    intermediate_size: int = 64
+
+    def validate(self, prefix: str = "model.clip_reg.tiny") -> None:
+        if self.num_heads < 1 or self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"{prefix}.num_heads ({self.num_heads}) must be >= 1 and divide {prefix}.hidden_size "
+                f"({self.hidden_size})"
+            )
+
+
+@dataclass
+class ClipRegConfig:
+    """CLIP regulariser: pooled action-token states, projected, pulled toward the instruction's CLIP text embedding."""
+
+    enabled: bool = False
+    pretrained: str = "openai/clip-vit-base-patch32"  # local folder or hub id (CLIPTextModelWithProjection)
+    embed_dim: int = 512  # the CLIP model's projection_dim (checked at load); fixes the projection's shape
+    loss: Literal["cosine", "smooth_l1"] = "cosine"
+    # When set and `pretrained` is a missing local folder, a random-weight CLIP text model is written there.
+    tiny: TinyClipConfig | None = None
+
+    def validate(self, prefix: str = "model.clip_reg") -> None:
+        if self.embed_dim < 1:
+            raise ConfigError(
+                f"{prefix}.embed_dim must be >= 1 (the CLIP model's projection_dim), got {self.embed_dim}"
+            )
+        if self.enabled and not self.pretrained:
+            raise ConfigError(
+                f"{prefix}.pretrained is empty: give a CLIP checkpoint (local folder or hub id, e.g. "
+                f"openai/clip-vit-base-patch32), or a missing folder plus {prefix}.tiny for a random tiny one"
+            )
+        if self.tiny is not None:
+            self.tiny.validate(f"{prefix}.tiny")

@@ -1,0 +1,174 @@
+"""`model:` — RoboVLM: the backbone, how the window is fused, the action tokens and the heads.
+
+The optional mechanisms (discrete actions, LoRA, resampler, CLIP regulariser) live in
+`schema_mechanisms`; this module decides which combinations can run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from vla_scale.config.errors import ConfigError, check_at_least
+from vla_scale.config.schema_mechanisms import (
+    ClipRegConfig,
+    DiscreteActionConfig,
+    LoraConfig,
+    ResamplerConfig,
+    TinyClipConfig,
+)
+
+__all__ = [
+    "HISTORY_HEADS",
+    "ActionHeadConfig",
+    "BackboneConfig",
+    "ClipRegConfig",
+    "DiscreteActionConfig",
+    "LoraConfig",
+    "LossWeightsConfig",
+    "ModelConfig",
+    "ResamplerConfig",
+    "TinyBackboneConfig",
+    "TinyClipConfig",
+    "check_history_window",
+    "validate_history",
+]
+
+HISTORY_HEADS = ("lstm", "gpt")  # heads that fuse the window over time themselves
+
+
+@dataclass
+class TinyBackboneConfig:
+    """Sizes of a random-weight backbone built from the family's real config class (tests, CPU demo)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    vision_hidden_size: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    image_size: int = 64
+    patch_size: int = 16
+
+
+@dataclass
+class BackboneConfig:
+    """Which VLM is turned into the policy and how it is loaded."""
+
+    family: str = "llava"  # checked against the backbone registry by `prepare` (the registry imports transformers)
+    pretrained: str = ""  # local folder or hub id passed to from_pretrained
+    # When set and `pretrained` is a missing local folder, a random-weight backbone of
+    # these sizes is written there with save_pretrained before training starts.
+    tiny: TinyBackboneConfig | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = True
+
+    def validate(self, prefix: str = "model.backbone") -> None:
+        if not self.pretrained:
+            raise ConfigError(f"{prefix}.pretrained is empty: give a local folder or a hub id")
+
+
+@dataclass
+class ActionHeadConfig:
+    """The head that turns action-token hidden states into an action chunk."""
+
+    # mlp: each frame on its own; lstm / gpt (history_type post only): a causal LSTM / transformer over the
+    # window's per-frame action features, with per-episode memory at inference
+    type: Literal["mlp", "lstm", "gpt"] = "mlp"
+    hidden_size: int = 256
+    arm_loss: Literal["mse", "huber"] = "mse"
+    num_layers: int = 2  # lstm / gpt: layers over time
+    num_heads: int = 4  # gpt: attention heads (must divide hidden_size)
+    # lstm / gpt: frames the head remembers at inference (and gpt's positions); 0 = data.window_size (filled in
+    # by `Config`). Training windows are window_size frames, so any other value would meet unseen contexts.
+    max_history: int = 0
+
+
+@dataclass
+class LossWeightsConfig:
+    """Weights of the named loss terms in the total `loss`."""
+
+    arm: float = 1.0
+    gripper: float = 0.01
+    vl: float = 1.0
+    action_ce: float = 1.0  # discrete action tokens: next-token cross-entropy
+    clip: float = 1.0  # CLIP regulariser (`model.clip_reg`), robot batches only
+
+    def validate(self, prefix: str = "model.loss_weights") -> None:
+        check_at_least(self, prefix, tuple(f.name for f in fields(self)), 0)
+
+
+@dataclass
+class ModelConfig:
+    """RoboVLM: the backbone plus fusion, action tokens and heads."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    # continuous: learnable action tokens + regression head; discrete: action ids + next-token loss
+    action_space: Literal["continuous", "discrete"] = "continuous"
+    # post: one frame per VLM sequence (window folded into the batch), history fused by the head (lstm / gpt);
+    # pre: the window's frames interleaved in one sequence, action tokens after each frame;
+    # video: the window's frames in one sequence, one set of action tokens for the last frame
+    history_type: Literal["post", "pre", "video"] = "post"
+    latent_num: int = 1  # learnable action tokens inserted per frame
+    use_state: bool = False  # insert a proprioceptive state token after the image tokens
+    # Robot sequences: put the instruction before the image (image tokens then attend to it).
+    instruction_first: bool = False
+    head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
+    discrete: DiscreteActionConfig = field(default_factory=DiscreteActionConfig)
+    loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    clip_reg: ClipRegConfig = field(default_factory=ClipRegConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self, prefix: str = "model") -> None:
+        """Everything the model block can check on its own (`Config.validate` adds the data.window_size check)."""
+        check_at_least(self, prefix, ("latent_num",), 1)
+        self.backbone.validate(f"{prefix}.backbone")
+        self.discrete.validate(f"{prefix}.discrete")
+        validate_history(self, prefix=prefix)
+        self.resampler.validate(f"{prefix}.resampler")
+        self.clip_reg.validate(f"{prefix}.clip_reg")
+        self.loss_weights.validate(f"{prefix}.loss_weights")
+        self.lora.validate(f"{prefix}.lora")
+
+
+def validate_history(m: ModelConfig, window_size: int | None = None, prefix: str = "model") -> None:
+    """History type x head x action space combinations (mechanism 4); `window_size` adds the head-memory check.
+
+    Also called by `RoboVLM` itself, so a model built without `load_config` fails the same way.
+    """
+    head = m.head
+    if head.type in HISTORY_HEADS:
+        if m.history_type != "post":
+            raise ConfigError(
+                f"{prefix}.head.type={head.type} fuses the window over time itself and needs "
+                f"{prefix}.history_type: post; with history_type {m.history_type} the VLM already sees the window: "
+                f"use {prefix}.head.type: mlp"
+            )
+        if m.action_space == "discrete":
+            raise ConfigError(
+                f"{prefix}.head.type={head.type} needs {prefix}.action_space: continuous (the discrete action space "
+                f"predicts action ids with the LM and has no head); set {prefix}.head.type: mlp"
+            )
+        check_at_least(head, f"{prefix}.head", ("num_layers",), 1)
+        if head.max_history < 0:
+            raise ConfigError(f"{prefix}.head.max_history must be >= 0 (0: data.window_size), got {head.max_history}")
+    if head.type == "gpt" and (head.num_heads < 1 or head.hidden_size % head.num_heads):
+        raise ConfigError(
+            f"{prefix}.head.num_heads ({head.num_heads}) must be >= 1 and divide "
+            f"{prefix}.head.hidden_size ({head.hidden_size})"
+        )
+    if window_size is not None:
+        check_history_window(m, window_size, prefix)
+
+
+def check_history_window(m: ModelConfig, window_size: int, prefix: str = "model") -> None:
+    """Cross-section: a history head keeps exactly the `data.window_size` frames it was trained on."""
+    head = m.head
+    if head.type in HISTORY_HEADS and head.max_history not in (0, window_size):
+        raise ConfigError(
+            f"{prefix}.head.max_history ({head.max_history}) must equal data.window_size ({window_size}) for "
+            f"{prefix}.head.type={head.type}: the head trains on windows of window_size frames and keeps as many at "
+            "inference; set it to 0 to follow data.window_size"
+        )
