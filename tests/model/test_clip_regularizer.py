@@ -9,6 +9,7 @@ from test_discrete_actions import discrete_batch
 from test_robovlm import INSTRUCTIONS, robot_batch, tokenize, vl_batch
 
 from vla_scale.config.schema import BackboneConfig, ClipRegConfig, LossWeightsConfig, ModelConfig, TinyClipConfig
+from vla_scale.data.observation import Observation
 from vla_scale.model import RoboVLM, build_model
 from vla_scale.model.clip_regularizer import (
     ClipRegularizer,
@@ -124,7 +125,7 @@ def test_clip_is_frozen_outside_the_module_tree_and_loss_clip_is_weighted(tiny_p
     expected = w.arm * out["loss_arm"] + w.gripper * out["loss_gripper"] + 0.5 * out["loss_clip"]
     torch.testing.assert_close(out["loss"], expected)
     # The pooled action states are what the regulariser sees: recompute the term by hand.
-    _, _, action_hidden, _ = model._action_outputs(batch.images, batch.text_ids, batch.text_mask, None, None)
+    _, _, action_hidden, _ = model.actions.outputs(model, Observation(batch.images, batch.text_ids, batch.text_mask))
     target = teacher.embed(INSTRUCTIONS, torch.device("cpu"))
     manual = model.clip_reg.loss(model.clip_reg.proj(pool_action_states(action_hidden, 2)), target)
     torch.testing.assert_close(out["loss_clip"], manual)
@@ -159,8 +160,9 @@ def test_inference_build_skips_clip_and_loads_the_same_weights(tiny_path, clip_p
     policy.load_state_dict(trained.state_dict(), strict=True)
     batch = robot_batch(policy)
     ids, mask = tokenize(policy, INSTRUCTIONS)
-    arm, _ = policy.predict_action(batch.images, ids, mask)
-    torch.testing.assert_close(arm, trained.predict_action(batch.images, ids, mask)[0])
+    obs = Observation(batch.images, ids, mask)
+    arm, _ = policy.predict_action(obs)
+    torch.testing.assert_close(arm, trained.predict_action(obs)[0])
     with pytest.raises(RuntimeError, match="load_clip=False"):
         policy(batch)
 

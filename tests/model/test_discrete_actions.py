@@ -12,6 +12,7 @@ from test_robovlm import tokenize, vl_batch
 from vla_scale.config import ConfigError, load_config
 from vla_scale.config.schema import BackboneConfig, DiscreteActionConfig, ModelConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
+from vla_scale.data.observation import Observation
 from vla_scale.model import RoboVLM, build_model
 from vla_scale.model.action_tokenizer import ActionTokenizer
 
@@ -94,11 +95,11 @@ def test_labels_sit_exactly_on_the_action_ids_and_eos(tiny_path):
     batch.action[0, 0, 1] = float("nan")  # masked step (the batch masks sample 0's last step)
     first = VOCAB - 4
     step0, step1 = [first + b for b in (0, 1, 2, 0)], [first + b for b in (3, 3, 0, 3)]
-    ids, labels = model._discrete_labels(batch)
+    ids, labels = model.actions.labels(batch)
     assert ids[1].tolist() == step0 + step1
     assert labels[0].tolist() == step0 + [IGNORE_INDEX] * A and labels[1].tolist() == step0 + step1
     slot = {"action_ids": ids, "action_labels": labels, "append_eos": True, "eos_label": True}
-    fused = model._robot_sequence(batch.images, batch.text_ids, batch.text_mask, **slot)
+    fused = model.robot_sequence(batch.observation, **slot)
     eos = model.adapter.eos_id
     for i, n_text in enumerate(batch.text_mask.sum(dim=1).tolist()):
         start = 1 + N_IMAGE + n_text  # BOS, image, instruction (no specials), then the action ids
@@ -143,14 +144,14 @@ def test_cached_and_uncached_decoding_agree_and_ignore_padding(tiny_path):
     with torch.no_grad():  # spread the action rows so greedy ids depend on the context (random init ties them)
         model.adapter.lm_head.weight[VOCAB - 64 :] *= 30
     batch = discrete_batch(model)
-    cached = model.decode_action_ids(batch.images, batch.text_ids, batch.text_mask)
-    uncached = model.decode_action_ids(batch.images, batch.text_ids, batch.text_mask, use_cache=False)
+    cached = model.decode_action_ids(batch.observation)
+    uncached = model.decode_action_ids(batch.observation, use_cache=False)
     assert cached.shape == (B, T, N, A) and torch.equal(cached, uncached)
     assert cached.unique().numel() > 2 and ((cached >= VOCAB - 64) & (cached < VOCAB)).all()
     n = int(batch.text_mask[1].sum())  # sample 1 alone, no padding, equals its row in the padded batch
-    alone = model.decode_action_ids(batch.images[1:], batch.text_ids[1:, :n], batch.text_mask[1:, :n])
+    alone = model.decode_action_ids(Observation(batch.images[1:], batch.text_ids[1:, :n], batch.text_mask[1:, :n]))
     assert torch.equal(alone, cached[1:])
-    arm, gripper = model.predict_action(batch.images, batch.text_ids, batch.text_mask)
+    arm, gripper = model.predict_action(batch.observation)
     assert arm.shape == (B, T, N, A - 1) and gripper.shape == (B, T, N, 1)
     assert set(gripper.unique().tolist()) <= {0.0, 1.0}
     torch.testing.assert_close(arm, model.action_tokenizer.decode(cached)[..., :-1])
@@ -169,7 +170,7 @@ def test_overfits_one_batch_and_decodes_the_targets(tiny_path):
         losses.append(out["loss_action_ce"].item())
     assert losses[-1] < 0.1 * losses[0], losses
     model.eval()
-    arm, gripper = model.predict_action(batch.images, batch.text_ids, batch.text_mask)
+    arm, gripper = model.predict_action(batch.observation)
     mask = batch.action_mask
     width = model.action_tokenizer.bin_width
     assert (arm - batch.action[..., :-1]).abs()[mask].max() <= 2 * width

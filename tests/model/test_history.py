@@ -14,6 +14,7 @@ from test_robovlm import tokenize, vl_batch
 from vla_scale.config.schema import ActionHeadConfig, BackboneConfig, ModelConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.data.normalize import Normalizer
+from vla_scale.data.observation import Observation
 from vla_scale.model import RoboVLM, build_model
 from vla_scale.policy import Policy
 
@@ -63,7 +64,7 @@ def make_batch(model: RoboVLM, frames: int = T, seed: int = 0, extra_pad: int = 
 
 def predict(model: RoboVLM, batch: Batch) -> torch.Tensor:
     """Arm chunks and gripper probabilities in one tensor `[B, T', N, A]` (discrete: decoded bins)."""
-    arm, gripper = model.predict_action(batch.images, batch.text_ids, batch.text_mask, batch.state)
+    arm, gripper = model.predict_action(batch.observation)
     return torch.cat([arm, gripper], dim=-1)
 
 
@@ -97,12 +98,7 @@ def test_forward_backward_shapes_and_gradients(tiny_path, history, head, space):
     model.eval()
     assert predict(model, batch).shape == (B, frames, N, A)
     if space == "discrete":
-        assert model.decode_action_ids(batch.images, batch.text_ids, batch.text_mask, batch.state).shape == (
-            B,
-            frames,
-            N,
-            A,
-        )
+        assert model.decode_action_ids(batch.observation).shape == (B, frames, N, A)
 
 
 @pytest.mark.parametrize("head", ["lstm", "gpt"])
@@ -120,9 +116,16 @@ def test_pre_layout_interleaves_frames_with_their_action_tokens(tiny_path, instr
     d = model.adapter.hidden_size
     images = torch.randn(B, T, N_IMAGE, d)
     states = torch.randn(B, T, d)
-    keep = model._text_keep(ids, mask, strip_eos=True)
-    fused = model.fuse(
-        images, ids, keep, n_action=LATENT, append_eos=True, state_tokens=states, text_first=instruction_first
+    keep = model.sequences.text_keep(ids, mask, strip_eos=True)
+    fused = model.sequences.fuse(
+        images,
+        ids,
+        keep,
+        n_action=LATENT,
+        action_token=model.action_token,
+        append_eos=True,
+        state_tokens=states,
+        text_first=instruction_first,
     )
     frame_len = N_IMAGE + 1 + LATENT
     for i in range(B):
@@ -160,13 +163,11 @@ def test_causal_over_frames(tiny_path, history, head):
 def test_pre_discrete_is_causal_and_decoding_is_consistent_with_training(tiny_path):
     model = make(tiny_path, "pre", space="discrete").eval()
     batch = make_batch(model)
-    ids, labels = model._discrete_labels(batch)
+    ids, labels = model.actions.labels(batch)
     assert ids.shape == (B, T, N * A)
 
     def action_hidden(b: Batch) -> torch.Tensor:
-        fused = model._robot_sequence(
-            b.images, b.text_ids, b.text_mask, state=b.state, action_ids=ids, action_labels=labels
-        )
+        fused = model.robot_sequence(b.observation, action_ids=ids, action_labels=labels)
         hidden, _, _ = model.adapter.lm_forward(fused.embeds, fused.attention_mask, return_logits=False)
         return hidden[fused.action_mask].reshape(B, T, N * A, -1)
 
@@ -175,12 +176,10 @@ def test_pre_discrete_is_causal_and_decoding_is_consistent_with_training(tiny_pa
     changed.images[:, -1] = 255 - changed.images[:, -1]
     torch.testing.assert_close(action_hidden(changed)[:, :-1], base[:, :-1], atol=1e-5, rtol=1e-4)
 
-    decoded = model.decode_action_ids(batch.images, batch.text_ids, batch.text_mask, batch.state)
+    decoded = model.decode_action_ids(batch.observation)
     # Teacher-forcing the decoded ids in the training layout: each id is the argmax where training predicts it.
     flat = decoded.reshape(B, T, N * A)
-    fused = model._robot_sequence(
-        batch.images, batch.text_ids, batch.text_mask, state=batch.state, action_ids=flat, action_labels=flat
-    )
+    fused = model.robot_sequence(batch.observation, action_ids=flat, action_labels=flat)
     hidden, _, _ = model.adapter.lm_forward(fused.embeds, fused.attention_mask, return_logits=False)
     targets = fused.labels[:, 1:]
     logits = model.adapter.compute_logits(hidden[:, :-1][targets != IGNORE_INDEX]).float()
@@ -222,9 +221,7 @@ def test_stepwise_inference_equals_windowed_forward_and_reset(tiny_path, head):
     episode = make_batch(model, frames=T + 2)  # runs two frames past the head's memory (max_history = T)
 
     def step(t: int) -> torch.Tensor:
-        arm, grip = model.predict_action_step(
-            episode.images[:, t : t + 1], episode.text_ids, episode.text_mask, episode.state[:, t : t + 1]
-        )
+        arm, grip = model.predict_action_step(episode.observation.frames(t, t + 1))
         return torch.cat([arm, grip], dim=-1)[:, 0]
 
     steps = [step(t) for t in range(T + 2)]
@@ -246,7 +243,7 @@ def test_stepwise_is_only_for_history_heads(tiny_path):
     model.reset()  # a no-op, callable on every model
     batch = make_batch(model, frames=1)
     with pytest.raises(ValueError, match="lstm or gpt"):
-        model.predict_action_step(batch.images, batch.text_ids, batch.text_mask, batch.state)
+        model.predict_action_step(batch.observation)
 
 
 @pytest.mark.parametrize("history, head", [("post", "gpt"), ("pre", "mlp")])
@@ -277,7 +274,7 @@ def test_policy_uses_head_memory_or_the_window(tiny_path, history, head):
     for t in range(T + 1):
         lo = max(0, t - T + 1)
         images, state = episode.images[:1, lo : t + 1], torch.from_numpy(states[None, lo : t + 1])
-        arm, _ = model.predict_action(images, text_ids, text_mask, state)
+        arm, _ = model.predict_action(Observation(images, text_ids, text_mask, state=state))
         np.testing.assert_allclose(outs[t][:, :-1], arm[0, -1].numpy(), atol=1e-5)
     policy.reset()
     np.testing.assert_allclose(policy.predict(frames[0], TEXTS[0], states[0]), outs[0], atol=1e-6)

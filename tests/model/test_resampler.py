@@ -50,10 +50,9 @@ def test_continuous_robovlm_with_resampler_shortens_the_sequence_and_trains(tiny
     batch = robot_batch(model)
     batch.wrist_images = batch.images.flip(-1)
     assert model.encode_images(batch.images[:, 0]).shape == (2, K, model.adapter.hidden_size)
-    args = (batch.images, batch.text_ids, batch.text_mask, batch.wrist_images, batch.state)
     with torch.no_grad():
-        short = model._robot_sequence(*args, n_action=2, append_eos=True)
-        long = plain._robot_sequence(*args, n_action=2, append_eos=True)
+        short = model.robot_sequence(batch.observation, n_action=2, action_token=model.action_token, append_eos=True)
+        long = plain.robot_sequence(batch.observation, n_action=2, action_token=plain.action_token, append_eos=True)
     assert long.embeds.shape[1] - short.embeds.shape[1] == 2 * (N_IMAGE - K)  # static + wrist image
     out = model(batch)
     assert torch.isfinite(out["loss"]) and out["num_tokens"] < plain(batch)["num_tokens"]
@@ -66,7 +65,7 @@ def test_continuous_robovlm_with_resampler_shortens_the_sequence_and_trains(tiny
     vl["loss"].backward()
     assert missing_grads(model) == []
     assert all(p.grad.abs().sum() > 0 for p in model.resampler.parameters())
-    arm, gripper = model.predict_action(batch.images, batch.text_ids, batch.text_mask, batch.state, batch.wrist_images)
+    arm, gripper = model.predict_action(batch.observation)
     assert arm.shape == (2, 2, 3, 6) and gripper.shape == (2, 2, 3, 1)
 
 
@@ -80,8 +79,8 @@ def test_discrete_robovlm_with_resampler_trains_and_decodes(tiny_path):
     model.eval()
     with torch.no_grad():  # spread the action rows so greedy ids depend on the context
         model.adapter.lm_head.weight[-64:] *= 30
-    cached = model.decode_action_ids(batch.images, batch.text_ids, batch.text_mask)
-    uncached = model.decode_action_ids(batch.images, batch.text_ids, batch.text_mask, use_cache=False)
+    cached = model.decode_action_ids(batch.observation)
+    uncached = model.decode_action_ids(batch.observation, use_cache=False)
     assert cached.shape == (2, 1, 2, 4) and torch.equal(cached, uncached)
 
 
@@ -113,9 +112,7 @@ def test_qwen_gives_resampled_images_1d_positions(tiny_qwen, rng):
         action_mask=torch.ones(2, 2, 3, dtype=torch.bool),
     )
     with torch.no_grad():
-        fused = model._robot_sequence(
-            batch.images, ids, mask, batch.wrist_images, batch.state, n_action=1, append_eos=True
-        )
+        fused = model.robot_sequence(batch.observation, n_action=1, action_token=model.action_token, append_eos=True)
         positions = model.adapter.position_ids(fused.embeds, fused.attention_mask)
         expected = torch.where(fused.attention_mask, fused.attention_mask.long().cumsum(1) - 1, 0)
         assert torch.equal(positions, expected.expand(3, -1, -1))

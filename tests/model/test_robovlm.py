@@ -9,6 +9,7 @@ import torch
 
 from vla_scale.config.schema import BackboneConfig, ModelConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
+from vla_scale.data.observation import Observation
 from vla_scale.model import RoboVLM, build_model
 
 B, T, N, A, S = 2, 2, 3, 7, 8
@@ -104,7 +105,7 @@ def test_robot_forward_returns_finite_scalar_terms(model):
 
 def test_predict_action_shapes(model):
     batch = robot_batch(model)
-    arm, gripper = model.predict_action(batch.images, batch.text_ids, batch.text_mask, state=batch.state)
+    arm, gripper = model.predict_action(batch.observation)
     assert arm.shape == (B, T, N, A - 1) and gripper.shape == (B, T, N, 1)
     assert ((gripper >= 0) & (gripper <= 1)).all() and not arm.requires_grad
 
@@ -112,8 +113,10 @@ def test_predict_action_shapes(model):
 def test_fused_layout_puts_action_tokens_after_each_samples_last_real_token(model):
     ids, mask = tokenize(model, INSTRUCTIONS)  # sample 1 is much shorter: right-padded
     image_tokens = torch.zeros(2, N_IMAGE, model.adapter.hidden_size)
-    keep = model._text_keep(ids, mask, strip_eos=True)
-    fused = model.fuse(image_tokens, ids, keep, n_action=model.latent_num, append_eos=True)
+    keep = model.sequences.text_keep(ids, mask, strip_eos=True)
+    fused = model.sequences.fuse(
+        image_tokens, ids, keep, n_action=model.latent_num, action_token=model.action_token, append_eos=True
+    )
     n_text = mask.sum(dim=1)
     for i in range(2):
         start = 1 + N_IMAGE + int(n_text[i])
@@ -133,9 +136,9 @@ def test_padding_does_not_change_a_samples_predictions_or_loss(tiny_path):
     batch = robot_batch(model)
     short = select(batch, 1)  # "open the drawer" with no padding at all
     padded = robot_batch(model, extra_pad=5)  # both samples carry extra pad columns
-    arm_alone, grip_alone = model.predict_action(short.images, short.text_ids, short.text_mask)
-    arm_batch, grip_batch = model.predict_action(batch.images, batch.text_ids, batch.text_mask)
-    arm_pad, grip_pad = model.predict_action(padded.images, padded.text_ids, padded.text_mask)
+    arm_alone, grip_alone = model.predict_action(short.observation)
+    arm_batch, grip_batch = model.predict_action(batch.observation)
+    arm_pad, grip_pad = model.predict_action(padded.observation)
     torch.testing.assert_close(arm_batch[1:], arm_alone, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grip_batch[1:], grip_alone, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(arm_pad, arm_batch, atol=1e-5, rtol=1e-4)
@@ -144,7 +147,7 @@ def test_padding_does_not_change_a_samples_predictions_or_loss(tiny_path):
     # Had the action tokens gone after the padding, the short sample would see pad embeddings first:
     wrong_mask = batch.text_mask.clone()
     wrong_mask[1] = True
-    arm_wrong, _ = model.predict_action(batch.images, batch.text_ids, wrong_mask)
+    arm_wrong, _ = model.predict_action(Observation(batch.images, batch.text_ids, wrong_mask))
     assert (arm_wrong[1] - arm_alone[0]).abs().max() > 1e-3
 
 
@@ -160,9 +163,9 @@ def test_instruction_special_tokens_are_optional(tiny_path):
     lengths = mask.sum(dim=1)
     with_eos_ids[torch.arange(len(ids)), lengths] = model.adapter.eos_id
     with_eos_mask[torch.arange(len(ids)), lengths] = True
-    reference = model.predict_action(batch.images, ids, mask)[0]
+    reference = model.predict_action(Observation(batch.images, ids, mask))[0]
     for variant_ids, variant_mask in [(bos_ids, bos_mask), (with_eos_ids, with_eos_mask)]:
-        arm = model.predict_action(batch.images, variant_ids, variant_mask)[0]
+        arm = model.predict_action(Observation(batch.images, variant_ids, variant_mask))[0]
         torch.testing.assert_close(arm, reference, atol=1e-5, rtol=1e-4)
 
 
@@ -206,8 +209,8 @@ def test_vl_forward_ignores_image_positions(model):
     assert out["loss_vl"].item() == pytest.approx(math.log(len(model.adapter.tokenizer)), rel=0.2)  # random init
 
     image_tokens = model.adapter.encode_images(batch.images[:, 0])
-    keep = model._text_keep(batch.text_ids, batch.text_mask, strip_eos=False)
-    fused = model.fuse(image_tokens, batch.text_ids, keep, batch.text_labels)
+    keep = model.sequences.text_keep(batch.text_ids, batch.text_mask, strip_eos=False)
+    fused = model.sequences.fuse(image_tokens, batch.text_ids, keep, batch.text_labels)
     assert (fused.labels[:, : 1 + N_IMAGE] == IGNORE_INDEX).all()  # BOS + image positions
     assert (fused.labels != IGNORE_INDEX).sum() == (batch.text_labels != IGNORE_INDEX).sum()
     assert not fused.action_mask.any()
@@ -286,18 +289,18 @@ def test_state_token_is_inserted_and_trained(tiny_path):
     batch = robot_batch(model)
     without = make_model(tiny_path)
     assert model(batch)["num_tokens"].item() == without(batch)["num_tokens"].item() + B * T
-    arm, _ = model.predict_action(batch.images, batch.text_ids, batch.text_mask, batch.state)
-    moved, _ = model.predict_action(batch.images, batch.text_ids, batch.text_mask, batch.state + 1.0)
+    arm, _ = model.predict_action(batch.observation)
+    moved, _ = model.predict_action(Observation(batch.images, batch.text_ids, batch.text_mask, state=batch.state + 1.0))
     assert not torch.allclose(arm, moved)
     closed = batch.state.clone()
     closed[..., -1] = 1.0 - (closed[..., -1] > 0.5).float()  # flip the gripper bit only
-    flipped, _ = model.predict_action(batch.images, batch.text_ids, batch.text_mask, closed)
+    flipped, _ = model.predict_action(Observation(batch.images, batch.text_ids, batch.text_mask, state=closed))
     assert not torch.allclose(arm, flipped)
     model(batch)["loss"].backward()
     for name in ("arm.weight", "gripper.weight", "proj.weight"):
         assert getattr(model.state_encoder, name.split(".")[0]).weight.grad.abs().sum() > 0, name
     with pytest.raises(ValueError, match="use_state is on but the batch has no `state`"):
-        model.predict_action(batch.images, batch.text_ids, batch.text_mask)
+        model.predict_action(Observation(batch.images, batch.text_ids, batch.text_mask))
 
 
 @pytest.mark.parametrize("kind", ["robot", "vl"])
@@ -314,9 +317,16 @@ def test_instruction_first_layout_and_padding_invariance(tiny_path):
     ids, mask = tokenize(model, INSTRUCTIONS)
     image_tokens = torch.randn(2, N_IMAGE, model.adapter.hidden_size)
     state_tokens = torch.randn(2, 1, model.adapter.hidden_size)
-    keep = model._text_keep(ids, mask, strip_eos=True)
-    fused = model.fuse(
-        image_tokens, ids, keep, n_action=model.latent_num, append_eos=True, state_tokens=state_tokens, text_first=True
+    keep = model.sequences.text_keep(ids, mask, strip_eos=True)
+    fused = model.sequences.fuse(
+        image_tokens,
+        ids,
+        keep,
+        n_action=model.latent_num,
+        action_token=model.action_token,
+        append_eos=True,
+        state_tokens=state_tokens,
+        text_first=True,
     )
     for i in range(2):
         n = int(mask[i].sum())

@@ -31,8 +31,8 @@ def test_vl_loss_counts_exactly_the_assistant_tokens(tiny_path):
     out = model(batch)
     # Reference: the same fused sequence, cross-entropy by hand over labelled positions only.
     image_tokens = model.adapter.encode_images(batch.images[:, 0])
-    keep = model._text_keep(batch.text_ids, batch.text_mask.bool(), strip_eos=False)
-    fused = model.fuse(image_tokens, batch.text_ids, keep, batch.text_labels)
+    keep = model.sequences.text_keep(batch.text_ids, batch.text_mask.bool(), strip_eos=False)
+    fused = model.sequences.fuse(image_tokens, batch.text_ids, keep, batch.text_labels)
     _, logits, _ = model.adapter.lm_forward(fused.embeds, fused.attention_mask, return_logits=True)
     labels = fused.labels[:, 1:]
     mask = labels != IGNORE_INDEX
