@@ -54,7 +54,9 @@ def build(args: argparse.Namespace, tmp: str) -> tuple[RoboVLM, PerceiverResampl
 def lm_pass(model: RoboVLM, image_tokens: torch.Tensor, text_ids: torch.Tensor, train: bool) -> int:
     """Fuse image + instruction + action token and run the LM; returns the sequence length."""
     keep = torch.ones_like(text_ids, dtype=torch.bool)
-    fused = model.fuse(image_tokens, text_ids, keep, n_action=1, append_eos=True)
+    fused = model.sequences.fuse(
+        image_tokens, text_ids, keep, n_action=1, action_token=model.action_token, append_eos=True
+    )
     hidden, _, _ = model.adapter.lm_forward(fused.embeds, fused.attention_mask, return_logits=False)
     if train:
         hidden.float().mean().backward()

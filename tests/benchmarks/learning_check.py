@@ -213,7 +213,7 @@ def predict_last(model: RoboVLM, windows: list[Window], norm: Normalizer, max_te
         for start in range(0, len(idx), batch):
             part = idx[start : start + batch]
             b = collate_robot([windows[i] for i in part], model.tokenizer, max_text_len)
-            arm, grip = model.predict_action(b.images, b.text_ids, b.text_mask, state=b.state)
+            arm, grip = model.predict_action(b.observation)
             raw = norm.unnormalize_action(arm[:, -1].numpy(), grip[:, -1].numpy())[..., :ARM_DIMS]
             for j, i in enumerate(part):
                 out[i] = raw[j]

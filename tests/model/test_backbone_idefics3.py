@@ -162,10 +162,10 @@ def test_discrete_cached_and_uncached_decoding_agree_and_ignore_padding(built):
     model = make_model(family, path, chunk_size=2, action_space="discrete", discrete=discrete).eval()
     batch = robot_batch(model)  # first frame only, chunk of 2: 14 greedy steps per row
     batch.images, batch.state = batch.images[:, :1], batch.state[:, :1]
-    cached = model.decode_action_ids(batch.images, batch.text_ids, batch.text_mask, batch.state)
-    uncached = model.decode_action_ids(batch.images, batch.text_ids, batch.text_mask, batch.state, use_cache=False)
+    cached = model.decode_action_ids(batch.observation)
+    uncached = model.decode_action_ids(batch.observation, use_cache=False)
     assert cached.shape == (B, 1, 2, A) and torch.equal(cached, uncached)
     assert cached.unique().numel() > 2 and ((cached >= VOCAB - 64) & (cached < VOCAB)).all()
     alone = select(batch, 1)  # the short instruction, unpadded, decodes as its row in the padded batch
-    ids = model.decode_action_ids(alone.images, alone.text_ids, alone.text_mask, alone.state)
+    ids = model.decode_action_ids(alone.observation)
     assert torch.equal(ids, cached[1:])

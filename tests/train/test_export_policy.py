@@ -23,6 +23,7 @@ from test_launcher_integration import run_launcher, toy_data  # noqa: E402, F401
 from vla_scale.cli import main as cli_main  # noqa: E402
 from vla_scale.data.format import decode_episode, load_stats  # noqa: E402
 from vla_scale.data.normalize import EPS, Normalizer  # noqa: E402
+from vla_scale.data.observation import Observation  # noqa: E402
 from vla_scale.policy import Policy  # noqa: E402
 from vla_scale.train.export import ExportError, build_run_model, export_policy, load_fp32_state_dict  # noqa: E402
 from vla_scale.train.metrics import read_metrics  # noqa: E402
@@ -51,7 +52,8 @@ def reference_actions(model, normalizer: Normalizer, frame, instruction, state, 
     ids = model.tokenizer(instruction, add_special_tokens=False)["input_ids"][:max_text_len]
     images = torch.from_numpy(np.array(frame)).permute(2, 0, 1)[None, None]
     norm_state = torch.from_numpy(normalizer.normalize_state(state))[None, None]
-    arm, grip = model.predict_action(images, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool), norm_state)
+    obs = Observation(images, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool), state=norm_state)
+    arm, grip = model.predict_action(obs)
     return normalizer.unnormalize_action(arm[0, 0].numpy(), grip[0, 0].numpy())
 
 
