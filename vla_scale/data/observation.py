@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from vla_scale.data.batch import Batch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq: tensors have no single truth value; compare fields instead
 class Observation:
     """The model input of one decision (see the module docstring for shapes); immutable, checked on construction."""
 
