@@ -27,23 +27,14 @@ Family quirks (transformers 5.24, read from `models/qwen2_vl` and `models/qwen2_
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
 from einops import rearrange, repeat
 from torch import nn
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessorPil,
-)
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-from vla_scale.config.schema import TinyBackboneConfig
-from vla_scale.model.backbones.base import BackboneAdapter, register_backbone
-from vla_scale.model.backbones.tiny_tokenizer import build_tiny_tokenizer
+from vla_scale.model.backbones.base import HFBackboneAdapter
 
 DEFAULT_IMAGE_SIDE = 224  # robot frames: 224 px -> 16x16 patches of 14 -> 64 tokens after the 2x2 merge
 QWEN_SPECIALS = {
@@ -54,12 +45,13 @@ QWEN_SPECIALS = {
 }
 
 
-@register_backbone("qwen2_vl")
-class Qwen2VLAdapter(BackboneAdapter):
+class Qwen2VLAdapter(HFBackboneAdapter):
     """Qwen2-VL: merged ViT features from `get_image_features`, LM = inner Qwen2 with 3D (t, h, w) positions."""
 
+    family = "qwen2_vl"
     model_class: type[nn.Module] = Qwen2VLForConditionalGeneration
-    config_class: type = Qwen2VLConfig
+    vision_path = "model.visual"
+    projector_path = "model.visual.merger"
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any):
         super().__init__(model, tokenizer, image_processor)
@@ -69,10 +61,6 @@ class Qwen2VLAdapter(BackboneAdapter):
         self.patch_size, self.merge_size = int(vision.patch_size), int(vision.spatial_merge_size)
         self.temporal_patch_size = int(vision.temporal_patch_size)
         self._rope_deltas: torch.Tensor | None = None  # [B, 1] from the last prefix, for KV-cache steps
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.text_config.hidden_size)
 
     @property
     def image_size(self) -> int:
@@ -87,18 +75,6 @@ class Qwen2VLAdapter(BackboneAdapter):
     def tokens_per_image(self) -> int:
         return (self.image_size // (self.patch_size * self.merge_size)) ** 2
 
-    @property
-    def vision_module(self) -> nn.Module:
-        return self.model.model.visual
-
-    @property
-    def projector(self) -> nn.Module:
-        return self.model.model.visual.merger
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
     # --- images -----------------------------------------------------------------------------------
     def patchify(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised `[B, C, S, S]` → (flat patches `[B*gh*gw, C*T*P*P]`, `image_grid_thw` `[B, 3]`), the processor's
@@ -112,9 +88,8 @@ class Qwen2VLAdapter(BackboneAdapter):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 `[B, C, H, W]` → merged patch features `[B, tokens_per_image, D]` in the LM embedding space."""
-        vision_dtype = next(self.vision_module.parameters()).dtype
-        patches, grid = self.patchify(self.preprocess_images(images))
-        out = self.model.model.get_image_features(patches.to(vision_dtype), grid, return_dict=True)
+        patches, grid = self.patchify(self.tower_pixels(images))
+        out = self.model.model.get_image_features(patches, grid, return_dict=True)
         return torch.stack(list(out.pooler_output)).to(self.embed_dtype)
 
     # --- language model ---------------------------------------------------------------------------
@@ -164,10 +139,6 @@ class Qwen2VLAdapter(BackboneAdapter):
         pos = torch.arange(length, device=device) + seen + deltas.to(device).view(-1, 1)
         return repeat(pos, "b l -> three b l", three=3)
 
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
     def lm_position_ids(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past_length: int
     ) -> torch.Tensor:
@@ -176,87 +147,9 @@ class Qwen2VLAdapter(BackboneAdapter):
             return self._cached_position_ids(inputs_embeds, attention_mask, past_length)
         return self.position_ids(inputs_embeds, attention_mask)
 
-    # --- loading and building ---------------------------------------------------------------------
 
-    @classmethod
-    def _tiny_vision_config(cls, tiny_cfg: TinyBackboneConfig) -> dict[str, Any]:
-        return {
-            "depth": tiny_cfg.vision_layers,
-            "embed_dim": tiny_cfg.vision_hidden_size,
-            "hidden_size": tiny_cfg.hidden_size,  # Qwen2-VL: the merger's output width
-            "num_heads": tiny_cfg.vision_heads,
-            "mlp_ratio": 2,
-            "patch_size": tiny_cfg.patch_size,
-        }
-
-    @classmethod
-    def build_tiny(cls, tiny_cfg: TinyBackboneConfig, out_dir: str | os.PathLike, seed: int = 0) -> Qwen2VLAdapter:
-        """Random-weight checkpoint of the real config classes (2x2 merge, temporal patch 2), saved for from_pretrained.
-
-        Like Qwen's tokenizer the tiny one has no BOS and appends nothing; the image processor's pixel budget is
-        pinned to `image_size`^2 so `image_size` reads back as the tiny side.
-        """
-        factor = 2 * tiny_cfg.patch_size
-        if tiny_cfg.image_size % factor:
-            raise ValueError("model.backbone.tiny.image_size must be a multiple of 2 x patch_size (the 2x2 merge)")
-        head_dim = tiny_cfg.hidden_size // tiny_cfg.num_heads
-        if head_dim % 2 or tiny_cfg.hidden_size % tiny_cfg.num_heads:
-            raise ValueError("model.backbone.tiny.hidden_size / num_heads must be an even integer (RoPE)")
-        tokenizer = build_tiny_tokenizer(
-            pad="<|endoftext|>", bos=None, eos="<|im_end|>", extra_special_tokens=QWEN_SPECIALS
-        )
-        half = head_dim // 2  # mrope_section splits the rotary half over (t, h, w) like the real 16/24/24
-        t_sec = max(1, half // 4)
-        h_sec = (half - t_sec) // 2
-        text = {
-            "vocab_size": len(tokenizer),
-            "hidden_size": tiny_cfg.hidden_size,
-            "intermediate_size": tiny_cfg.intermediate_size,
-            "num_hidden_layers": tiny_cfg.num_layers,
-            "num_attention_heads": tiny_cfg.num_heads,
-            "num_key_value_heads": max(1, tiny_cfg.num_heads // 2),
-            "max_position_embeddings": 2048,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1e6,
-                "mrope_section": [t_sec, h_sec, half - t_sec - h_sec],
-            },
-            "bos_token_id": None,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-        ids = {
-            k.removesuffix("_token") + "_token_id": tokenizer.convert_tokens_to_ids(v) for k, v in QWEN_SPECIALS.items()
-        }
-        config = cls.config_class(text_config=text, vision_config=cls._tiny_vision_config(tiny_cfg), **ids)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = cls.model_class(config).float()
-        pixels = tiny_cfg.image_size**2
-        image_processor = Qwen2VLImageProcessorPil(
-            patch_size=tiny_cfg.patch_size, merge_size=2, temporal_patch_size=2, min_pixels=pixels, max_pixels=pixels
-        )
-        adapter = cls(model.eval(), tokenizer, image_processor)
-        adapter.save_pretrained(out_dir)
-        return adapter
-
-
-@register_backbone("qwen2_5_vl")
 class Qwen25VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL: the same interface; its ViT uses windowed attention with a few full-attention blocks."""
 
+    family = "qwen2_5_vl"
     model_class = Qwen2_5_VLForConditionalGeneration
-    config_class = Qwen2_5_VLConfig
-
-    @classmethod
-    def _tiny_vision_config(cls, tiny_cfg: TinyBackboneConfig) -> dict[str, Any]:
-        return {
-            "depth": tiny_cfg.vision_layers,
-            "hidden_size": tiny_cfg.vision_hidden_size,
-            "intermediate_size": 2 * tiny_cfg.vision_hidden_size,
-            "out_hidden_size": tiny_cfg.hidden_size,  # the merger's output width
-            "num_heads": tiny_cfg.vision_heads,
-            "patch_size": tiny_cfg.patch_size,
-            "window_size": 2 * tiny_cfg.patch_size * 2,  # 2x2 merged units per window: both attention kinds run
-            "fullatt_block_indexes": [tiny_cfg.vision_layers - 1],
-        }

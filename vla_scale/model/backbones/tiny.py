@@ -1,0 +1,81 @@
+"""Tiny random-weight checkpoints for tests and the CPU demo, written once and loaded like real ones.
+
+`build_tiny_backbone` makes a family's model from its real transformers config classes at the sizes
+of `TinyBackboneConfig` (the per-family recipes are in `tiny_families.py`), wraps it in the family's
+adapter and saves it with `save_pretrained`, so loading it takes the real `from_pretrained` path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vla_scale.config.schema import BackboneConfig, TinyBackboneConfig
+from vla_scale.model.backbones.registry import get_backbone_class
+
+if TYPE_CHECKING:
+    from vla_scale.model.backbones.contract import BackboneAdapter
+
+
+def build_tiny_backbone(
+    family: str, tiny_cfg: TinyBackboneConfig, out_dir: str | os.PathLike, seed: int = 0
+) -> BackboneAdapter:
+    """Write a tiny random-weight checkpoint of `family` to `out_dir`; return the adapter in memory."""
+    adapter_class = get_backbone_class(family)  # an unknown family fails here, with its close-match hint
+    from vla_scale.model.backbones.tiny_families import TINY_BUILDERS  # imports every family's config classes
+
+    if family not in TINY_BUILDERS:
+        raise ValueError(f"backbone family {family!r} has no tiny builder; add one to tiny_families.TINY_BUILDERS")
+    model, tokenizer, image_processor = TINY_BUILDERS[family](tiny_cfg, seed)
+    adapter = adapter_class(model, tokenizer, image_processor)
+    adapter.save_pretrained(out_dir)
+    return adapter
+
+
+def ensure_tiny_backbone(cfg: BackboneConfig, seed: int = 0) -> bool:
+    """If `cfg.tiny` is set and `cfg.pretrained` is a missing folder, write the tiny checkpoint there.
+
+    Written to a temporary sibling and renamed into place, so ranks racing on a shared
+    filesystem never see a half-written folder. Returns True when this call wrote it.
+    """
+    if cfg.tiny is None or not cfg.pretrained:
+        return False
+    tiny = cfg.tiny
+    return write_folder_once(cfg.pretrained, lambda tmp: build_tiny_backbone(cfg.family, tiny, tmp, seed=seed))
+
+
+def write_folder_once(target: str | os.PathLike, build: Callable[[Path], Any]) -> bool:
+    """Run `build(tmp)` into a temporary sibling of the missing folder `target` and rename it into place.
+
+    Ranks racing on a shared filesystem never see a half-written folder; a build must be deterministic
+    (same seed), since the loser's copy is discarded. Returns True when this call wrote `target`.
+    """
+    target = Path(target)
+    if target.exists():
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        # transformers' save_pretrained writes weights on rank 0 only: this rank's copy would lack them.
+        raise RuntimeError(
+            f"{target} does not exist and rank {torch.distributed.get_rank()} cannot write it: write tiny checkpoints "
+            "before the process group starts (launchers/train.sh does, in its prepare step)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.exists():
+                raise
+            return False  # another rank won the race; its copy is identical (same seed)
+        return True
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
