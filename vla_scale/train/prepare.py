@@ -16,7 +16,8 @@ import yaml
 
 from vla_scale.config import Config, ConfigError, load_config, save_config, to_dict, validate
 from vla_scale.data.format import FormatError, Manifest
-from vla_scale.model.backbones.base import ensure_tiny_backbone, get_backbone_class
+from vla_scale.model.backbones.registry import check_backbone_family
+from vla_scale.model.backbones.tiny import ensure_tiny_backbone
 from vla_scale.model.clip_regularizer import ensure_tiny_clip
 from vla_scale.train.ds_config import build_ds_config
 
@@ -75,7 +76,7 @@ def prepare_run(config_path: str | Path | None, overrides: Sequence[str], world_
     validate(cfg, world_size)
     check_datasets(cfg)
     try:
-        get_backbone_class(cfg.model.backbone.family)
+        check_backbone_family(cfg.model.backbone.family)  # the name only: imports no transformers
     except (KeyError, ValueError) as err:
         raise ConfigError(f"model.backbone.family: {err}") from err
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
