@@ -80,10 +80,10 @@ vla_setup() {
 # Node 0 runs `vla-scale prepare` (validates the config and data, writes config.yaml,
 # ds_config.json and, for tiny test backbones, the random-weight checkpoint). Every other
 # node only resolves the directory and waits until node 0's rendezvous port is open, which
-# happens after node 0's prepare has finished (see launchers/run_dir.py); two nodes
+# happens after node 0's prepare has finished (see `vla-scale run-dir`, vla_scale/train/run_dir.py); two nodes
 # rewriting the same files on a shared filesystem could hand a rank a half-written config.
 vla_prepare() {
-    local resolve=("$PYTHON" "$ROOT/launchers/run_dir.py" "$@" --world-size "$WORLD_SIZE")
+    local resolve=("$PYTHON" -m vla_scale.cli run-dir "$@" --world-size "$WORLD_SIZE")
     if vla_is_dry_run; then
         RUN_DIR=$("${resolve[@]}")
         if [[ "$NODE_RANK" -eq 0 ]]; then

@@ -1,4 +1,5 @@
-"""`vla-scale` command line: prepare a run (used by launchers/train.sh), summarise, plot and export one."""
+"""`vla-scale` command line: prepare a run and resolve its directory (used by the launchers), summarise, plot
+and export one."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ def _prepare(args: argparse.Namespace) -> int:
     from vla_scale.train.prepare import prepare_run
 
     run_dir = prepare_run(args.config, args.overrides, args.world_size)
+    print(run_dir)
+    return 0
+
+
+def _run_dir(args: argparse.Namespace) -> int:
+    from vla_scale.train.run_dir import resolve_run_dir
+
+    try:
+        run_dir = resolve_run_dir(args.config, args.overrides, args.world_size, args.wait_for, args.timeout)
+    except TimeoutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(run_dir)
     return 0
 
@@ -77,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--world-size", type=int, default=1, help="total ranks the job will start")
     p.set_defaults(fn=_prepare)
+    r = sub.add_parser(
+        "run-dir",
+        help="print a run's directory without writing anything; with --wait-for, once node 0 has prepared it",
+    )
+    r.add_argument("config", help="YAML run config")
+    r.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    r.add_argument("--world-size", type=int, required=True, help="total ranks the job will start")
+    r.add_argument("--wait-for", default=None, metavar="HOST:PORT", help="node 0's rendezvous address")
+    r.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for node 0")
+    r.set_defaults(fn=_run_dir)
     s = sub.add_parser("summary", help="first/last loss of a run from its metrics.jsonl")
     s.add_argument("run_dir")
     s.add_argument("--key", default="loss_arm")

@@ -51,9 +51,9 @@ from vla_scale.data import build_dataloader
 from vla_scale.model import build_model
 from vla_scale.model.backbones.base import ensure_tiny_backbone
 from vla_scale.train.ds_config import build_ds_config
-from vla_scale.train.engine import build_engine, init_distributed
-from vla_scale.train.loop import robot_dims, seed_everything, start_stage
+from vla_scale.train.engine import StagedEngine, build_engine, init_distributed
 from vla_scale.train.stages import resolve_stages
+from vla_scale.train.state import robot_dims, seed_everything
 
 CATEGORIES = ("params", "grads", "master", "optim")
 STAGES = (
@@ -214,14 +214,13 @@ def rank_stage_job(rank: int, world: int, run_dir: str, zero: int, stages: str) 
     init_distributed(cfg.train.process_group_timeout_s)
     rss0 = rss_mb()
     model, batches = build(cfg, ds_config, rank, world)
-    reports, engine, optimizer = [], None, None
-    for stage in resolve_stages(model, cfg):
-        if engine is not None:  # loop.train's stage switch, line for line
-            engine.destroy()
-            del engine, optimizer
-            gc.collect()
-        engine, optimizer, report = start_stage(model, stage, cfg, ds_config)
+    reports = []
+    staged = StagedEngine(model, cfg, ds_config, resolve_stages(model, cfg), rank)
+    for stage in staged.stages:
+        staged.enter(stage)  # the loop's stage switch: destroy, unhook, collect, apply the stage, rebuild
+        engine, optimizer = staged.engine, staged.optimizer
         one_step(engine, batches)
+        report = staged.report_stage(step=1)
         ledger = account(engine, model, optimizer)
         reports.append(
             {

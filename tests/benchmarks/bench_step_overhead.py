@@ -51,9 +51,9 @@ from vla_scale.model import build_model
 from vla_scale.train import loop
 from vla_scale.train.ds_config import build_ds_config
 from vla_scale.train.engine import init_distributed
-from vla_scale.train.loop import robot_dims, seed_everything
 from vla_scale.train.metrics import read_metrics
 from vla_scale.train.prepare import prepare_run
+from vla_scale.train.state import robot_dims, seed_everything
 
 SIDES = ("framework, shards", "framework, memory", "bare DeepSpeed")
 CLOCKS = ("wall", "cpu", "workers")

@@ -1,4 +1,4 @@
-"""Each source format converts with `python -m data_tools convert` and then trains through launchers/train.sh."""
+"""Each source format converts with `python -m data_tools convert` and then trains on 2 ranks."""
 
 import json
 import math
@@ -9,23 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# The fixture builders live in the converter tests (tests/data_tools) and the launcher helper in
-# tests/train; neither folder is a package, so put both on sys.path and import them by module name
-# rather than copying ~200 lines of fixture code here.
-for _folder in ("data_tools", "train"):
-    _path = str(Path(__file__).resolve().parents[1] / _folder)
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+# The fixture builders live in the converter tests (tests/data_tools, not a package): put that folder on
+# sys.path and import them by module name rather than copying ~200 lines of fixture code here.
+_path = str(Path(__file__).resolve().parents[1] / "data_tools")
+if _path not in sys.path:
+    sys.path.insert(0, _path)
 
 from test_convert_calvin import make_calvin  # noqa: E402
 from test_convert_hdf5 import make_robomimic  # noqa: E402
 from test_convert_lerobot import make_v3  # noqa: E402
 from test_convert_llava import make_llava  # noqa: E402
 from test_convert_rlds import make_rlds  # noqa: E402
-from test_launcher_integration import run_launcher  # noqa: E402
 
 from data_tools.__main__ import main  # noqa: E402
 from data_tools.synth import synth  # noqa: E402
+from tests.train.jobs import run_ranks  # noqa: E402
 from vla_scale.data.format import Manifest  # noqa: E402
 from vla_scale.data.loader import batch_sources  # noqa: E402
 from vla_scale.train.metrics import read_metrics  # noqa: E402
@@ -94,19 +92,19 @@ def test_convert_then_train(fmt: str, tmp_path: Path, synth_data: Path, backbone
     manifest = Manifest.load(converted)
     assert manifest.kind == kind and manifest.num_samples >= 2  # enough for 2 ranks x 1 worker
 
-    # run_launcher reads <data>/robot and <data>/vl: link the converted set in beside a synthetic one.
+    # run_ranks reads <data>/robot and <data>/vl: link the converted set in beside a synthetic one.
     data = tmp_path / "data"
     data.mkdir()
     other = "vl" if kind == "robot" else "robot"
     (data / kind).symlink_to(converted, target_is_directory=True)
     (data / other).symlink_to(synth_data / other, target_is_directory=True)
-    run_launcher(
+    run_ranks(
         tmp_path,
         data,
         "train.max_steps=2",
         "train.ckpt_every=2",
         f"run.seed={SEED}",
-        f"model.backbone.pretrained={backbone}",  # the last override wins over run_launcher's own
+        f"model.backbone.pretrained={backbone}",  # the last override wins over run_ranks' own
     )
 
     run_dir = tmp_path / "runs" / "debug"

@@ -1,11 +1,11 @@
-"""The engine on 2 real CPU ranks through launchers/train.sh: staged unfreezing, NaN steps, kills, LoRA, offload."""
+"""The engine on 2 real CPU ranks: staged unfreezing, NaN steps, LoRA, offload (ranks started directly) and
+SIGKILL mid-run / mid-save (through launchers/train.sh)."""
 
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,22 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-_here = str(Path(__file__).resolve().parent)
-if _here not in sys.path:
-    sys.path.insert(0, _here)
-
-from test_export_policy import first_episode, reference_actions  # noqa: E402
-from test_launcher_integration import _rank_logs, launcher_command, run_launcher, toy_data  # noqa: E402, F401
-
-from vla_scale.cli import main as cli_main  # noqa: E402
-from vla_scale.data.format import load_stats  # noqa: E402
-from vla_scale.data.normalize import Normalizer  # noqa: E402
-from vla_scale.model.backbones import load_backbone  # noqa: E402
-from vla_scale.policy import Policy  # noqa: E402
-from vla_scale.train.checkpoint import tag_for  # noqa: E402
-from vla_scale.train.export import build_run_model, load_fp32_state_dict  # noqa: E402
-from vla_scale.train.metrics import read_metrics  # noqa: E402
-from vla_scale.train.stages import group_parameters, resolve_stages  # noqa: E402
+from tests.train.jobs import launch, rank_logs, run_ranks, start_launcher
+from tests.train.policy_check import first_episode, reference_actions
+from vla_scale.cli import main as cli_main
+from vla_scale.data.format import load_stats
+from vla_scale.data.normalize import Normalizer
+from vla_scale.model.backbones import load_backbone
+from vla_scale.policy import Policy
+from vla_scale.train.checkpoint import tag_for
+from vla_scale.train.export import build_run_model, load_fp32_state_dict
+from vla_scale.train.metrics import read_metrics
+from vla_scale.train.stages import group_parameters, resolve_stages
 
 pytestmark = pytest.mark.integration
 
@@ -76,11 +71,11 @@ def _check_stages(run_dir: Path, tmp_path: Path, windows: list[tuple[int, int, i
             assert "adapter.model.model.vision_tower.embeddings.patch_embedding.weight" in changed
 
 
-def test_staged_unfreezing_zero2_switches_mid_run_and_resumes_mid_stage(tmp_path, toy_data):  # noqa: F811
-    run_launcher(tmp_path, toy_data, STAGES, "train.max_steps=6", "train.ckpt_every=1", "train.keep_last=0")
+def test_staged_unfreezing_zero2_switches_mid_run_and_resumes_mid_stage(tmp_path, toy_data):
+    run_ranks(tmp_path, toy_data, STAGES, "train.max_steps=6", "train.ckpt_every=1", "train.keep_last=0")
     run_dir = tmp_path / "runs" / "debug"
     _check_stages(run_dir, tmp_path, [(0, 1, 2), (1, 2, 4), (2, 4, 6)])
-    reports = _stage_reports(_rank_logs(tmp_path / "rank_logs"))
+    reports = _stage_reports(rank_logs(tmp_path))
     assert sorted(reports) == [0, 1, 2]
     # Adam state (ZeRO-2: this rank's half) exists only for what each stage trains
     for i in range(3):
@@ -93,9 +88,9 @@ def test_staged_unfreezing_zero2_switches_mid_run_and_resumes_mid_stage(tmp_path
     # Stop inside stage 1 (step 3), resume: the stage's trainable set and optimizer state come back,
     # the switch to stage 2 happens at step 4 again, and every loss matches the uninterrupted run.
     resume = ("run.name=resumed", STAGES, "train.ckpt_every=3")
-    run_launcher(tmp_path, toy_data, *resume, "train.max_steps=3")
-    proc = run_launcher(tmp_path, toy_data, *resume, "train.max_steps=6")
-    assert "resumed from" in proc.stdout + _rank_logs(tmp_path / "rank_logs")
+    run_ranks(tmp_path, toy_data, *resume, "train.max_steps=3")
+    job = run_ranks(tmp_path, toy_data, *resume, "train.max_steps=6")
+    assert "resumed from" in job.logs
     resumed = read_metrics(tmp_path / "runs" / "resumed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(resumed, records, strict=True):
@@ -104,19 +99,19 @@ def test_staged_unfreezing_zero2_switches_mid_run_and_resumes_mid_stage(tmp_path
                 assert a[term] == pytest.approx(b[term], rel=1e-6, abs=1e-7), (a["step"], term)
 
 
-def test_staged_unfreezing_zero3(tmp_path, toy_data):  # noqa: F811
-    run_launcher(
+def test_staged_unfreezing_zero3(tmp_path, toy_data):
+    run_ranks(
         tmp_path, toy_data, STAGES, "train.zero_stage=3", "train.max_steps=6", "train.ckpt_every=2", "train.keep_last=0"
     )
     _check_stages(tmp_path / "runs" / "debug", tmp_path, [(1, 2, 4), (2, 4, 6)])
-    reports = _stage_reports(_rank_logs(tmp_path / "rank_logs"))
+    reports = _stage_reports(rank_logs(tmp_path))
     assert reports[0]["optim_state_mb"] < reports[1]["optim_state_mb"] < reports[2]["optim_state_mb"]
 
 
-def test_nan_step_is_skipped_on_every_rank_zero0(tmp_path, toy_data):  # noqa: F811
+def test_nan_step_is_skipped_on_every_rank_zero0(tmp_path, toy_data):
     """ZeRO-0 in fp32 has no overflow check of DeepSpeed's own: GuardedAdamW refuses the step."""
     overrides = ("train.zero_stage=0", "train.max_steps=4", "train.ckpt_every=1", "train.keep_last=0")
-    run_launcher(tmp_path, toy_data, *overrides, env_extra={"VLA_SCALE_INJECT_NAN": "loss@2:rank1"})
+    run_ranks(tmp_path, toy_data, *overrides, "debug.inject_nan=loss@2:rank1")
     run_dir = tmp_path / "runs" / "debug"
     assert not _changed(_weights(run_dir, 1), _weights(run_dir, 2)), "the NaN step changed the weights"
     assert _changed(_weights(run_dir, 2), _weights(run_dir, 3)), "training did not go on after the skip"
@@ -125,24 +120,17 @@ def test_nan_step_is_skipped_on_every_rank_zero0(tmp_path, toy_data):  # noqa: F
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
-def test_too_many_nan_steps_stop_the_run_naming_step_and_term(tmp_path, toy_data):  # noqa: F811
-    proc = run_launcher(
+def test_too_many_nan_steps_stop_the_run_naming_step_and_term(tmp_path, toy_data):
+    job = run_ranks(
         tmp_path,
         toy_data,
         "train.max_steps=6",
         "train.max_bad_steps=3",
+        "debug.inject_nan=loss@2,3,4",
         expect_fail=True,
-        env_extra={"VLA_SCALE_INJECT_NAN": "loss@2,3,4"},
     )
-    logs = proc.stdout + proc.stderr + _rank_logs(tmp_path / "rank_logs")
+    logs = job.logs
     assert "steps 2-4: 3 optimizer steps in a row skipped" in logs and "at step 4 in loss" in logs
-
-
-def _start(tmp_path: Path, data: Path, *overrides: str, env_extra=None) -> subprocess.Popen:
-    cmd, env = launcher_command(tmp_path, data, *overrides)
-    env.update(env_extra or {})
-    log = open(tmp_path / "launcher.log", "a")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _kill_when(proc: subprocess.Popen, ready, tmp_path: Path, timeout: float = 300) -> None:
@@ -151,18 +139,18 @@ def _kill_when(proc: subprocess.Popen, ready, tmp_path: Path, timeout: float = 3
     try:
         while not ready():
             if proc.poll() is not None:
-                pytest.fail(f"run ended before the kill point\n{_rank_logs(tmp_path / 'rank_logs')}")
+                pytest.fail(f"run ended before the kill point\n{rank_logs(tmp_path)}")
             if time.monotonic() > deadline:
-                pytest.fail(f"kill point not reached in {timeout}s\n{_rank_logs(tmp_path / 'rank_logs')}")
+                pytest.fail(f"kill point not reached in {timeout}s\n{rank_logs(tmp_path)}")
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
 
 
-def test_sigkill_mid_run_and_during_a_save_resumes_with_identical_losses(tmp_path, toy_data):  # noqa: F811
+def test_sigkill_mid_run_and_during_a_save_resumes_with_identical_losses(tmp_path, toy_data):
     common = ("train.max_steps=24", "train.ckpt_every=4")
-    run_launcher(tmp_path, toy_data, *common, "run.name=straight", "train.ckpt_every=0")
+    launch(tmp_path, toy_data, *common, "run.name=straight", "train.ckpt_every=0")
     straight = read_metrics(tmp_path / "runs" / "straight")
 
     run_dir = tmp_path / "runs" / "debug"
@@ -176,18 +164,18 @@ def test_sigkill_mid_run_and_during_a_save_resumes_with_identical_losses(tmp_pat
         return latest_step() > 0 and any(r["step"] > latest_step() for r in logged)
 
     # 1) killed between checkpoints: steps after `latest` were trained and logged, then lost
-    _kill_when(_start(tmp_path, toy_data, *common), past_a_checkpoint, tmp_path)
+    _kill_when(start_launcher(tmp_path, toy_data, *common), past_a_checkpoint, tmp_path)
     before = latest_step()
     assert 0 < before < 24
 
     # 2) resumed, then killed inside the next save: its files are written, `latest` has not moved
-    proc = _start(tmp_path, toy_data, *common, env_extra={"VLA_SCALE_SAVE_PAUSE_S": "300"})
+    proc = start_launcher(tmp_path, toy_data, *common, "debug.save_pause_s=300")
     pending = ckpts / tag_for(before + 4)
-    _kill_when(proc, lambda: "pausing" in _rank_logs(tmp_path / "rank_logs") and pending.is_dir(), tmp_path)
+    _kill_when(proc, lambda: "pausing" in rank_logs(tmp_path) and pending.is_dir(), tmp_path)
     assert latest_step() == before, "a save cut short must not move `latest`"
 
     # 3) resumed to the end: every step's losses equal the uninterrupted run's
-    run_launcher(tmp_path, toy_data, *common)
+    launch(tmp_path, toy_data, *common)
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, 25))
     for a, b in zip(records, straight, strict=True):
@@ -196,8 +184,8 @@ def test_sigkill_mid_run_and_during_a_save_resumes_with_identical_losses(tmp_pat
                 assert a[term] == pytest.approx(b[term], rel=1e-6, abs=1e-7), (a["step"], term)
 
 
-def test_lora_zero1_bf16_run_exports_merged_and_kept(tmp_path, toy_data):  # noqa: F811
-    run_launcher(
+def test_lora_zero1_bf16_run_exports_merged_and_kept(tmp_path, toy_data):
+    run_ranks(
         tmp_path,
         toy_data,
         "model.lora.enabled=true",
@@ -231,9 +219,9 @@ def test_lora_zero1_bf16_run_exports_merged_and_kept(tmp_path, toy_data):  # noq
         np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
 
 
-def test_zero3_with_optimizer_and_parameter_offload(tmp_path, toy_data):  # noqa: F811
+def test_zero3_with_optimizer_and_parameter_offload(tmp_path, toy_data):
     """Compiles DeepSpeed's cpu_adam op on first use (about a minute; cached in TORCH_EXTENSIONS_DIR after)."""
-    run_launcher(
+    run_ranks(
         tmp_path,
         toy_data,
         "train.zero_stage=3",

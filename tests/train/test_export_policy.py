@@ -5,56 +5,34 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 import yaml
 from safetensors.torch import load_file
 
-_here = str(Path(__file__).resolve().parent)
-if _here not in sys.path:
-    sys.path.insert(0, _here)
-
-from test_launcher_integration import run_launcher, toy_data  # noqa: E402, F401 (toy_data is a fixture)
-
-from vla_scale.cli import main as cli_main  # noqa: E402
-from vla_scale.data.format import decode_episode, load_stats  # noqa: E402
-from vla_scale.data.normalize import EPS, Normalizer  # noqa: E402
-from vla_scale.data.observation import Observation  # noqa: E402
-from vla_scale.policy import Policy  # noqa: E402
-from vla_scale.train.export import ExportError, build_run_model, export_policy, load_fp32_state_dict  # noqa: E402
-from vla_scale.train.metrics import read_metrics  # noqa: E402
+from tests.train.jobs import run_ranks
+from tests.train.policy_check import first_episode, reference_actions
+from vla_scale.cli import main as cli_main
+from vla_scale.data.format import load_stats
+from vla_scale.data.normalize import EPS, Normalizer
+from vla_scale.policy import Policy
+from vla_scale.train.export import ExportError, build_run_model, export_policy, load_fp32_state_dict
+from vla_scale.train.metrics import read_metrics
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, toy_data) -> dict:  # noqa: F811
+def run(tmp_path_factory, toy_data) -> dict:
     """One 2-step ZeRO-2 run on 2 ranks, exported once through the CLI; shared by every test here."""
     tmp = tmp_path_factory.mktemp("export_run")
-    run_launcher(tmp, toy_data, "train.max_steps=2", "train.ckpt_every=0")
+    run_ranks(tmp, toy_data, "train.max_steps=2", "train.ckpt_every=0")
     run_dir = tmp / "runs" / "debug"
     export_dir = tmp / "policy"
     assert cli_main(["export", str(run_dir), str(export_dir)]) == 0
     return {"tmp": tmp, "run_dir": run_dir, "export": export_dir, "data": toy_data}
-
-
-def first_episode(data: Path):
-    sample = next(iter(wds.WebDataset(str(data / "robot" / "shard-000000.tar"), shardshuffle=False)))
-    return decode_episode(sample)
-
-
-def reference_actions(model, normalizer: Normalizer, frame, instruction, state, max_text_len) -> np.ndarray:
-    """What the checkpoint's model predicts for one step, built by hand the way training data is."""
-    ids = model.tokenizer(instruction, add_special_tokens=False)["input_ids"][:max_text_len]
-    images = torch.from_numpy(np.array(frame)).permute(2, 0, 1)[None, None]
-    norm_state = torch.from_numpy(normalizer.normalize_state(state))[None, None]
-    obs = Observation(images, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool), state=norm_state)
-    arm, grip = model.predict_action(obs)
-    return normalizer.unnormalize_action(arm[0, 0].numpy(), grip[0, 0].numpy())
 
 
 def test_export_folder_is_self_contained(run):
@@ -194,7 +172,7 @@ def test_zero_to_fp32_script_round_trip(run, tmp_path):
         assert torch.equal(recovered[key], value), key
 
 
-def test_resampler_and_clip_regulariser_run_exports_and_loads_without_clip(tmp_path, toy_data):  # noqa: F811
+def test_resampler_and_clip_regulariser_run_exports_and_loads_without_clip(tmp_path, toy_data):
     """A 2-rank ZeRO-2 run with both mechanisms logs `loss_clip`; its export loads as a Policy with the tiny CLIP
     text model moved away (a training-only teacher) and predicts what the checkpoint's model predicts."""
     clip = tmp_path / "clip"
@@ -207,7 +185,7 @@ def test_resampler_and_clip_regulariser_run_exports_and_loads_without_clip(tmp_p
         "model.clip_reg.embed_dim=16",
         "model.clip_reg.tiny.hidden_size=32",
     ]
-    run_launcher(tmp_path, toy_data, "train.max_steps=2", "train.ckpt_every=0", *mechanisms)
+    run_ranks(tmp_path, toy_data, "train.max_steps=2", "train.ckpt_every=0", *mechanisms)
     run_dir = tmp_path / "runs" / "debug"
     records = read_metrics(run_dir)
     assert any("loss_clip" in r for r in records) and all(r["loss"] == r["loss"] for r in records)

@@ -1,18 +1,10 @@
-"""Two more backbone families through the real launcher: 2 CPU ranks, ZeRO-2, a few steps each."""
-
-import sys
-from pathlib import Path
+"""Two more backbone families on 2 CPU ranks (started directly, as a launcher would), ZeRO-2, a few steps each."""
 
 import numpy as np
 import pytest
 
-_here = str(Path(__file__).resolve().parent)
-if _here not in sys.path:
-    sys.path.insert(0, _here)
-
-from test_launcher_integration import run_launcher, toy_data  # noqa: E402, F401
-
-from vla_scale.train.metrics import read_metrics  # noqa: E402
+from tests.train.jobs import run_ranks
+from vla_scale.train.metrics import read_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +18,8 @@ pytestmark = pytest.mark.integration
         ("kosmos2", ["train.bf16=true", "model.head.type=gpt", "model.head.num_heads=2", "data.window_size=2"]),
     ],
 )
-def test_family_trains_on_two_ranks(tmp_path, toy_data, family, overrides):  # noqa: F811
-    run_launcher(
+def test_family_trains_on_two_ranks(tmp_path, toy_data, family, overrides):
+    run_ranks(
         tmp_path,
         toy_data,
         f"model.backbone.family={family}",

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
+from vla_scale.config import ConfigError
+from vla_scale.config.schema_debug import parse_inject_nan
 from vla_scale.train.engine import GuardedAdamW
-from vla_scale.train.faults import NanInjector, StepGuard, TooManyBadSteps, nonfinite_terms, parse_injection
+from vla_scale.train.faults import NanInjector, StepGuard, TooManyBadSteps, nonfinite_terms
 
 
 def _out(arm: float) -> dict[str, torch.Tensor]:
@@ -52,14 +54,17 @@ def test_guarded_adamw_refuses_non_finite_gradients():
 
 
 def test_injection_spec_and_hook():
-    assert parse_injection("loss_arm@3,4", rank=0) == ("loss_arm", {3, 4})
-    assert parse_injection("loss_arm@3:rank1", rank=0) is None
-    assert parse_injection("loss_arm@3:rank1", rank=1) == ("loss_arm", {3})
-    with pytest.raises(ValueError, match="expected"):
-        parse_injection("loss_arm", rank=0)
-    hook = NanInjector(rank=0, env="loss_arm@2")
+    """`debug.inject_nan` parsed by the config, applied per rank by the hook."""
+    spec = parse_inject_nan("loss_arm@3,4")
+    assert (spec.term, spec.steps) == ("loss_arm", {3, 4})
+    on_rank1 = parse_inject_nan("loss_arm@3:rank1")
+    assert NanInjector(rank=0, injection=on_rank1).injection is None
+    assert NanInjector(rank=1, injection=on_rank1).injection.steps == {3}
+    with pytest.raises(ConfigError, match="expected"):
+        parse_inject_nan("loss_arm")
+    hook = NanInjector(rank=0, injection=parse_inject_nan("loss_arm@2"))
     assert hook(1, _out(0.5))["loss"].item() == 1.5
     poisoned = hook(2, _out(0.5))
     assert nonfinite_terms([poisoned]) == ["loss", "loss_arm"]
     with pytest.raises(KeyError, match="no term 'loss_vl'"):
-        NanInjector(rank=0, env="loss_vl@1")(1, _out(0.5))
+        NanInjector(rank=0, injection=parse_inject_nan("loss_vl@1"))(1, _out(0.5))

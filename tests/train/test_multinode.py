@@ -17,7 +17,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from data_tools.synth import synth
 from vla_scale.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,13 +103,6 @@ def wait_all(launches: list[Launch], logs: Path, deadline: float) -> None:
         if launch.proc.returncode != 0:
             report = "\n".join(f"----- {x.output.name}\n{x.text()[-6000:]}" for x in launches)
             pytest.fail(f"{launch.output.name} exited {launch.proc.returncode}\n{report}\n{run_logs(logs)}")
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    synth(out, episodes=24, vl_samples=16, image_size=32, seed=0, episodes_per_shard=5)
-    return out
 
 
 def overrides(work: Path, data: Path, *extra: str) -> list[str]:
@@ -214,12 +206,12 @@ def test_two_nodes_on_loopback_killed_after_a_checkpoint_then_resumed(tmp_path, 
 
 
 def run_dir_helper(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "launchers/run_dir.py"), str(CONFIG), *args]
+    cmd = [sys.executable, "-m", "vla_scale.cli", "run-dir", str(CONFIG), *args]
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
 
 def test_nodes_above_zero_wait_for_node0_and_refuse_a_different_config(tmp_path, toy_data):
-    """launchers/run_dir.py, which nodes > 0 run instead of prepare: it waits for node 0's port, then
+    """`vla-scale run-dir`, which nodes > 0 run instead of prepare: it waits for node 0's port, then
     accepts the run directory only if node 0 prepared the same config for the same world size."""
     from vla_scale.train.prepare import prepare_run
 
@@ -292,7 +284,7 @@ def test_slurm_script_gives_each_node_its_rank_and_the_first_host_as_master(tmp_
     assert len(lines[0]) == 2 and len(lines[1]) == 2, out
     # node 0 prepares the run; node 1 only waits for node 0's port (job id 4242 -> port 24242)
     assert "vla_scale.cli prepare" in lines[0][0] and "--world-size 4" in lines[0][0]
-    assert "launchers/run_dir.py" in lines[1][0] and "--wait-for gpu-07:24242" in lines[1][0]
+    assert "vla_scale.cli run-dir" in lines[1][0] and "--wait-for gpu-07:24242" in lines[1][0]
     assert not (tmp_path / "runs").exists(), "a dry run must not write the run directory"
     for node in (0, 1):
         launch = lines[node][1]

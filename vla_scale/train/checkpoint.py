@@ -7,8 +7,8 @@ Layout under `<run_dir>/checkpoints/`:
   replaced atomically only after every rank has finished writing, so a job killed
   during a save resumes from the previous checkpoint.
 
-`VLA_SCALE_SAVE_PAUSE_S=<seconds>` holds every rank inside the save, after the files are
-written and before `latest` moves: a drill hook for testing a kill during a save.
+`debug.save_pause_s` (the `pause_s` argument of `save`) holds every rank inside the save, after
+the files are written and before `latest` moves: a drill hook for testing a kill during a save.
 """
 
 from __future__ import annotations
@@ -44,15 +44,14 @@ def _write_latest(ckpt_dir: Path, tag: str) -> None:
     os.replace(tmp, ckpt_dir / LATEST)
 
 
-def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int, pause_s: float = 0.0) -> str:
+    """Collective: every rank calls it. Returns the tag written; `pause_s` is the `debug.save_pause_s` drill."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    pause = float(os.environ.get("VLA_SCALE_SAVE_PAUSE_S", "0"))
-    if pause > 0:
-        print(f"[vla_scale] pausing {pause}s inside the save of {tag} (VLA_SCALE_SAVE_PAUSE_S)", flush=True)
-        time.sleep(pause)
+    if pause_s > 0:
+        print(f"[vla_scale] pausing {pause_s}s inside the save of {tag} (debug.save_pause_s)", flush=True)
+        time.sleep(pause_s)
     if dist.get_rank() == 0:
         meta = {"step": step, "stage": client_state.get("stage", 0), "world_size": client_state.get("world_size")}
         (ckpt_dir / tag / META).write_text(json.dumps(meta))

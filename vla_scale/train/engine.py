@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
-import importlib
+import gc
+import json
 import math
 import os
-import platform
+import resource
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from vla_scale.config.load import ConfigError
+from vla_scale.compat import remove_engine_forward_hooks, skip_shm_allreduce_build, use_fast_cpu_info
+from vla_scale.config import ConfigError
 from vla_scale.config.schema import Config, OptimConfig
+from vla_scale.train.stages import Stage, apply_stage, stage_at
 
 
-def init_distributed(timeout_s: int) -> tuple[int, int]:
-    """Start the process group the launcher described (gloo on CPU, NCCL on GPU); returns (rank, world)."""
+def init_distributed(timeout_s: int, shm_allreduce: bool = False) -> tuple[int, int]:
+    """Start the process group the launcher described (gloo on CPU, NCCL on GPU); returns (rank, world).
+
+    `shm_allreduce` (`debug.shm_allreduce`) keeps DeepSpeed's CPU shared-memory all-reduce build.
+    """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() == "cpu" and not os.environ.get("VLA_SCALE_SHM_ALLREDUCE"):
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (40-80 s) that is only
-        # used for inference all-reduce; training does not need it.
-        comm_torch = importlib.import_module("deepspeed.comm.torch")
-        comm_torch.build_shm_op = lambda: None
+    if get_accelerator().device_name() == "cpu" and not shm_allreduce:
+        skip_shm_allreduce_build()  # a 40-80 s JIT compile of an op only inference uses
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
@@ -94,33 +96,6 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def fast_cpu_info() -> dict:
-    """The fields DeepSpeed reads from py-cpuinfo (arch, flags, vendor), taken from /proc/cpuinfo and uname.
-
-    py-cpuinfo's `get_cpu_info` probes CPUID in a child process; on a loaded 2-core VM that probe was
-    seen spinning for over ten minutes inside DeepSpeedCPUAdam's constructor.
-    """
-    machine = platform.machine().lower()
-    arch = {"x86_64": "X86_64", "amd64": "X86_64", "aarch64": "ARM_8", "arm64": "ARM_8"}.get(machine, machine.upper())
-    if machine.startswith("ppc"):
-        arch = "PPC_64"
-    elif machine.startswith("riscv"):
-        arch = "riscv64"
-    info: dict = {"arch": arch, "flags": [], "vendor_id_raw": "unknown"}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "vendor_id":
-            info["vendor_id_raw"] = value.strip()
-        elif key in ("flags", "Features") and not info["flags"]:
-            info["flags"] = value.split()
-    return info
-
-
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: DeepSpeed's CPU Adam under optimizer offload, else the guarded torch one."""
     o = cfg.optim
@@ -128,10 +103,9 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     if not groups:
         raise ConfigError("no trainable parameters: the current stage's `trainable` list selects nothing")
     if cfg.train.offload_optimizer:
-        import cpuinfo
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-compiles the cpu_adam op on first use
 
-        cpuinfo.get_cpu_info = fast_cpu_info  # read by DeepSpeedCPUAdam and its op builder
+        use_fast_cpu_info()  # read by DeepSpeedCPUAdam and its op builder
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
     # ZeRO 1-3 skip non-finite steps themselves when they compute a grad norm (clipping on) or check
     # bf16/fp16 overflow; the guard's extra passes over the gradients are only needed elsewhere.
@@ -157,3 +131,67 @@ def build_engine(model: nn.Module, cfg: Config, ds_config: dict):
     optimizer = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, optimizer
+
+
+def memory_mb() -> float:
+    """Memory in use now on this rank: allocated device memory on GPU, resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def optimizer_state_mb(optimizer: torch.optim.Optimizer) -> float:
+    """Bytes of optimizer state (Adam moments) this rank holds."""
+    total = 0
+    for state in optimizer.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return total / 2**20
+
+
+class StagedEngine:
+    """The DeepSpeed engine of the current unfreezing stage, rebuilt when the schedule moves to the next.
+
+    A fresh engine per stage means optimizer state only ever exists for what the stage trains. After
+    the first step of each stage, `report_stage` prints the memory the switch cost on this rank.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config, ds_config: dict, stages: list[Stage], rank: int):
+        self.model, self.cfg, self.ds_config, self.stages, self.rank = model, cfg, ds_config, stages, rank
+        self.stage: Stage | None = None
+        self.engine = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._report: dict | None = None
+
+    def enter(self, stage: Stage) -> None:
+        """Make `stage`'s parameters trainable and build a fresh engine over them (freeing the old one)."""
+        if self.engine is not None:
+            self.engine.destroy()
+            # destroy() leaves the engine's forward hooks on the model, which keep the old engine (its
+            # optimizer state, masters and gradient buffers) alive: remove them so it can be freed.
+            remove_engine_forward_hooks(self.engine)
+            self.engine = self.optimizer = None
+            gc.collect()
+        before = memory_mb()
+        trainable = apply_stage(self.model, stage)
+        self.engine, self.optimizer = build_engine(self.model, self.cfg, self.ds_config)
+        self.stage = stage
+        self._report = {"stage": stage.index, "trainable_params": trainable, "mem_before_switch_mb": before}
+
+    def switch_if_due(self, step: int) -> bool:
+        """Enter the stage that trains step `step + 1` if it is not the current one; True when it switched."""
+        wanted = stage_at(self.stages, step)
+        if self.stage is not None and wanted.index == self.stage.index:
+            return False
+        self.enter(wanted)
+        return True
+
+    def report_stage(self, step: int) -> dict | None:
+        """Once per stage, after its first step (when the optimizer state exists): per-rank memory, printed."""
+        if self._report is None:
+            return None
+        report, self._report = self._report, None
+        report.update(optim_state_mb=optimizer_state_mb(self.optimizer), mem_after_switch_mb=memory_mb())
+        where = f"rank {self.rank} stage {report['stage']} after step {step}"
+        print(f"[vla_scale] {where}: {json.dumps(report)}", flush=True)
+        return report

@@ -6,19 +6,18 @@ ZeRO and fp16/bf16, `GuardedAdamW` otherwise), and every rank reaches the same v
 finite, keeps the skipped step's values out of the metrics, and raises `TooManyBadSteps`
 after `train.max_bad_steps` consecutive skips.
 
-`VLA_SCALE_INJECT_NAN="loss_arm@3,4"` (optionally `...@3,4:rank1`) replaces that term with NaN
+`debug.inject_nan: "loss_arm@3,4"` (optionally `...@3,4:rank1`) replaces that term with NaN
 at those optimizer steps, so the path above can be exercised end to end in tests and drills.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 
-INJECT_ENV = "VLA_SCALE_INJECT_NAN"
+from vla_scale.config.schema_debug import NanInjection
 
 
 class TooManyBadSteps(RuntimeError):
@@ -68,31 +67,19 @@ def nonfinite_terms(outs: Sequence[dict[str, torch.Tensor]]) -> list[str]:
     return sorted(bad)
 
 
-def parse_injection(text: str | None, rank: int) -> tuple[str, set[int]] | None:
-    """`"term@s1,s2[:rankR]"` → (term, steps) when it applies to this rank, else None."""
-    if not text:
-        return None
-    spec, _, only = text.partition(":")
-    term, sep, steps = spec.partition("@")
-    if not sep or not term or not steps:
-        raise ValueError(f"{INJECT_ENV}={text!r}: expected 'term@step[,step...][:rankR]'")
-    if only and only != f"rank{rank}":
-        return None
-    return term, {int(s) for s in steps.split(",")}
-
-
 class NanInjector:
     """Test/drill hook: make one loss term NaN at chosen optimizer steps (see the module docstring)."""
 
-    def __init__(self, rank: int, env: str | None = None):
-        self.spec = parse_injection(env if env is not None else os.environ.get(INJECT_ENV), rank)
+    def __init__(self, rank: int, injection: NanInjection | None):
+        applies = injection is not None and injection.rank in (None, rank)
+        self.injection = injection if applies else None
 
     def __call__(self, step: int, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.spec is None or step not in self.spec[1]:
+        if self.injection is None or step not in self.injection.steps:
             return out
-        term = self.spec[0]
+        term = self.injection.term
         if term not in out:
-            raise KeyError(f"{INJECT_ENV}: the model returned no term {term!r}; it has {sorted(out)}")
+            raise KeyError(f"debug.inject_nan: the model returned no term {term!r}; it has {sorted(out)}")
         poisoned = dict(out)
         poisoned[term] = out[term] * math.nan
         if term != "loss":

@@ -1,254 +1,134 @@
-"""The training loop, written out: fetch, forward, backward, step, log, checkpoint."""
+"""The training loop in named steps: setup/resume, stage switch, train_step, log window, checkpoint.
+
+run = setup(run_dir)                      # state.py: config, process group, model, engine, resume
+while step < max_steps:
+    staged.switch_if_due(step)            # engine.py: rebuild the engine when the stage changes
+    train_step()                          # accumulation micro-steps + the non-finite verdict
+    log()                                 # log_window.py: reduce over ranks, write every sink
+    checkpoint every ckpt_every steps
+"""
 
 from __future__ import annotations
 
-import gc
-import json
-import random
 import resource
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers.integrations import HfDeepSpeedConfig
 
-from vla_scale.config import Config, ConfigError, config_hash, load_config, to_dict
-from vla_scale.data import StreamTracker, build_dataloader
-from vla_scale.data.format import Manifest
-from vla_scale.model import build_model
+from vla_scale.compat import loss_scale, reset_step_verdict, step_was_skipped
+from vla_scale.config import to_dict
 from vla_scale.train import checkpoint
-from vla_scale.train.ds_config import build_ds_config
-from vla_scale.train.engine import build_engine, init_distributed, lr_lambda, set_lr
+from vla_scale.train.engine import lr_lambda, set_lr
 from vla_scale.train.faults import NanInjector, StepGuard
-from vla_scale.train.metrics import Meters, MetricsWriter
-from vla_scale.train.stages import Stage, apply_stage, resolve_stages, stage_at
-
-
-def seed_everything(seed: int) -> None:
-    """Same seed on every rank: identical initial weights before DeepSpeed takes over."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from vla_scale.train.log_window import LogWindow
+from vla_scale.train.metrics import MetricsWriter
+from vla_scale.train.state import RunState, setup
 
 
 def peak_memory_gb() -> float:
+    """Peak memory of this rank: allocated device memory on GPU, max resident set size on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def robot_dims(cfg: Config) -> tuple[int, int]:
-    for src in cfg.data.sources:
-        m = Manifest.load(src.path)
-        if m.kind == "robot":
-            return m.action_dim, m.state_dim
-    raise ConfigError("data.sources: no robot dataset")
+class Trainer:
+    """One rank's training run; `train()` is the whole loop, `train_step()` one optimizer step."""
 
+    def __init__(self, run: RunState):
+        self.run = run
+        cfg = run.cfg
+        self.writer = MetricsWriter(run.run_dir, cfg.run.name, cfg.wandb, to_dict(cfg), start_step=run.step)
+        self.window = LogWindow(run.world)
+        self.guard = StepGuard(cfg.train.max_bad_steps, fp16=cfg.train.fp16)
+        self.inject = NanInjector(run.rank, cfg.debug.nan_injection())
+        self.schedule = lr_lambda(cfg.optim, cfg.train.max_steps)
+        self.lr = 0.0
 
-def memory_mb() -> float:
-    """Memory in use now on this rank: allocated device memory on GPU, resident set size on CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.memory_allocated() / 2**20
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    def train_step(self) -> bool:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns True when it was skipped.
 
+        The learning rate is set from (step, stage) first. A step whose loss or gradients are not
+        finite is refused by the optimizer on every rank alike; its values stay out of the metrics and
+        `StepGuard` stops the run after `train.max_bad_steps` of them in a row.
+        """
+        run, staged = self.run, self.run.staged
+        engine, optimizer = staged.engine, staged.optimizer
+        self.lr = run.cfg.optim.lr * staged.stage.lr_scale * self.schedule(run.step)
+        set_lr(optimizer, self.lr)
+        skipped_before = engine.skipped_steps
+        reset_step_verdict(optimizer)
+        outs = []
+        for _ in range(engine.gradient_accumulation_steps()):
+            t_fetch = time.perf_counter()
+            batch = next(run.data_iter)
+            self.window.add_fetch(time.perf_counter() - t_fetch)
+            run.stream.update(batch)
+            out = self.inject(run.step + 1, engine(batch.to(engine.device)))
+            engine.backward(out["loss"])
+            engine.step()
+            outs.append({k: v.detach() for k, v in out.items() if k != "num_tokens"})
+            tokens = out["num_tokens"].detach() if "num_tokens" in out else batch.text_mask.sum()
+            self.window.add_micro_step(batch.batch_size, tokens)
+        run.step += 1
+        report = staged.report_stage(run.step)
+        if report is not None:
+            self.window.add({k: v for k, v in report.items() if k != "stage"})
+        skipped = self.guard.after_step(run.step, step_was_skipped(engine, optimizer, skipped_before), outs)
+        if not skipped:
+            for out in outs:
+                self.window.add(out)
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                self.window.add({"grad_norm": float(grad_norm)})
+        return skipped
 
-def optimizer_state_mb(optimizer: torch.optim.Optimizer) -> float:
-    """Bytes of optimizer state (Adam moments) this rank holds."""
-    total = 0
-    for state in optimizer.state.values():
-        total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-    return total / 2**20
+    def log(self) -> dict[str, float]:
+        """Collective: close the log window and write its values to every sink (rank 0)."""
+        run = self.run
+        means, rates = self.window.close()
+        values = {
+            **means,
+            "lr": self.lr,
+            "stage": run.staged.stage.index,
+            **rates,
+            "skipped_samples": sum(run.stream.skipped().values()),
+            "skipped_steps": self.guard.skipped_total,
+            **{f"mix/{name}": share for name, share in run.stream.mix().items()},
+            "peak_mem_gb": peak_memory_gb(),
+        }
+        if run.cfg.train.fp16:
+            values["loss_scale"] = loss_scale(run.staged.engine)
+        self.writer.write(run.step, values)
+        return values
 
-
-def start_stage(model: torch.nn.Module, stage: Stage, cfg: Config, ds_config: dict) -> tuple:
-    """Make `stage`'s parameters trainable and build a fresh engine over them.
-
-    Returns (engine, optimizer, report); the report is completed and printed by `report_stage`
-    after the stage's first step, when the optimizer state has been allocated.
-    """
-    before = memory_mb()
-    trainable = apply_stage(model, stage)
-    engine, optimizer = build_engine(model, cfg, ds_config)
-    return engine, optimizer, {"stage": stage.index, "trainable_params": trainable, "mem_before_switch_mb": before}
-
-
-def report_stage(report: dict, optimizer: torch.optim.Optimizer, rank: int, step: int) -> dict:
-    """Per-rank memory once the stage has stepped: optimizer state held here and memory in use."""
-    report.update(optim_state_mb=optimizer_state_mb(optimizer), mem_after_switch_mb=memory_mb())
-    print(f"[vla_scale] rank {rank} stage {report['stage']} after step {step}: {json.dumps(report)}", flush=True)
-    return report
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
+    def train(self) -> None:
+        """Train from the resumed step to `train.max_steps`, logging and checkpointing on schedule."""
+        run, t = self.run, self.run.cfg.train
+        pbar = tqdm(total=t.max_steps, initial=run.step, disable=run.rank != 0, file=sys.stdout, dynamic_ncols=True)
+        while run.step < t.max_steps:
+            run.staged.switch_if_due(run.step)
+            self.train_step()
+            if run.step % t.log_every == 0 or run.step == t.max_steps:
+                values = self.log()
+                pbar.set_postfix({k: f"{values[k]:.4f}" for k in ("loss", "loss_arm", "loss_vl") if k in values})
+            pbar.update(1)
+            if t.ckpt_every and run.step % t.ckpt_every == 0 and run.step < t.max_steps:
+                run.save()
+        if checkpoint.read_latest(run.ckpt_dir) != checkpoint.tag_for(run.step):
+            run.save()
+        pbar.close()
+        self.writer.close()
 
 
 def train(run_dir: str | Path) -> None:
     """Train the run laid out by `prepare_run` in `run_dir`; resumes from its `latest` checkpoint."""
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    rank, world = init_distributed(cfg.train.process_group_timeout_s)
-    if cfg.train.fp16 and not torch.cuda.is_available():
-        raise ConfigError("train.fp16 needs CUDA GPUs (DeepSpeed has no fp16 on CPU); use train.bf16 on CPU")
-    saved_ds = json.loads((run_dir / "ds_config.json").read_text())
-    ds_config = build_ds_config(cfg, world)
-    if saved_ds != ds_config:
-        raise ConfigError(
-            f"{run_dir}/ds_config.json was prepared for another world size than the {world} ranks started; "
-            "start the run through launchers/train.sh so prepare and launch agree"
-        )
-    seed_everything(cfg.run.seed)
-    action_dim, state_dim = robot_dims(cfg)
-    # Under ZeRO-3, transformers' DeepSpeed integration must be alive while from_pretrained runs, so the
-    # backbone is created partitioned (deepspeed.zero.Init) instead of whole on every rank. Keep the
-    # reference for the whole run: transformers holds it only weakly.
-    hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.train.zero_stage == 3 else None
-    model = build_model(cfg.model, action_dim=action_dim, state_dim=state_dim, chunk_size=cfg.data.fwd_pred_next_n)
-    if hf_ds_config is not None and rank == 0:
-        partitioned = all(hasattr(p, "ds_id") for p in model.adapter.model.parameters())
-        print(f"[vla_scale] ZeRO-3: backbone loaded partitioned by deepspeed.zero.Init: {partitioned}", flush=True)
-    stages = resolve_stages(model, cfg)  # a stage naming nothing fails here, before training
-
-    ckpt_dir = run_dir / "checkpoints"
-    meta = checkpoint.read_meta(ckpt_dir)
-    if meta is not None and meta.get("world_size") not in (None, world):
-        raise ConfigError(
-            f"the checkpoint in {ckpt_dir} was written by {meta['world_size']} ranks and this job has {world}; "
-            "resume with the same number of ranks (the data stream position is per rank)"
-        )
-    # The checkpoint's optimizer state has the shape of the stage it was written in: rebuild that stage first.
-    if meta is not None and meta["stage"] >= len(stages):
-        raise ConfigError(
-            f"the checkpoint in {ckpt_dir} was written in stage {meta['stage']} but train.stages now lists "
-            f"{len(stages)}; restore the stage list the run was started with"
-        )
-    stage = stages[meta["stage"]] if meta is not None else stages[0]
-    engine, optimizer, stage_report = start_stage(model, stage, cfg, ds_config)
-    client = checkpoint.load_latest(engine, ckpt_dir)
-    step = 0 if client is None else int(client["step"])
-    if client is not None:
-        if "rng" in client:
-            set_rng_state(client["rng"])
-        if rank == 0:
-            print(f"[vla_scale] resumed from {ckpt_dir / checkpoint.read_latest(ckpt_dir)} at step {step}", flush=True)
-
-    data_state = None if client is None else client["data"]
-    loader = build_dataloader(
-        cfg.data,
-        seed=cfg.run.seed,
-        rank=rank,
-        world_size=world,
-        tokenizer=model.tokenizer,
-        micro_batch_size=cfg.train.micro_batch_size,
-        resume=data_state,
-    )
-    writer = MetricsWriter(run_dir, cfg.run.name, cfg.wandb, to_dict(cfg), start_step=step)
-    meters = Meters()
-    stream = StreamTracker(cfg.run.seed, world, cfg.data.num_workers, cfg.train.micro_batch_size, data_state)
-    guard = StepGuard(cfg.train.max_bad_steps, fp16=cfg.train.fp16)
-    inject = NanInjector(rank)
-    schedule = lr_lambda(cfg.optim, cfg.train.max_steps)
-    accum = engine.gradient_accumulation_steps()
-    pbar = tqdm(total=cfg.train.max_steps, initial=step, disable=rank != 0, file=sys.stdout, dynamic_ncols=True)
-
-    def client_state() -> dict:
-        return {
-            "step": step,
-            "stage": stage.index,
-            "config_hash": config_hash(cfg),
-            "world_size": world,
-            "data": stream.state_dict(),
-            "rng": rng_state(),
-        }
-
-    data_iter = iter(loader)
-    window_start, data_wait, samples, tokens = time.perf_counter(), 0.0, 0, 0
-    while step < cfg.train.max_steps:
-        wanted = stage_at(stages, step)
-        if wanted.index != stage.index:
-            engine.destroy()
-            # destroy() leaves the engine's forward hooks on the model, which keep the old engine (its
-            # optimizer state, masters and gradient buffers) alive: remove them so it can be freed.
-            engine.module_forward_pre_hook.remove()
-            engine.module_forward_post_hook.remove()
-            del engine, optimizer
-            gc.collect()
-            stage = wanted
-            engine, optimizer, stage_report = start_stage(model, stage, cfg, ds_config)
-        lr = cfg.optim.lr * stage.lr_scale * schedule(step)
-        set_lr(optimizer, lr)
-        skipped_before = engine.skipped_steps
-        if hasattr(optimizer, "overflow"):
-            optimizer.overflow = False  # GuardedAdamW's verdict, set again only if its step runs
-        outs = []
-        for _ in range(accum):
-            t_fetch = time.perf_counter()
-            batch = next(data_iter)
-            data_wait += time.perf_counter() - t_fetch
-            stream.update(batch)
-            out = inject(step + 1, engine(batch.to(engine.device)))
-            engine.backward(out["loss"])
-            engine.step()
-            outs.append({k: v.detach() for k, v in out.items() if k != "num_tokens"})
-            samples += batch.batch_size
-            tokens = tokens + (out["num_tokens"].detach() if "num_tokens" in out else batch.text_mask.sum())
-        step += 1
-        if stage_report is not None:
-            meters.add({k: v for k, v in report_stage(stage_report, optimizer, rank, step).items() if k != "stage"})
-            stage_report = None
-        skipped = engine.skipped_steps > skipped_before or bool(getattr(optimizer, "overflow", False))
-        if not guard.after_step(step, skipped, outs):
-            for out in outs:
-                meters.add(out)
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                meters.add({"grad_norm": float(grad_norm)})
-
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            values = meters.reduce()
-            elapsed = time.perf_counter() - window_start
-            totals = torch.tensor([samples, float(tokens), data_wait, elapsed], dtype=torch.float64)
-            dist.all_reduce(totals)
-            values.update(
-                lr=lr,
-                stage=stage.index,
-                samples_per_s=totals[0].item() / (totals[3].item() / world),
-                tokens_per_s=totals[1].item() / (totals[3].item() / world),
-                data_wait_frac=totals[2].item() / max(totals[3].item(), 1e-9),
-                skipped_samples=sum(stream.skipped().values()),
-                skipped_steps=guard.skipped_total,
-                **{f"mix/{name}": share for name, share in stream.mix().items()},
-                peak_mem_gb=peak_memory_gb(),
-            )
-            if cfg.train.fp16:
-                values["loss_scale"] = float(engine.optimizer.cur_scale)
-            writer.write(step, values)
-            pbar.set_postfix({k: f"{values[k]:.4f}" for k in ("loss", "loss_arm", "loss_vl") if k in values})
-            window_start, data_wait, samples, tokens = time.perf_counter(), 0.0, 0, 0
-        pbar.update(1)
-
-        if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.max_steps:
-            checkpoint.save(engine, ckpt_dir, step, client_state(), cfg.train.keep_last)
-
-    if checkpoint.read_latest(ckpt_dir) != checkpoint.tag_for(step):
-        checkpoint.save(engine, ckpt_dir, step, client_state(), cfg.train.keep_last)
-    pbar.close()
-    writer.close()
-    del hf_ds_config
-    if rank == 0:
-        print(f"[vla_scale] done: {step} steps, run directory {run_dir}", flush=True)
+    run = setup(run_dir)
+    Trainer(run).train()
+    if run.rank == 0:
+        print(f"[vla_scale] done: {run.step} steps, run directory {run.run_dir}", flush=True)
     dist.barrier()

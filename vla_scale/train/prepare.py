@@ -12,45 +12,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
-from vla_scale.config import Config, ConfigError, load_config, save_config, to_dict, validate
+from vla_scale.config import Config, ConfigError, load_config, save_config, validate
 from vla_scale.data.format import FormatError, Manifest
 from vla_scale.model.backbones.registry import check_backbone_family
 from vla_scale.model.backbones.tiny import ensure_tiny_backbone
 from vla_scale.model.clip_regularizer import ensure_tiny_clip
 from vla_scale.train.ds_config import build_ds_config
-
-# Keys that may change when a run directory is reused (resume with a longer schedule, new logging).
-RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last", "wandb.")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, full + "."))
-        else:
-            out[full] = value
-    return out
-
-
-def check_resume_compatible(run_dir: Path, cfg: Config) -> None:
-    """Refuse to reuse a run directory whose saved config differs in a key that changes training."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        return
-    old = _flatten(yaml.safe_load(saved_path.read_text()) or {})
-    new = _flatten(to_dict(cfg))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    blocking = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
-    if blocking:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in blocking)
-        raise ConfigError(
-            f"run directory {run_dir} holds a run with a different config ({details}); "
-            "resume with the same settings or choose a new run.name"
-        )
+from vla_scale.train.resume_check import check_same_run
 
 
 def check_datasets(cfg: Config) -> list[Manifest]:
@@ -80,7 +48,7 @@ def prepare_run(config_path: str | Path | None, overrides: Sequence[str], world_
     except (KeyError, ValueError) as err:
         raise ConfigError(f"model.backbone.family: {err}") from err
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    check_resume_compatible(run_dir, cfg)
+    check_same_run(run_dir, cfg, world_size)  # a reused run directory must hold the same run
     ds_config = build_ds_config(cfg, world_size)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")

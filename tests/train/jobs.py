@@ -1,0 +1,203 @@
+"""Training jobs for tests, each with a hard deadline after which every process it started is SIGKILLed.
+
+Two kinds:
+- `launch(...)`: the real `launchers/train.sh` (prepare, then the deepspeed launcher starts the ranks).
+  For tests of the launcher itself: resume, SIGKILL, bad configs.
+- `run_ranks(...)`: prepare the run in this process, then start N rank processes directly
+  (`python -m vla_scale.train.main`) with the environment a launcher would give them. For tests of the
+  engine's behaviour, where the launcher's own start-up is only overhead.
+
+Every process runs in its own session (process group); on the deadline, or as soon as one rank fails,
+every group is killed, waited for, and the test fails with the rank logs. Ranks also get a short
+torch.distributed timeout, so a rank whose peer died fails on its own instead of waiting 30 minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs/debug.yaml"
+PG_TIMEOUT_S = 120  # torch.distributed timeout in run_ranks jobs: a lost peer fails the job within this
+GRACE_S = 20.0  # after one rank fails on purpose (expect_fail), how long the others get to fail too
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def debug_overrides(tmp_path: Path, data: Path, *extra: str) -> list[str]:
+    """configs/debug.yaml on the toy data, writing runs and the tiny backbone under `tmp_path`."""
+    return [
+        f"run.output_dir={tmp_path / 'runs'}",
+        f"data.sources.0.path={data / 'robot'}",
+        f"data.sources.1.path={data / 'vl'}",
+        f"model.backbone.pretrained={tmp_path / 'backbone'}",
+        *extra,
+    ]
+
+
+def rank_logs(tmp_path: Path) -> str:
+    """Every rank log under `tmp_path/rank_logs` (either job kind), the tail of each."""
+    folder = tmp_path / "rank_logs"
+    if not folder.is_dir():
+        return "(no rank logs)"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return "\n".join(f"===== {p.name} =====\n{p.read_text(errors='replace')[-6000:]}" for p in files)
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL every process group and reap them."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def launcher_command(tmp_path: Path, data: Path, *overrides: str) -> tuple[list[str], dict[str, str]]:
+    """launchers/train.sh on configs/debug.yaml with the toy data, and its environment (2 CPU ranks, logs per rank)."""
+    env = dict(os.environ, PYTHON=sys.executable, RANK_LOG_DIR=str(tmp_path / "rank_logs"), CPU_RANKS="2")
+    env["WANDB_MODE"] = "offline"
+    env.pop("MASTER_PORT", None)
+    cmd = [str(ROOT / "launchers/train.sh"), str(CONFIG), *debug_overrides(tmp_path, data, *overrides)]
+    return cmd, env
+
+
+def start_launcher(tmp_path: Path, data: Path, *overrides: str, env_extra=None) -> subprocess.Popen:
+    """launchers/train.sh in its own session, output appended to tmp_path/launcher.log (for kill tests)."""
+    cmd, env = launcher_command(tmp_path, data, *overrides)
+    env.update(env_extra or {})
+    log = open(tmp_path / "launcher.log", "a")  # noqa: SIM115 (the child holds it; closed when we return)
+    try:
+        return subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    finally:
+        log.close()
+
+
+def launch(
+    tmp_path: Path, data: Path, *overrides: str, timeout: int = 420, expect_fail: bool = False, env_extra=None
+) -> subprocess.CompletedProcess:
+    """Run launchers/train.sh to the end; on the deadline or an unexpected exit code fail with every rank's log."""
+    cmd, env = launcher_command(tmp_path, data, *overrides)
+    env.update(env_extra or {})
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill([proc])
+        out, err = proc.communicate()
+        pytest.fail(f"launcher timed out after {timeout}s\n{out}\n{err}\n{rank_logs(tmp_path)}")
+    finally:
+        _kill([proc])  # the launcher exited; anything it left behind in its group goes too
+    if (proc.returncode != 0) != expect_fail:
+        pytest.fail(f"launcher exited {proc.returncode}\n{out}\n{err}\n{rank_logs(tmp_path)}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@dataclass
+class RanksResult:
+    """What a `run_ranks` job left: each rank's exit code, its logs, and the run directory."""
+
+    returncodes: list[int]
+    logs: str
+    run_dir: Path
+
+
+def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The environment a launcher gives one rank on this machine (no cluster settings inherited)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NODE_RANK", "NUM_NODES"))}
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def run_ranks(
+    tmp_path: Path,
+    data: Path,
+    *overrides: str,
+    world_size: int = 2,
+    timeout: float = 420,
+    expect_fail: bool = False,
+) -> RanksResult:
+    """Prepare configs/debug.yaml (+ overrides) here, then run `world_size` ranks directly until all exit.
+
+    Fails the test (after killing every rank) on the deadline, when a rank fails unexpectedly, or when
+    `expect_fail` and no rank failed.
+    """
+    from vla_scale.train.prepare import prepare_run
+
+    args = debug_overrides(tmp_path, data, f"train.process_group_timeout_s={PG_TIMEOUT_S}", *overrides)
+    run_dir = prepare_run(CONFIG, args, world_size)
+    logs = tmp_path / "rank_logs"
+    logs.mkdir(exist_ok=True)
+    port = free_port()
+    procs = []
+    try:
+        for rank in range(world_size):
+            with open(logs / f"rank{rank}.log", "a") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "vla_scale.train.main", "--run_dir", str(run_dir)],
+                        cwd=tmp_path,
+                        env=rank_env(rank, world_size, port),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        deadline = time.monotonic() + timeout
+        failed_at = None
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            if now > deadline:
+                _kill(procs)
+                pytest.fail(f"ranks did not finish in {timeout}s\n{rank_logs(tmp_path)}")
+            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+                failed_at = now
+                if not expect_fail:
+                    break
+            if failed_at is not None and now - failed_at > GRACE_S:
+                break
+            time.sleep(0.2)
+    finally:
+        _kill(procs)
+    codes = [p.returncode for p in procs]
+    if any(c != 0 for c in codes) != expect_fail:
+        pytest.fail(f"rank exit codes {codes} (expect_fail={expect_fail})\n{rank_logs(tmp_path)}")
+    return RanksResult(codes, rank_logs(tmp_path), run_dir)

@@ -1,0 +1,150 @@
+"""Every place vla_scale reaches into a private or undocumented attribute of DeepSpeed, transformers or py-cpuinfo.
+
+Each patch is one function here, with the reason it exists, and one test in tests/test_compat.py that
+fails loudly when the upstream version renames or drops what the function relies on. A function that
+finds the attribute missing raises `UpstreamChanged` instead of silently doing nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import platform
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class UpstreamChanged(RuntimeError):
+    """An upstream library no longer has the private attribute a patch here relies on."""
+
+
+def _require(obj: Any, attr: str, where: str) -> None:
+    if not hasattr(obj, attr):
+        raise UpstreamChanged(f"{where} has no attribute {attr!r} any more; update vla_scale/compat.py")
+
+
+def skip_shm_allreduce_build() -> None:
+    """Stop DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op (40-80 s per rank).
+
+    `deepspeed.comm.torch.TorchBackend.__init__` calls the module-level `build_shm_op()`; the op serves
+    only inference all-reduce, which training never uses. Call before `deepspeed.init_distributed`.
+    """
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    _require(comm_torch, "build_shm_op", "deepspeed.comm.torch")
+    comm_torch.build_shm_op = lambda: None
+
+
+def fast_cpu_info() -> dict:
+    """The fields DeepSpeed reads from py-cpuinfo (arch, flags, vendor), taken from /proc/cpuinfo and uname.
+
+    py-cpuinfo's `get_cpu_info` probes CPUID in a child process; on a loaded 2-core VM that probe was
+    seen spinning for over ten minutes inside DeepSpeedCPUAdam's constructor.
+    """
+    machine = platform.machine().lower()
+    arch = {"x86_64": "X86_64", "amd64": "X86_64", "aarch64": "ARM_8", "arm64": "ARM_8"}.get(machine, machine.upper())
+    if machine.startswith("ppc"):
+        arch = "PPC_64"
+    elif machine.startswith("riscv"):
+        arch = "riscv64"
+    info: dict = {"arch": arch, "flags": [], "vendor_id_raw": "unknown"}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "vendor_id":
+            info["vendor_id_raw"] = value.strip()
+        elif key in ("flags", "Features") and not info["flags"]:
+            info["flags"] = value.split()
+    return info
+
+
+def use_fast_cpu_info() -> None:
+    """Replace `cpuinfo.get_cpu_info` with `fast_cpu_info` for DeepSpeed's CPU Adam and its op builder.
+
+    Both import `get_cpu_info` from the `cpuinfo` module at call time, so replacing the module attribute
+    reaches them. Call before constructing `DeepSpeedCPUAdam`.
+    """
+    import cpuinfo
+
+    _require(cpuinfo, "get_cpu_info", "cpuinfo")
+    cpuinfo.get_cpu_info = fast_cpu_info
+
+
+def remove_engine_forward_hooks(engine: Any) -> None:
+    """Detach the forward hooks a DeepSpeed engine put on its module, so a destroyed engine can be freed.
+
+    `DeepSpeedEngine.destroy()` leaves `module_forward_pre_hook` / `module_forward_post_hook` registered
+    on the wrapped model; their closures keep the old engine (optimizer state, fp32 masters, gradient
+    buffers) alive for as long as the model lives. Call after `engine.destroy()` at a stage switch.
+    """
+    for attr in ("module_forward_pre_hook", "module_forward_post_hook"):
+        _require(engine, attr, "DeepSpeedEngine")
+        handle = getattr(engine, attr)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, attr, None)
+
+
+def reset_step_verdict(optimizer: torch.optim.Optimizer) -> None:
+    """Clear an optimizer's `overflow` flag before a step (it is set again only if the step runs).
+
+    `DeepSpeedEngine._take_model_step` reads `optimizer.overflow` after `optimizer.step()` to count a
+    skipped step; our `GuardedAdamW` sets it. Optimizers without the flag are left alone.
+    """
+    if hasattr(optimizer, "overflow"):
+        optimizer.overflow = False
+
+
+def step_was_skipped(engine: Any, optimizer: torch.optim.Optimizer, skipped_before: int) -> bool:
+    """Whether the last optimizer step was refused: DeepSpeed counted a skip, or the optimizer flagged overflow."""
+    return engine.skipped_steps > skipped_before or bool(getattr(optimizer, "overflow", False))
+
+
+def loss_scale(engine: Any) -> float:
+    """The current dynamic fp16 loss scale, read from DeepSpeed's optimizer wrapper.
+
+    Every fp16 wrapper (`FP16_Optimizer`, `FP16_UnfusedOptimizer`, ZeRO 1/2 and ZeRO-3) promotes its
+    loss scaler's scale to a `loss_scale` property; only the ZeRO ones also have `cur_scale`, which
+    this used to read (it fails under fp16 ZeRO-0).
+    """
+    _require(engine.optimizer, "loss_scale", type(engine.optimizer).__name__)
+    return float(engine.optimizer.loss_scale)
+
+
+def keep_hf_deepspeed_config(ds_config: dict) -> Any:
+    """Make transformers' `from_pretrained` create models under `deepspeed.zero.Init` (ZeRO-3 partitioned).
+
+    transformers keeps the `HfDeepSpeedConfig` only through a module-level weak reference
+    (`transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref`), so the caller must hold the
+    returned object for as long as models should be created partitioned.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    _require(hf_deepspeed, "_hf_deepspeed_config_weak_ref", "transformers.integrations.deepspeed")
+    return HfDeepSpeedConfig(ds_config)
+
+
+@contextlib.contextmanager
+def hf_zero3_init_disabled() -> Iterator[None]:
+    """Load a model whole even while transformers' DeepSpeed ZeRO-3 integration is alive.
+
+    `from_pretrained` creates models under `deepspeed.zero.Init` (partitioned) whenever an
+    `HfDeepSpeedConfig` with stage 3 exists; transformers finds it through the module-level weak
+    reference `_hf_deepspeed_config_weak_ref`, which this clears for the duration of the block.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    _require(hf_deepspeed, "_hf_deepspeed_config_weak_ref", "transformers.integrations.deepspeed")
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

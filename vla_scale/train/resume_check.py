@@ -1,0 +1,99 @@
+"""One answer to "is this the same run?", asked by every process that joins a run directory.
+
+Three callers, one function: `vla-scale prepare` on node 0 before it (re)writes the run directory,
+`vla-scale run-dir --wait-for` on every other node once node 0 has prepared it, and each training
+rank before it builds anything. They differ only in how strict the config comparison is and in
+whether the directory must already be prepared; the checks themselves live here once:
+
+- the global batch splits evenly over the ranks (`build_ds_config` raises otherwise);
+- the saved `config.yaml` matches, up to `RESUMABLE_CHANGES` (or exactly, for nodes joining node 0);
+- the prepared `ds_config.json` is the one this world size produces;
+- the `latest` checkpoint was written by as many ranks, in a stage the stage list still has.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from vla_scale.config import Config, ConfigError, to_dict
+from vla_scale.train import checkpoint
+from vla_scale.train.ds_config import build_ds_config
+from vla_scale.train.stages import stage_configs
+
+# Keys that may change when a run directory is reused (resume with a longer schedule, new logging, drills).
+RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last", "wandb.", "debug.")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """`{"a": {"b": 1}}` → `{"a.b": 1}`: config keys as they are written in overrides."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two plain-data configs, sorted."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_same_run(
+    run_dir: str | Path, cfg: Config, world_size: int, *, exact: bool = False, prepared: bool = False
+) -> None:
+    """Raise ConfigError unless `run_dir` may be (re)joined by a job running `cfg` on `world_size` ranks.
+
+    `exact`: the saved config must equal `cfg` in every key (nodes > 0 joining node 0's run); otherwise
+    the keys in `RESUMABLE_CHANGES` may differ (a resume with a longer schedule). `prepared`: the run
+    directory must already hold `config.yaml` and a `ds_config.json` for this world size (ranks, and
+    nodes > 0); otherwise a missing directory is a fresh run.
+    """
+    run_dir = Path(run_dir)
+    ds_config = build_ds_config(cfg, world_size)  # raises unless the global batch splits over the ranks
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        if prepared:
+            raise ConfigError(
+                f"{config_file} does not exist although the run should be prepared: run `vla-scale prepare` "
+                "first (launchers/train.sh does), and on several nodes put run.output_dir on a filesystem "
+                "every node shares, at the same path"
+            )
+        return
+    saved = yaml.safe_load(config_file.read_text()) or {}
+    wanted = json.loads(json.dumps(to_dict(cfg)))  # tuples as lists, as YAML reads them back
+    changed = config_changes(saved, wanted)
+    if not exact:
+        changed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        old, new = flatten(saved), flatten(wanted)
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        hint = "start every node alike" if exact else "resume with the same settings or choose a new run.name"
+        raise ConfigError(f"run directory {run_dir} holds a run with a different config ({details}); {hint}")
+    ds_file = run_dir / "ds_config.json"
+    if prepared and (not ds_file.is_file() or json.loads(ds_file.read_text()) != ds_config):
+        raise ConfigError(
+            f"{ds_file} was prepared for another world size than this job's {world_size} ranks; start the run "
+            "through launchers/train.sh so prepare and launch agree, and give every node the same NUM_NODES "
+            "and ranks per node"
+        )
+    ckpt_dir = run_dir / "checkpoints"
+    meta = checkpoint.read_meta(ckpt_dir)
+    if meta is None:
+        return
+    if meta.get("world_size") not in (None, world_size):
+        raise ConfigError(
+            f"the checkpoint in {ckpt_dir} was written by {meta['world_size']} ranks and this job has {world_size}; "
+            "resume with the same number of ranks (the data stream position is per rank)"
+        )
+    n_stages = len(stage_configs(cfg))
+    if meta["stage"] >= n_stages:
+        raise ConfigError(
+            f"the checkpoint in {ckpt_dir} was written in stage {meta['stage']} but train.stages now lists "
+            f"{n_stages}; restore the stage list the run was started with"
+        )
