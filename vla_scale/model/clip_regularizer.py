@@ -20,9 +20,7 @@ It is moved to the device of the first batch it sees. Only `ClipRegularizer.proj
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,30 +30,13 @@ from einops import reduce
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
 
+from vla_scale.compat import hf_zero3_init_disabled
 from vla_scale.config.schema import ClipRegConfig, TinyClipConfig
 from vla_scale.model.backbones.base import write_folder_once
 from vla_scale.model.backbones.tiny_tokenizer import build_tiny_tokenizer
 from vla_scale.model.zero_sync import zero_touch
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-@contextlib.contextmanager
-def zero3_init_disabled() -> Iterator[None]:
-    """Load a model whole even while transformers' DeepSpeed ZeRO-3 integration is alive.
-
-    `from_pretrained` creates models under `deepspeed.zero.Init` (partitioned) whenever an `HfDeepSpeedConfig`
-    with stage 3 exists. The teacher is outside the engine, whose hooks gather partitioned weights, so it
-    must hold its full weights; transformers keeps that config only as a module-level weak reference.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 class ClipTextTeacher:
@@ -73,7 +54,8 @@ class ClipTextTeacher:
     @classmethod
     def from_pretrained(cls, path_or_id: str) -> ClipTextTeacher:
         """Load from a local folder or hub id (a full CLIP checkpoint works too: only the text side is read)."""
-        with zero3_init_disabled():
+        # The teacher is outside the engine (whose hooks gather partitioned weights): load it whole.
+        with hf_zero3_init_disabled():
             model = CLIPTextModelWithProjection.from_pretrained(path_or_id, dtype=torch.float32)
         return cls(model, AutoTokenizer.from_pretrained(path_or_id))
 
