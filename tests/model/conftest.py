@@ -16,7 +16,7 @@ TINY = TinyBackboneConfig()  # hidden 64, 2 LM layers, SigLIP 64x64 images in 16
 
 @pytest.fixture(scope="session")
 def tiny_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlavaAdapter]:
-    """The tiny checkpoint folder and the in-memory adapter build_tiny returned."""
+    """The tiny checkpoint folder and the in-memory adapter build_tiny_backbone returned."""
     path = tmp_path_factory.mktemp("tiny_llava")
     adapter = build_tiny_backbone("llava", TINY, path, seed=0)
     return path, adapter

@@ -11,8 +11,13 @@ from transformers import Gemma2Model, GemmaModel, SiglipVisionModel
 from vla_scale.config.schema import BackboneConfig, ModelConfig, TinyBackboneConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.model import RoboVLM, build_model
-from vla_scale.model.backbones import PaliGemma2Adapter, PaliGemmaAdapter, build_tiny_backbone, load_backbone
-from vla_scale.model.backbones.base import BackboneAdapter
+from vla_scale.model.backbones import (
+    BackboneAdapter,
+    PaliGemma2Adapter,
+    PaliGemmaAdapter,
+    build_tiny_backbone,
+    load_backbone,
+)
 
 TINY = TinyBackboneConfig()  # as in conftest: hidden 64, 2 layers, 64x64 images in 16x16 patches
 FAMILIES = {"paligemma": ("gemma", GemmaModel), "paligemma2": ("gemma2", Gemma2Model)}
