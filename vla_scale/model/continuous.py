@@ -113,9 +113,7 @@ class ContinuousActions:
         """One frame `[B, 1, ...]` through a history head's memory → (arm `[B, 1, N, A-1]`, gripper probability)."""
         head = model.action_head
         if not isinstance(head, HistoryHead):
-            raise ValueError(
-                "predict_action_step needs model.head.type lstm or gpt; other heads take the window in predict_action"
-            )
+            raise ValueError(f"stepwise prediction needs a history head (lstm / gpt), not {type(head).__name__}")
         if obs.num_frames != 1:
             raise ValueError(
                 f"predict_action_step takes one frame [B, 1, C, H, W], got shape {tuple(obs.images.shape)}"

@@ -27,7 +27,7 @@ from vla_scale.config.schema import ModelConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.data.observation import Observation
 from vla_scale.model.action_tokenizer import ActionTokenizer
-from vla_scale.model.backbones.base import BackboneAdapter
+from vla_scale.model.backbones import BackboneAdapter
 from vla_scale.model.sequence import chunk_targets
 
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ from vla_scale.config.schema import ModelConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.data.observation import Observation
 from vla_scale.model.action_tokenizer import ActionTokenizer
-from vla_scale.model.backbones.base import BackboneAdapter, ensure_tiny_backbone, load_backbone
+from vla_scale.model.backbones import BackboneAdapter, ensure_tiny_backbone, load_backbone
 from vla_scale.model.clip_regularizer import (
     ClipRegularizer,
     ClipTextTeacher,
@@ -225,7 +225,7 @@ class RoboVLM(nn.Module):
         """One control step with a history head: the current frame `[B, 1, C, H, W]` (state `[B, 1, S]`) →
         (arm `[B, 1, N, A-1]`, gripper probability `[B, 1, N, 1]`), fused with the frames seen since `reset()`
         (the last `head.max_history`); equals `predict_action`'s last frame over that window."""
-        if not isinstance(self.actions, ContinuousActions):
+        if not self.stepwise or not isinstance(self.actions, ContinuousActions):
             raise ValueError(
                 "predict_action_step needs model.head.type lstm or gpt; other heads take the window in predict_action"
             )

@@ -44,7 +44,7 @@ from einops import rearrange, repeat
 
 from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.data.observation import Observation
-from vla_scale.model.backbones.base import BackboneAdapter
+from vla_scale.model.backbones import BackboneAdapter
 
 
 @dataclass
