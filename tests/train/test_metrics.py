@@ -1,8 +1,11 @@
 """Metric meters and sinks (single process; the 2-rank reduction runs in the launcher integration test)."""
 
+import time
+
 import torch
 
 from vla_scale.config.schema import WandbConfig
+from vla_scale.train.log_window import LogWindow
 from vla_scale.train.metrics import Meters, MetricsWriter, read_metrics, wandb_mode
 
 
@@ -12,6 +15,22 @@ def test_meters_average_each_key_over_its_own_count_and_reset():
     m.add({"loss": torch.tensor(2.0), "loss_vl": 5.0})
     assert m.reduce() == {"loss": 1.5, "loss_arm": 3.0, "loss_vl": 5.0}
     assert m.reduce() == {}
+
+
+def test_log_window_means_and_throughput_then_starts_afresh():
+    window = LogWindow(world_size=1)
+    start = time.perf_counter()
+    time.sleep(0.02)  # "waiting for data", inside the window's wall time
+    window.add_fetch(time.perf_counter() - start)
+    for loss in (1.0, 3.0):
+        window.add_micro_step(batch_size=2, num_tokens=torch.tensor(10))
+        window.add({"loss": torch.tensor(loss)})
+    means, rates = window.close()
+    assert means == {"loss": 2.0}
+    assert rates["samples_per_s"] > 0 and rates["tokens_per_s"] == 5 * rates["samples_per_s"]
+    assert 0 < rates["data_wait_frac"] <= 1
+    means, rates = window.close()  # an empty window: nothing carried over
+    assert means == {} and rates["samples_per_s"] == 0 and rates["data_wait_frac"] == 0
 
 
 def test_wandb_defaults_offline_without_key(monkeypatch, tmp_path):

@@ -11,8 +11,9 @@ def grad_accumulation_steps(cfg: Config, world_size: int) -> int:
     per_step = cfg.train.micro_batch_size * world_size
     if cfg.train.global_batch_size % per_step:
         raise ConfigError(
-            f"train.global_batch_size ({cfg.train.global_batch_size}) is not a multiple of "
-            f"micro_batch_size x world_size ({cfg.train.micro_batch_size} x {world_size})"
+            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size x world size ({cfg.train.micro_batch_size} x {world_size}); "
+            "change one of them or the number of ranks"
         )
     return cfg.train.global_batch_size // per_step
 
