@@ -6,7 +6,7 @@ rank before it builds anything. They differ only in how strict the config compar
 whether the directory must already be prepared; the checks themselves live here once:
 
 - the global batch splits evenly over the ranks (`build_ds_config` raises otherwise);
-- the saved `config.yaml` matches, up to `RESUMABLE_CHANGES` (or exactly, for nodes joining node 0);
+- the saved `config.yaml` matches (`config_diff`), up to `RESUMABLE_CHANGES` (or exactly, for nodes joining node 0);
 - the prepared `ds_config.json` is the one this world size produces;
 - the `latest` checkpoint was written by as many ranks, in a stage the stage list still has.
 """
@@ -18,30 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from vla_scale.config import Config, ConfigError, to_dict
+from vla_scale.config import Config, ConfigError
+from vla_scale.config.compare import RESUMABLE_CHANGES, config_diff
 from vla_scale.train import checkpoint
 from vla_scale.train.ds_config import build_ds_config
 from vla_scale.train.stages import stage_configs
-
-# Keys that may change when a run directory is reused (resume with a longer schedule, new logging, drills).
-RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last", "wandb.", "debug.")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """`{"a": {"b": 1}}` → `{"a.b": 1}`: config keys as they are written in overrides."""
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_changes(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ between two plain-data configs, sorted."""
-    a, b = flatten(old), flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def check_same_run(
@@ -66,13 +47,9 @@ def check_same_run(
             )
         return
     saved = yaml.safe_load(config_file.read_text()) or {}
-    wanted = json.loads(json.dumps(to_dict(cfg)))  # tuples as lists, as YAML reads them back
-    changed = config_changes(saved, wanted)
-    if not exact:
-        changed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+    changed = config_diff(saved, cfg, ignore=() if exact else RESUMABLE_CHANGES)
     if changed:
-        old, new = flatten(saved), flatten(wanted)
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        details = ", ".join(changed)
         hint = "start every node alike" if exact else "resume with the same settings or choose a new run.name"
         raise ConfigError(f"run directory {run_dir} holds a run with a different config ({details}); {hint}")
     ds_file = run_dir / "ds_config.json"
