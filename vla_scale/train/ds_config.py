@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-from vla_scale.config.load import ConfigError
 from vla_scale.config.schema import Config
-
-
-def grad_accumulation_steps(cfg: Config, world_size: int) -> int:
-    """Micro-steps per optimizer step that keep `global_batch_size` fixed at any world size."""
-    per_step = cfg.train.micro_batch_size * world_size
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size x world size ({cfg.train.micro_batch_size} x {world_size}); "
-            "change one of them or the number of ranks"
-        )
-    return cfg.train.global_batch_size // per_step
 
 
 def build_ds_config(cfg: Config, world_size: int) -> dict:
@@ -32,7 +19,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": grad_accumulation_steps(cfg, world_size),
+        "gradient_accumulation_steps": t.grad_accum(world_size),  # raises unless the batch splits over the ranks
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         # Our GuardedAdamW is torch's AdamW plus a finiteness check; DeepSpeed only knows the exact class.
