@@ -66,7 +66,7 @@ def chunk_targets(batch: Batch, history_type: str) -> tuple[torch.Tensor, torch.
     """The chunks the model predicts, `[B, T', N, A]`, and their mask `[B, T', N]`: every frame's, or under
     `video` the last frame's only."""
     if batch.action is None:
-        raise ValueError("a robot batch needs `action` [B, T, N, A]")
+        raise ValueError("chunk_targets takes a robot batch, one with `action`")
     mask = batch.action_mask if batch.action_mask is not None else torch.ones_like(batch.action[..., 0]).bool()
     if history_type == "video":
         return batch.action[:, -1:], mask[:, -1:]
