@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from toy_shards import write_robot
 
+from tests.data.toy_shards import write_robot
 from vla_scale.config import ConfigError, load_config
 from vla_scale.config.schema import AugmentConfig
 from vla_scale.data.augment import augment_frames, window_rng

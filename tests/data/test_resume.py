@@ -4,9 +4,8 @@ import itertools
 
 import pytest
 import torch
-from test_stream import _corrupt_first_image
-from toy_shards import write_robot, write_vl
 
+from tests.data.toy_shards import corrupt_first_image, write_robot, write_vl
 from vla_scale.config.schema import AugmentConfig, DataConfig, SourceConfig
 from vla_scale.data.loader import StreamTracker, build_dataloader
 from vla_scale.data.stream import DataError
@@ -18,7 +17,7 @@ def data_cfg(tmp_path, workers: int) -> DataConfig:
     robot = tmp_path / "robot"
     if not robot.exists():
         write_robot(robot, [5, 6, 4, 7, 5, 6, 5], per_shard=2)
-        _corrupt_first_image(robot / "shard-000001.tar")  # ep0002 frame 0: windows starting at 0 are bad
+        corrupt_first_image(robot / "shard-000001.tar")  # ep0002 frame 0: windows starting at 0 are bad
         write_vl(tmp_path / "vl", 6, per_shard=2)
     return DataConfig(
         sources=[SourceConfig(str(robot), 0.7), SourceConfig(str(tmp_path / "vl"), 0.3)],

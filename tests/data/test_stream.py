@@ -2,14 +2,13 @@
 
 import io
 import itertools
-import tarfile
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from toy_shards import write_robot, write_vl
 
+from tests.data.toy_shards import corrupt_first_image, write_robot, write_vl
 from vla_scale.config.schema import DataConfig, SourceConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.data.loader import MixedBatches, StreamTracker, batch_sources, build_dataloader
@@ -72,23 +71,9 @@ def test_windows_carry_normalised_actions_and_masks(tmp_path):
     assert abs(float(np.concatenate([x.action[:, 0, 0] for x in windows]).mean())) < 1.0
 
 
-def _corrupt_first_image(shard_path):
-    """Rewrite a shard with the first frame's bytes replaced by garbage (a real corrupt JPEG/PNG)."""
-    with tarfile.open(shard_path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    victim = next(m.name for m, _ in members if m.name.endswith(".0000.png"))
-    with tarfile.open(shard_path, "w") as tar:
-        for m, data in members:
-            if m.name == victim:
-                data = b"not an image at all"
-                m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
-    return victim
-
-
 def test_bad_sample_skipped_counted_and_named(tmp_path, caplog):
     write_robot(tmp_path, [3] * 4, per_shard=2)
-    victim = _corrupt_first_image(tmp_path / "shard-000000.tar")
+    victim = corrupt_first_image(tmp_path / "shard-000000.tar")
     s = stream(tmp_path, Reader(), window=3)
     keys = [w.key.split("/")[0] for w in s._epoch_items()]
     assert len(keys) == 3 and victim.split(".")[0] not in keys
@@ -98,7 +83,7 @@ def test_bad_sample_skipped_counted_and_named(tmp_path, caplog):
 
 def test_bad_sample_fail_policy_raises_with_location(tmp_path):
     write_robot(tmp_path, [3] * 2, per_shard=2)
-    _corrupt_first_image(tmp_path / "shard-000000.tar")
+    corrupt_first_image(tmp_path / "shard-000000.tar")
     s = stream(tmp_path, Reader(), window=3, policy="fail")
     with pytest.raises(DataError, match=r"shard-000000\.tar:ep0000.*undecodable image.*bad_sample_policy=skip"):
         list(s._epoch_items())

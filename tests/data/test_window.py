@@ -1,8 +1,8 @@
 """Windowing with chunked future actions, and normalisation from stats.json."""
 
 import numpy as np
-from toy_shards import make_episode, write_robot
 
+from tests.data.toy_shards import make_episode, write_robot
 from vla_scale.data.format import load_stats
 from vla_scale.data.normalize import Normalizer
 from vla_scale.data.stream import BadSamples, Reader, SourceStream

@@ -1,5 +1,7 @@
 """Small hand-made datasets written with the real shard writer."""
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +37,17 @@ def write_vl(folder: Path, n: int, per_shard: int) -> Path:
             ]
             w.write_vl(VLSample(f"vl{i:04d}", np.full((16, 16, 3), i, np.uint8), conv))
     return folder
+
+
+def corrupt_first_image(shard_path: Path) -> str:
+    """Rewrite a shard with the first frame's bytes replaced by garbage (a real corrupt JPEG/PNG)."""
+    with tarfile.open(shard_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith(".0000.png"))
+    with tarfile.open(shard_path, "w") as tar:
+        for m, data in members:
+            if m.name == victim:
+                data = b"not an image at all"
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return victim

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_robovlm import A, B, N, S, robot_batch, select, vl_batch
 from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector, Idefics3VisionTransformer
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector, SmolVLMVisionTransformer
 
+from tests.model.batches import A, B, N, S, robot_batch, select, vl_batch
 from vla_scale.config.schema import BackboneConfig, DiscreteActionConfig, ModelConfig, TinyBackboneConfig
 from vla_scale.model import RoboVLM, build_model
 from vla_scale.model.backbones import Idefics3Adapter, SmolVLMAdapter, build_tiny_backbone, load_backbone

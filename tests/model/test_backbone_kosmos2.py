@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_robovlm import A, B, N, S, robot_batch, select, vl_batch
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2ImageToTextProjection, Kosmos2VisionModel
 
+from tests.model.batches import A, B, N, S, robot_batch, select, vl_batch
 from vla_scale.config.schema import BackboneConfig, DiscreteActionConfig, ModelConfig, TinyBackboneConfig
 from vla_scale.model import RoboVLM, build_model
 from vla_scale.model.backbones import Kosmos2Adapter, build_tiny_backbone, load_backbone

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_discrete_actions import discrete_batch
-from test_robovlm import INSTRUCTIONS, robot_batch, tokenize, vl_batch
 
+from tests.model.batches import INSTRUCTIONS, discrete_batch, robot_batch, tokenize, vl_batch
 from vla_scale.config.schema import BackboneConfig, ClipRegConfig, LossWeightsConfig, ModelConfig, TinyClipConfig
 from vla_scale.data.observation import Observation
 from vla_scale.model import RoboVLM, build_model

@@ -7,20 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_robovlm import tokenize, vl_batch
 
+from tests.model.batches import DISCRETE_A, DISCRETE_N, DISCRETE_T, discrete_batch, vl_batch
 from vla_scale.config import ConfigError, load_config
 from vla_scale.config.schema import BackboneConfig, DiscreteActionConfig, ModelConfig
-from vla_scale.data.batch import IGNORE_INDEX, Batch
+from vla_scale.data.batch import IGNORE_INDEX
 from vla_scale.data.observation import Observation
 from vla_scale.model import RoboVLM, build_model
 from vla_scale.model.action_tokenizer import ActionTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-B, T, N, A, S = 2, 1, 2, 4, 8  # 3 arm dims + gripper, chunk of 2: 8 action ids per frame
+B, T, N, A, S = 2, DISCRETE_T, DISCRETE_N, DISCRETE_A, 8  # 3 arm dims + gripper, chunk of 2: 8 action ids per frame
 N_IMAGE = 16
 VOCAB = 512  # the tiny tokenizer
-TEXTS = ["pick up the red block and put it in the blue bowl", "open the drawer"]
 
 
 def make_discrete(tiny_path, checkpointing: bool = False, **discrete) -> RoboVLM:
@@ -28,24 +27,6 @@ def make_discrete(tiny_path, checkpointing: bool = False, **discrete) -> RoboVLM
     backbone = BackboneConfig(family="llava", pretrained=str(tiny_path), gradient_checkpointing=checkpointing)
     cfg = ModelConfig(backbone=backbone, action_space="discrete", discrete=DiscreteActionConfig(**discrete))
     return build_model(cfg, action_dim=A, state_dim=S, chunk_size=N).train()
-
-
-def discrete_batch(model: RoboVLM, seed: int = 0, extra_pad: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    ids, mask = tokenize(model, TEXTS, extra_pad)
-    action = torch.rand(B, T, N, A, generator=g) * 1.8 - 0.9
-    action[..., -1] = (torch.rand(B, T, N, generator=g) > 0.5).float()
-    action_mask = torch.ones(B, T, N, dtype=torch.bool)
-    action_mask[0, -1, -1] = False
-    return Batch(
-        data_source="robot",
-        images=torch.randint(0, 256, (B, T, 3, 64, 64), dtype=torch.uint8, generator=g),
-        text_ids=ids,
-        text_mask=mask,
-        text_labels=torch.full_like(ids, IGNORE_INDEX),
-        action=action,
-        action_mask=action_mask,
-    )
 
 
 # --- tokenizer --------------------------------------------------------------------------------------------

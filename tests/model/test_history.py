@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_robovlm import tokenize, vl_batch
 
+from tests.model.batches import tokenize, vl_batch
 from vla_scale.config.schema import ActionHeadConfig, BackboneConfig, ModelConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.data.normalize import Normalizer

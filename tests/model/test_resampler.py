@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_discrete_actions import discrete_batch
-from test_robovlm import robot_batch, vl_batch
 
+from tests.model.batches import discrete_batch, robot_batch, vl_batch
 from vla_scale.config.schema import BackboneConfig, ModelConfig, ResamplerConfig, TinyBackboneConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.model import RoboVLM, build_model
