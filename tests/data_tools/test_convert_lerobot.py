@@ -2,173 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-import av
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from data_tools.__main__ import main
 from data_tools.convert import lerobot
 from data_tools.convert.common import PROGRESS_FILE
+from tests.data_tools.sources.lerobot import LENGTHS, SIZE, TASKS, action, frame, make_v3, make_v21, state
 from vla_scale.data.format import Manifest, decode_episode
-
-FPS = 10
-SIZE = 64
-LENGTHS = (5, 7, 6)
-TASKS = ("pick up the red block", "push the blue disc")
-
-
-def frame(ep: int, t: int, cam: int) -> np.ndarray:
-    """Four flat-coloured 32x32 blocks, different per episode, step and camera (video-codec friendly)."""
-    img = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
-    base = (ep * 70 + t * 23 + cam * 110) % 200
-    for b, (r, c) in enumerate(((0, 0), (0, 32), (32, 0), (32, 32))):
-        img[r : r + 32, c : c + 32] = ((base + 50 * b) % 256, (255 - base - 30 * b) % 256, (40 + 60 * b) % 256)
-    return img
-
-
-def state(ep: int, t: int) -> list[float]:
-    return [ep * 100 + t + 0.25 * d for d in range(4)]
-
-
-def action(ep: int, t: int) -> list[float]:
-    return [ep - t * 0.5, 0.125 * t, float(t % 2)]
-
-
-def png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_mp4(path: Path, frames: list[np.ndarray], codec: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
-        stream.codec_context.gop_size = 4  # keyframes inside episodes: the reader must seek and skip
-        for img in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        container.mux(stream.encode())
-
-
-def frame_table(eps: list[int], start_index: int) -> pa.Table:
-    """Data rows of these episodes: state, action, a PNG image column (the wrist camera) and indices."""
-    rows = [(ep, t) for ep in eps for t in range(LENGTHS[ep])]
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    return pa.table(
-        {
-            "observation.state": pa.array([state(e, t) for e, t in rows], pa.list_(pa.float32(), 4)),
-            "action": pa.array([action(e, t) for e, t in rows], pa.list_(pa.float32(), 3)),
-            "observation.images.wrist": pa.array(
-                [{"bytes": png(frame(e, t, 1)), "path": f"frame_{t:06d}.png"} for e, t in rows], image_type
-            ),
-            "timestamp": pa.array([t / FPS for _, t in rows], pa.float32()),
-            "frame_index": pa.array([t for _, t in rows], pa.int64()),
-            "episode_index": pa.array([e for e, _ in rows], pa.int64()),
-            "index": pa.array(range(start_index, start_index + len(rows)), pa.int64()),
-            "task_index": pa.array([e % 2 for e, _ in rows], pa.int64()),
-        }
-    )
-
-
-def features() -> dict:
-    return {
-        "observation.images.top": {"dtype": "video", "shape": [SIZE, SIZE, 3], "names": ["height", "width", "c"]},
-        "observation.images.wrist": {"dtype": "image", "shape": [SIZE, SIZE, 3], "names": ["height", "width", "c"]},
-        "observation.state": {"dtype": "float32", "shape": [4], "names": None},
-        "action": {"dtype": "float32", "shape": [3], "names": None},
-        "timestamp": {"dtype": "float32", "shape": [1], "names": None},
-        "frame_index": {"dtype": "int64", "shape": [1], "names": None},
-        "episode_index": {"dtype": "int64", "shape": [1], "names": None},
-        "index": {"dtype": "int64", "shape": [1], "names": None},
-        "task_index": {"dtype": "int64", "shape": [1], "names": None},
-    }
-
-
-def make_v3(root: Path, codec: str = "libsvtav1") -> Path:
-    """Episodes 0, 1 share data/video file 000 (episode 1 starts mid-file); episode 2 is in file 001."""
-    files = {0: [0, 1], 1: [2]}
-    info = {
-        "codebase_version": "v3.0",
-        "fps": FPS,
-        "chunks_size": 1000,
-        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-        "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
-        "features": features(),
-    }
-    (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
-    (root / "meta" / "info.json").write_text(json.dumps(info))
-    rows, index = [], 0
-    for f, eps in files.items():
-        (root / "data" / "chunk-000").mkdir(parents=True, exist_ok=True)
-        table = frame_table(eps, index)
-        pq.write_table(table, root / "data" / "chunk-000" / f"file-{f:03d}.parquet")
-        write_mp4(
-            root / "videos" / "observation.images.top" / "chunk-000" / f"file-{f:03d}.mp4",
-            [frame(e, t, 0) for e in eps for t in range(LENGTHS[e])],
-            codec,
-        )
-        offset = 0
-        for e in eps:
-            rows.append(
-                {
-                    "episode_index": e,
-                    "tasks": [TASKS[e % 2]],
-                    "length": LENGTHS[e],
-                    "data/chunk_index": 0,
-                    "data/file_index": f,
-                    "dataset_from_index": index,
-                    "dataset_to_index": index + LENGTHS[e],
-                    "videos/observation.images.top/chunk_index": 0,
-                    "videos/observation.images.top/file_index": f,
-                    "videos/observation.images.top/from_timestamp": offset / FPS,
-                    "videos/observation.images.top/to_timestamp": (offset + LENGTHS[e]) / FPS,
-                }
-            )
-            offset += LENGTHS[e]
-            index += LENGTHS[e]
-    pq.write_table(pa.Table.from_pylist(rows), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
-    pq.write_table(pa.table({"task": list(TASKS), "task_index": [0, 1]}), root / "meta" / "tasks.parquet")
-    return root
-
-
-def make_v21(root: Path, codec: str = "mpeg4") -> Path:
-    """One parquet and one mp4 per episode; the wrist camera is a video too."""
-    feats = features()
-    feats["observation.images.wrist"]["dtype"] = "video"
-    info = {
-        "codebase_version": "v2.1",
-        "fps": FPS,
-        "chunks_size": 1000,
-        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
-        "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
-        "features": feats,
-    }
-    (root / "meta").mkdir(parents=True)
-    (root / "data" / "chunk-000").mkdir(parents=True)
-    (root / "meta" / "info.json").write_text(json.dumps(info))
-    lines, index = [], 0
-    for e, length in enumerate(LENGTHS):
-        table = frame_table([e], index).drop_columns(["observation.images.wrist"])
-        pq.write_table(table, root / "data" / "chunk-000" / f"episode_{e:06d}.parquet")
-        for cam, key in enumerate(("observation.images.top", "observation.images.wrist")):
-            path = root / "videos" / "chunk-000" / key / f"episode_{e:06d}.mp4"
-            write_mp4(path, [frame(e, t, cam) for t in range(length)], codec)
-        lines.append(json.dumps({"episode_index": e, "tasks": [TASKS[e % 2]], "length": length}))
-        index += length
-    (root / "meta" / "episodes.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "meta" / "tasks.jsonl").write_text(
-        "\n".join(json.dumps({"task_index": i, "task": t}) for i, t in enumerate(TASKS))
-    )
-    return root
 
 
 def read_episodes(out: Path) -> list:

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tfrecord_encoder import (
+
+from data_tools import tfrecord
+from data_tools.tfrecord import TFRecordError, crc32c, iter_records, masked_crc32c, parse_example, record_offsets
+from tests.data_tools.tfrecord_encoder import (
     bytes_feature,
     crc32c_bitwise,
     example,
@@ -15,9 +18,6 @@ from tfrecord_encoder import (
     masked,
     write_tfrecord,
 )
-
-from data_tools import tfrecord
-from data_tools.tfrecord import TFRecordError, crc32c, iter_records, masked_crc32c, parse_example, record_offsets
 
 
 def test_crc32c_known_values() -> None:

@@ -2,31 +2,23 @@
 
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-# The fixture builders live in the converter tests (tests/data_tools, not a package): put that folder on
-# sys.path and import them by module name rather than copying ~200 lines of fixture code here.
-_path = str(Path(__file__).resolve().parents[1] / "data_tools")
-if _path not in sys.path:
-    sys.path.insert(0, _path)
-
-from test_convert_calvin import make_calvin  # noqa: E402
-from test_convert_hdf5 import make_robomimic  # noqa: E402
-from test_convert_lerobot import make_v3  # noqa: E402
-from test_convert_llava import make_llava  # noqa: E402
-from test_convert_rlds import make_rlds  # noqa: E402
-
-from data_tools.__main__ import main  # noqa: E402
-from data_tools.synth import synth  # noqa: E402
-from tests.train.jobs import run_ranks  # noqa: E402
-from vla_scale.data.format import Manifest  # noqa: E402
-from vla_scale.data.loader import batch_sources  # noqa: E402
-from vla_scale.train.metrics import read_metrics  # noqa: E402
+from data_tools.__main__ import main
+from data_tools.synth import synth
+from tests.data_tools.sources.calvin import make_calvin
+from tests.data_tools.sources.hdf5 import make_robomimic
+from tests.data_tools.sources.lerobot import make_v3
+from tests.data_tools.sources.llava import make_llava
+from tests.data_tools.sources.rlds import make_rlds
+from tests.train.jobs import run_ranks
+from vla_scale.data.format import Manifest
+from vla_scale.data.loader import batch_sources
+from vla_scale.train.metrics import read_metrics
 
 pytestmark = pytest.mark.integration
 
