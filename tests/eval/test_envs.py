@@ -205,3 +205,23 @@ def test_metaworld_expert_reaches(metaworld: Env):
 def test_metaworld_expert_success_rate(metaworld: Env, task: str):
     runs = [run_expert(metaworld, task, eval_seed(metaworld.tasks.index(task), e))[0] for e in range(10)]
     assert sum(runs) >= 10, runs  # >= 95% of 10 episodes
+
+
+def test_metaworld_resets_terminate_for_many_seeds(metaworld: Env):
+    """Tasks that redraw goals until they are apart from the object must not loop on a frozen vector."""
+    import signal
+
+    def hang(*_: object) -> None:
+        raise TimeoutError("Meta-World reset did not return")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(120)
+    try:
+        goals = set()
+        for e in range(30):
+            metaworld.reset("reach-v3", eval_seed(0, e))
+            goals.add(tuple(np.round(metaworld.raw_env._target_pos, 6)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert len(goals) == 30

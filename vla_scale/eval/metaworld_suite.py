@@ -1,12 +1,13 @@
 """`metaworld` suite: Meta-World (MuJoCo, MIT) multi-task manipulation behind the `Env` contract.
 
 Each task keeps its own Meta-World environment (a different MJCF per task), created on first
-use. A seed fixes the task's random vector (object and goal positions) exactly as Meta-World's
-benchmarks do — a `Task` whose `rand_vec` is drawn from the task's `_random_reset_space` — but
-drawn from `numpy.random.default_rng(seed)` rather than from a fixed list of 50, so every seed
-is its own scene. The policy's state is proprioception only (`obs[:4]`: hand xyz + gripper
-opening); the full observation (object and goal positions) feeds only Meta-World's scripted
-expert. Frames come from the `corner3` camera, which MuJoCo renders upside down (flipped here).
+use. A seed fixes the task's random vector (object and goal positions) the way Meta-World's
+benchmarks build their tasks — a reset with an unfrozen vector, which some tasks redraw until
+object and goal are apart, then a `Task` holding that `rand_vec` — but with the env's generator
+seeded by `seed` rather than from a fixed list of 50, so every seed is its own scene.
+The policy's state is proprioception only (`obs[:4]`: hand xyz + gripper opening); the full
+observation (object and goal positions) feeds only Meta-World's scripted expert. Frames come
+from the `corner3` camera, which MuJoCo renders upside down (flipped here).
 """
 
 from __future__ import annotations
@@ -109,13 +110,22 @@ class MetaWorldEnv(Env):
 
         mujoco = import_mujoco()
         env, _, _ = self._get(task)
-        space = env._random_reset_space
-        rand_vec = np.random.default_rng(seed).uniform(space.low, space.high, size=space.low.size)
         kwargs = {k: v for k, v in ML1_ARGS_KWARGS[task]["kwargs"].items() if k != "task_id"}
-        data = dict(kwargs, rand_vec=rand_vec, env_cls=type(env), partially_observable=False)
-        env.set_task(Task(env_name=task, data=pickle.dumps(data)))
+
+        def set_task(rand_vec: np.ndarray) -> None:
+            data = dict(kwargs, rand_vec=rand_vec, env_cls=type(env), partially_observable=False)
+            env.set_task(Task(env_name=task, data=pickle.dumps(data)))
+
+        # 1. draw the task's random vector as Meta-World's benchmarks do (a reset with an unfrozen vector;
+        #    some tasks redraw until goal and object are apart), from the env's generator seeded with `seed`
+        set_task(env._random_reset_space.low)
+        env._freeze_rand_vec, env.seeded_rand_vec = False, True
         env.seed(seed)
         mujoco.mj_resetData(env.model, env.data)  # clear solver warm starts: the same seed gives the same rollout
+        env.reset()
+        # 2. freeze it as the episode's task and reset from a clean state
+        set_task(np.array(env._last_rand_vec, copy=True))
+        mujoco.mj_resetData(env.model, env.data)
         self._obs, _ = env.reset()
         self._task, self._t, self._info = task, 0, {}
         self._instruction = self.instruction(task) if instruction is None else instruction
@@ -130,7 +140,8 @@ class MetaWorldEnv(Env):
         self._t += 1
         success = bool(info.get("success", 0.0))
         done = success or self._t >= self.max_steps
-        out = {"step": self._t, "task": self._task, **{k: float(v) for k, v in info.items()}}
+        numeric = {k: float(v) for k, v in info.items() if isinstance(v, (bool, int, float, np.number))}
+        out = {"step": self._t, "task": self._task, **numeric}
         return StepResult(self._observe(), success, done, out)
 
     def success(self, task: str) -> bool:
