@@ -159,6 +159,11 @@ def test_instruct_shared_scene_and_swapped_instruction_scoring(instruct: Env):
     assert not any(instruct.success(f"push_{c}") for c in ("red", "blue", "yellow"))
 
 
+def test_unknown_camera_lists_the_scene_cameras():
+    with pytest.raises(ValueError, match="no camera 'side'.*cameras: top, wrist"):
+        make_env("instruct", camera="side")
+
+
 def test_instruct_wrist_camera_and_task_subset():
     env = make_env("instruct", image_size=32, wrist=True, tasks=["touch_red", "push_red"])
     try:
@@ -225,3 +230,17 @@ def test_metaworld_resets_terminate_for_many_seeds(metaworld: Env):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert len(goals) == 30
+
+
+def test_metaworld_wrist_camera_and_task_choice():
+    env = make_env("metaworld", image_size=32, wrist=True, tasks=["window-close-v3"])
+    try:
+        assert env.tasks == ("window-close-v3",)
+        obs = env.reset("window-close-v3", 0)
+        check_observation(env, obs, size=32)
+        assert obs.wrist_image is not None and obs.wrist_image.shape == (32, 32, 3)
+        assert not np.array_equal(obs.wrist_image, obs.image)
+    finally:
+        env.close()
+    with pytest.raises(ValueError, match="no instruction for Meta-World task"):
+        make_env("metaworld", tasks=["assembly-v3"])

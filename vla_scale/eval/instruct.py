@@ -14,7 +14,7 @@ import numpy as np
 
 from vla_scale.eval import instruct_scene as sc
 from vla_scale.eval.env import ActionSpace, Env, EnvObservation, StepResult
-from vla_scale.eval.render import Renderer, import_mujoco
+from vla_scale.eval.render import Renderer, import_mujoco, require_camera
 
 MAX_STEP = 0.02  # metres per step at |action| = 1
 SUBSTEPS = 10  # physics steps per action; the pusher is interpolated across them
@@ -48,6 +48,7 @@ class InstructEnv(Env):
         self.wrist = wrist
         self.model = self._mj.MjModel.from_xml_string(sc.scene_xml())
         self.data = self._mj.MjData(self.model)
+        require_camera(self.model, self.camera)
         self._renderer = Renderer(self.model, image_size)
         self._block_qpos = {c: self.model.jnt_qposadr[self.model.joint(f"block_{c}").id] for c in sc.COLOURS}
         self._block_geom = {c: self.model.geom(f"block_{c}").id for c in sc.COLOURS}

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from vla_scale.eval.env import ActionSpace, Env, EnvObservation, StepResult
-from vla_scale.eval.render import Renderer, import_mujoco
+from vla_scale.eval.render import Renderer, import_mujoco, require_camera
 
 INSTRUCTIONS: dict[str, str] = {
     "reach-v3": "reach the goal position",
@@ -88,6 +88,8 @@ class MetaWorldEnv(Env):
 
             env = ALL_V3_ENVIRONMENTS[task]()
             env.max_path_length = 2**62  # the episode limit is ours (`max_steps`), not Meta-World's
+            for cam in (self.camera, WRIST_CAMERA) if self.wrist else (self.camera,):
+                require_camera(env.model, cam)
             renderer = Renderer(env.model, self.image_size, flipped=UPSIDE_DOWN)
             self._envs[task] = (env, renderer, ENV_POLICY_MAP[task]())
         return self._envs[task]

@@ -66,6 +66,13 @@ def set_fast_render(model: Any, size: int) -> None:
     model.vis.global_.offheight = max(int(model.vis.global_.offheight), size)
 
 
+def require_camera(model: Any, name: str) -> None:
+    """Raise a ValueError naming the model's cameras when `name` is not one of them."""
+    names = [model.camera(i).name for i in range(model.ncam)]
+    if name not in names:
+        raise ValueError(f"no camera {name!r} in this scene; cameras: {', '.join(names)}")
+
+
 class Renderer:
     """Square RGB frames from named cameras; cameras in `flipped` are rotated 180 degrees upright."""
 
