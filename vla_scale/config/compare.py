@@ -1,7 +1,7 @@
 """Is this the same run? A stable hash of a resolved config and a readable diff between two.
 
 `config_diff` leaves out the keys a resumed run may change (`RESUMABLE_CHANGES`): a longer schedule,
-other logging and checkpoint cadence, Weights & Biases settings and the `debug:` drill hooks.
+other logging and checkpoint cadence, Weights & Biases settings, the `eval:` section and the `debug:` drill hooks.
 """
 
 from __future__ import annotations
@@ -15,8 +15,17 @@ from typing import Any
 from vla_scale.config.schema import Config
 
 # Keys (or whole sections) that may differ when a run directory is reused: resume with a longer
-# schedule, new logging or checkpoint cadence, another W&B target, or a drill hook switched off.
-RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last", "wandb", "debug")
+# schedule, new logging or checkpoint cadence, another W&B target, other evaluation settings, or a drill hook
+# switched off.
+RESUMABLE_CHANGES = (
+    "train.max_steps",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.keep_last",
+    "wandb",
+    "eval",
+    "debug",
+)
 
 _ABSENT = object()  # a key only one side has
 

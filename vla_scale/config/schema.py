@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from vla_scale.config.errors import ConfigError
 from vla_scale.config.schema_data import AugmentConfig, DataConfig, SourceConfig
 from vla_scale.config.schema_debug import DebugConfig
+from vla_scale.config.schema_eval import PeriodicEvalConfig, check_eval_cadence
 from vla_scale.config.schema_model import (
     HISTORY_HEADS,
     ActionHeadConfig,
@@ -49,6 +50,7 @@ __all__ = [
     "LossWeightsConfig",
     "ModelConfig",
     "OptimConfig",
+    "PeriodicEvalConfig",
     "ResamplerConfig",
     "RunConfig",
     "SourceConfig",
@@ -83,6 +85,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
@@ -101,6 +104,7 @@ class Config:
         for i, stage in enumerate(self.train.stages):
             if "lora" in stage.trainable and not self.model.lora.enabled:
                 raise ConfigError(f"train.stages.{i}.trainable names 'lora' but model.lora.enabled is false")
+        check_eval_cadence(self.eval, self.train.ckpt_every)
         if world_size is not None:
             self.train.grad_accum(world_size)
             self.debug.check_world_size(world_size)
