@@ -5,7 +5,7 @@ while step < max_steps:
     staged.switch_if_due(step)            # engine.py: rebuild the engine when the stage changes
     train_step()                          # accumulation micro-steps + the non-finite verdict
     log()                                 # log_window.py: reduce over ranks, write every sink
-    checkpoint every ckpt_every steps
+    checkpoint every ckpt_every steps     # eval_hook.py: rank 0 evaluates due checkpoints in the background
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from vla_scale.compat import loss_scale, reset_step_verdict, step_was_skipped
 from vla_scale.config import to_dict
 from vla_scale.train import checkpoint
 from vla_scale.train.engine import lr_lambda, set_lr
+from vla_scale.train.eval_hook import EvalHook
 from vla_scale.train.faults import NanInjector, StepGuard
 from vla_scale.train.log_window import LogWindow
 from vla_scale.train.metrics import MetricsWriter
@@ -43,6 +44,7 @@ class Trainer:
         self.run = run
         cfg = run.cfg
         self.writer = MetricsWriter(run.run_dir, cfg.run.name, cfg.wandb, to_dict(cfg), start_step=run.step)
+        self.evals = EvalHook(run, self.writer)  # after the writer: it reads the metrics.jsonl the writer kept
         self.window = LogWindow(run.world)
         self.guard = StepGuard(cfg.train.max_bad_steps, fp16=cfg.train.fp16)
         self.inject = NanInjector(run.rank, cfg.debug.nan_injection())
@@ -103,6 +105,7 @@ class Trainer:
         }
         if run.cfg.train.fp16:
             values["loss_scale"] = loss_scale(run.staged.engine)
+        values.update(self.evals.poll(run.step))  # a finished background evaluation, if any (rank 0)
         self.writer.write(run.step, values)
         return values
 
@@ -119,8 +122,10 @@ class Trainer:
             pbar.update(1)
             if t.ckpt_every and run.step % t.ckpt_every == 0 and run.step < t.max_steps:
                 run.save()
+                self.evals.after_save(run.step)
         if checkpoint.read_latest(run.ckpt_dir) != checkpoint.tag_for(run.step):
             run.save()
+        self.evals.finish(run.step)
         pbar.close()
         self.writer.close()
 
