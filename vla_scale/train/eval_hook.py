@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,9 @@ from vla_scale.config import save_config
 from vla_scale.train import checkpoint
 from vla_scale.train.log_window import collective_device as _device
 from vla_scale.train.metrics import MetricsWriter, read_metrics, wandb_mode
+
+if TYPE_CHECKING:
+    from vla_scale.train.state import RunState
 
 RESULTS = "results.json"
 FAILED = "failed.txt"  # written when an evaluation job fails: not retried on resume
@@ -61,7 +65,7 @@ def eval_values(results: dict, step: int) -> dict[str, float]:
 class EvalHook:
     """Rank 0's background evaluations; on other ranks (or with `eval.suite` empty) every method does nothing."""
 
-    def __init__(self, run, writer: MetricsWriter) -> None:  # noqa: ANN001 - a state.RunState
+    def __init__(self, run: RunState, writer: MetricsWriter) -> None:
         """Call after `writer` exists: it has already dropped metrics.jsonl records past the resumed step."""
         self.run_dir, self.cfg = Path(run.run_dir), run.cfg
         self.ev = run.cfg.eval
