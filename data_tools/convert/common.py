@@ -54,6 +54,7 @@ class ConvertOptions:
     limit: int | None = None
     progress: bool = True
     cameras: list[str] = field(default_factory=list)  # NAME=SOURCE_KEY, as given on the command line
+    start_method: str | None = None  # worker pool's multiprocessing start method (None: the platform default)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ConvertOptions:
@@ -226,7 +227,7 @@ def convert(
     )
     fn = partial(_encoded, load=load, image_ext=opts.image_ext)
     todo = sources[start:]
-    pool = multiprocessing.Pool(opts.workers) if opts.workers > 1 else None
+    pool = multiprocessing.get_context(opts.start_method).Pool(opts.workers) if opts.workers > 1 else None
     try:
         samples: Iterator[dict] = pool.imap(fn, todo, chunksize=1) if pool is not None else map(fn, todo)
         with writer:
