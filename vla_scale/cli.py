@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("run_dir")
     g.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
     g.set_defaults(fn=_plot)
+    from vla_scale.eval.cli import add_parsers as add_eval_parsers  # eval, eval-report
+
+    add_eval_parsers(sub)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

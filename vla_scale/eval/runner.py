@@ -51,6 +51,8 @@ class EvalConfig:
     image_size: int = 64
     out_dir: str | None = None  # results.json and videos/; None writes nothing
     timeout_s: float = 600.0  # a worker that finishes no episode for this long is killed
+    agent: str = ""  # what was evaluated (e.g. "policy /path/to/export"), for the reader of results.json
+    label: str = ""  # the run's name in `vla-scale eval-report` tables
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ def plan_jobs(env_tasks: tuple[str, ...], shared_scene: bool, cfg: EvalConfig) -
                 named = tasks[(i + 1 + (e % (len(tasks) - 1))) % len(tasks)]
             video = None
             if cfg.out_dir and e - cfg.seed_offset < cfg.videos:
-                video = str(Path(cfg.out_dir) / "videos" / f"{task}_ep{e:04d}.{cfg.video_format}")
+                name = f"{task}_ep{e:04d}" + (f"_told_{named}" if named != task else "")
+                video = str(Path(cfg.out_dir) / "videos" / f"{name}.{cfg.video_format}")
             ti = env_tasks.index(task)
             jobs.append(EpisodeJob(task, ti, e, eval_seed(ti, e), named, video))
     return jobs
@@ -159,7 +162,8 @@ def _kill(procs: list[mp.process.BaseProcess]) -> None:
             except (ProcessLookupError, PermissionError):
                 p.kill()
     for p in procs:
-        p.join(timeout=10)
+        if p.pid is not None:
+            p.join(timeout=10)
 
 
 def _check_workers(
