@@ -149,7 +149,7 @@ class EvalHook:
                 self.done.add(s)
             elif (path / FAILED).is_file():
                 self.done.add(s)
-            elif s <= step and (path / "checkpoints" / checkpoint.tag_for(s)).is_dir():
+            elif s <= step and ((path / "checkpoints" / path.name).is_dir() or (path / "policy").is_dir()):
                 self.pending.append(s)
             else:
                 shutil.rmtree(path, ignore_errors=True)
@@ -194,6 +194,8 @@ class EvalHook:
                 tail = (folder / LOG).read_text(errors="replace")[-2000:] if (folder / LOG).is_file() else ""
                 (folder / FAILED).write_text(f"exit code {proc.returncode}\n{tail}")
                 shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+                if not self.ev.keep_exports:
+                    shutil.rmtree(folder / "policy", ignore_errors=True)
                 print(f"[vla_scale] eval of step {step} failed (exit code {proc.returncode}):\n{tail}", flush=True)
         if self.running is None and self.pending:
             step = self.pending.pop(0)
@@ -270,10 +272,11 @@ def run_job(folder: str | Path) -> dict:
     cfg = load_config(folder / "config.yaml")
     ev = cfg.eval
     tag = folder.name
-    policy = folder / "policy"
-    shutil.rmtree(policy, ignore_errors=True)
-    export_policy(folder, policy, tag=tag)
-    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the export holds what evaluation needs
+    policy = folder / "policy"  # export_policy renames it into place complete, so a job redone may reuse it
+    if (folder / "checkpoints" / tag).is_dir():
+        shutil.rmtree(policy, ignore_errors=True)
+        export_policy(folder, policy, tag=tag)
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the export holds what evaluation needs
     image_size = ev.image_size or robot_manifest(cfg)[1].image_size[0]
     ecfg = EvalConfig(
         suite=ev.suite,
