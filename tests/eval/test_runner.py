@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+from functools import partial
+from pathlib import Path
+
+import av
 import numpy as np
 import pytest
 
-from vla_scale.eval.agents import ChunkExecutor
+from vla_scale.eval.agents import ChunkExecutor, make_agent
+from vla_scale.eval.instruct import task_names
+from vla_scale.eval.metrics import wilson_interval
+from vla_scale.eval.runner import EvalConfig, EvalError, evaluate, plan_jobs
+from vla_scale.eval.seeds import is_eval_seed
 
 
 def chunk(start: int, n: int = 4) -> np.ndarray:
@@ -63,3 +73,88 @@ def test_ensemble_with_exec_steps_replans_every_k_and_blends_the_overlap():
     assert ex.pop()[0] == pytest.approx(0.5) and ex.due()
     ex.push(np.full((4, 1), 3.0))
     assert ex.pop()[0] == pytest.approx(2.0)  # the first chunk no longer covers step 4
+
+
+# ----- the runner on the instruct suite -------------------------------------------------------------
+
+TASKS = ["touch_red", "touch_blue", "push_green"]
+
+
+def comparable(results: dict) -> dict:
+    """What must not depend on the worker count: every figure and episode record, minus timing and paths."""
+    episodes = [{k: v for k, v in e.items() if k != "video"} for e in results["episodes"]]
+    return {"tasks": results["tasks"], "overall": results["overall"], "episodes": episodes}
+
+
+@pytest.fixture(scope="module")
+def expert_runs(tmp_path_factory) -> dict[int, dict]:
+    out = {}
+    for workers in (1, 2):
+        folder = tmp_path_factory.mktemp(f"expert_w{workers}")
+        cfg = EvalConfig(suite="instruct", tasks=TASKS, episodes=2, workers=workers, videos=1, out_dir=str(folder))
+        out[workers] = evaluate(partial(make_agent, kind="expert"), cfg)
+    return out
+
+
+def test_expert_results_json_videos_and_identical_for_any_worker_count(expert_runs):
+    one, two = expert_runs[1], expert_runs[2]
+    assert comparable(one) == comparable(two)
+    out = Path(two["config"]["out_dir"])
+    assert json.loads((out / "results.json").read_text())["episodes"] == two["episodes"]
+    assert [(e["task"], e["episode"]) for e in two["episodes"]] == [(t, e) for t in sorted(TASKS) for e in (0, 1)]
+    assert all(is_eval_seed(e["seed"]) for e in two["episodes"])
+    for task in TASKS:
+        block = two["tasks"][task]
+        assert block["success"]["rate"] == 1.0 and block["episodes"] == 2 and 0 < block["mean_length"] < 80
+        assert block["success"]["ci95"] == list(wilson_interval(2, 2))
+    videos = sorted((out / "videos").iterdir())
+    assert [v.name for v in videos] == [f"{t}_ep0000.mp4" for t in sorted(TASKS)]
+    with av.open(str(videos[0])) as container:  # a real, decodable video: one frame per step plus the first
+        frames = list(container.decode(video=0))
+    record = next(e for e in two["episodes"] if e.get("video") == str(videos[0]))
+    assert len(frames) == record["length"] + 1 and frames[0].height >= 64
+
+
+def test_random_agent_fails_and_is_identical_in_process_and_in_workers(tmp_path):
+    cfg = EvalConfig(suite="instruct", tasks=["touch_red", "push_blue"], episodes=1, workers=2, videos=1)
+    cfg.out_dir, cfg.video_format = str(tmp_path), "gif"
+    workers = evaluate(partial(make_agent, kind="random"), cfg)
+    cfg.workers, cfg.out_dir = 0, None
+    inline = evaluate(partial(make_agent, kind="random"), cfg)
+    assert comparable(workers) == comparable(inline)
+    assert workers["overall"]["success"]["rate"] == 0.0 and workers["overall"]["mean_length"] == 80
+    assert sorted(p.suffix for p in (tmp_path / "videos").iterdir()) == [".gif", ".gif"]
+
+
+def test_swap_instruction_scores_the_named_task(tmp_path):
+    cfg = EvalConfig(suite="instruct", tasks=TASKS, episodes=2, workers=2, swap_instruction=True)
+    results = evaluate(partial(make_agent, kind="expert"), cfg)  # the expert does what the instruction names
+    env_instruction = {"touch_red": "touch the red block", "touch_blue": "touch the blue block"}
+    env_instruction["push_green"] = "push the green block to the goal"
+    for e in results["episodes"]:
+        assert e["named_task"] != e["task"] and e["instruction"] == env_instruction[e["named_task"]]
+        assert e["followed"] and not e["original"]
+    # a cyclic shift per episode: over 2 episodes every task is told both other tasks' instructions
+    told = {(e["task"], e["named_task"]) for e in results["episodes"]}
+    assert told == {(a, b) for a in TASKS for b in TASKS if a != b}
+    assert results["overall"]["followed"]["rate"] == 1.0 and results["overall"]["original"]["rate"] == 0.0
+    # the same scenes without the swap: the seeds match episode for episode
+    plain = plan_jobs(task_names(), True, EvalConfig(suite="instruct", tasks=TASKS, episodes=2))
+    assert sorted(j.seed for j in plain) == sorted(e["seed"] for e in results["episodes"])
+
+
+def test_swap_instruction_needs_a_shared_scene_suite():
+    cfg = EvalConfig(suite="metaworld", tasks=["reach-v3", "push-v3"], episodes=1, workers=0, swap_instruction=True)
+    with pytest.raises(ValueError, match="share one scene"):
+        evaluate(partial(make_agent, kind="expert"), cfg)
+
+
+def test_worker_error_and_timeout_kill_the_workers(tmp_path):
+    cfg = EvalConfig(suite="instruct", tasks=["touch_red"], episodes=2, workers=2)
+    with pytest.raises(EvalError, match="no_such_export"):
+        evaluate(partial(make_agent, kind="policy", path=str(tmp_path / "no_such_export")), cfg)
+    assert not multiprocessing.active_children()
+    cfg.timeout_s = 0.2  # less than a worker needs to start: every worker is killed
+    with pytest.raises(EvalError, match="finished no episode in 0 s"):
+        evaluate(partial(make_agent, kind="expert"), cfg)
+    assert not multiprocessing.active_children()
