@@ -127,13 +127,9 @@ class PolicyAgent(Agent):
         ensemble: bool = False,
         ensemble_k: float = 0.01,
         device: str = "cpu",
-        threads: int = 1,
     ) -> None:
-        import torch
-
         from vla_scale.policy import Policy
 
-        torch.set_num_threads(threads)  # one per worker: W workers on W cores, no oversubscription
         self.policy = Policy.from_pretrained(path, device=device)
         self.executor = ChunkExecutor(exec_steps, ensemble, ensemble_k)
         # A frame history (window > 1) or a recurrent head must see every frame, so such a policy

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -138,12 +139,16 @@ def run_episode(env: Any, agent: Agent, job: EpisodeJob) -> dict:
 def _worker(rank: int, factory: AgentFactory, cfg: EvalConfig, jobs: mp.Queue, results: mp.Queue) -> None:
     """Worker process: own process group (so a kill reaches anything it starts), own env and agent."""
     os.setsid()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # one thread each (read when torch is first imported):
+        os.environ[var] = "1"  # W workers on W cores, no oversubscription
     env = agent = None
     try:
         from vla_scale.eval.registry import make_env
 
         env = make_env(cfg.suite, image_size=cfg.image_size)
         agent = factory(env)
+        if "torch" in sys.modules:  # imported before the variables were set (e.g. by the caller's main module)
+            sys.modules["torch"].set_num_threads(1)
         while (job := jobs.get()) is not None:
             results.put(("ok", rank, run_episode(env, agent, job)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent, which kills the rest
