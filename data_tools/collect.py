@@ -115,8 +115,12 @@ def grounding_sample(src: Source, suite: str, image_size: int) -> VLSample:
     return VLSample(f"scene_{src.seed:010d}", image, conversations)
 
 
-def plan_sources(suite_tasks: tuple[str, ...], tasks: list[str], episodes: int) -> list[Source]:
-    """Episodes 0..N-1 of every task, episode-major, so a --limit or a partial run covers every task."""
+def plan_sources(suite_tasks: tuple[str, ...], tasks: list[str], episodes: int, paired: bool = False) -> list[Source]:
+    """Episodes 0..N-1 of every task, episode-major, so a --limit or a partial run covers every task.
+
+    `paired` gives episode e of every task the same scene (the seed of task 0, episode e): in a suite whose
+    tasks share one scene, each layout is then demonstrated once per instruction, so the image alone cannot
+    predict the action and a policy has to read the instruction to fit even its training data."""
     from vla_scale.eval.seeds import collect_seed
 
     unknown = [t for t in tasks if t not in suite_tasks]
@@ -125,7 +129,7 @@ def plan_sources(suite_tasks: tuple[str, ...], tasks: list[str], episodes: int) 
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, not {episodes}")
     return [
-        Source(task, suite_tasks.index(task), e, collect_seed(suite_tasks.index(task), e))
+        Source(task, suite_tasks.index(task), e, collect_seed(0 if paired else suite_tasks.index(task), e))
         for e in range(episodes)
         for task in tasks
     ]
@@ -165,19 +169,24 @@ def collect(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
+    paired: bool = False,
 ) -> dict[str, Manifest]:
     """Write OUT/robot (and with `grounding` OUT/vl); returns the manifests by kind."""
     suite_tasks, shared = suite_info(suite)
     tasks = list(tasks or suite_tasks)
-    sources = plan_sources(suite_tasks, tasks, episodes)
     if grounding and not shared:
         raise ValueError(f"--grounding needs a suite whose tasks share one scene; {suite} has none")
+    if paired and not shared:
+        raise ValueError(f"--paired-scenes needs a suite whose tasks share one scene; {suite} has none")
+    sources = plan_sources(suite_tasks, tasks, episodes, paired)
     out = Path(out)
     common = {"workers": workers, "episodes_per_shard": episodes_per_shard, "image_ext": image_ext}
     # spawned workers: a forked child of a process that has used EGL (a --workers 1 run before) can hang in it
     common.update(overwrite=overwrite, resume=resume, progress=progress, start_method="spawn")
     settings = {"format": "collect", "suite": suite, "tasks": tasks, "image_size": image_size, "wrist": wrist}
+    settings.update(paired=paired)
     extra = {"suite": suite, "tasks": tasks, "image_size": image_size, "seeds": "vla_scale.eval.seeds.collect_seed"}
+    extra.update(paired_scenes=paired)
     opts = ConvertOptions(src=f"sim/{suite}", out=str(out / "robot"), **common)
     load = partial(rollout, suite=suite, image_size=image_size, wrist=wrist)
     try:
@@ -223,6 +232,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=64, help="frame height = width in pixels (default: %(default)s)")
     p.add_argument("--wrist", action="store_true", help="also record the wrist camera as rgb_wrist")
     p.add_argument("--grounding", type=int, default=0, metavar="N", help="also write N grounding VL scenes to OUT/vl")
+    p.add_argument(
+        "--paired-scenes",
+        action="store_true",
+        help="episode e of every task shares one scene (shared-scene suites): the instruction is then the only cue",
+    )
     p.add_argument("--episodes-per-shard", type=int, default=100, help="(default: %(default)s)")
     p.add_argument(
         "--image-ext",
@@ -250,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
         episodes_per_shard=args.episodes_per_shard,
         overwrite=args.overwrite,
         resume=args.resume,
+        paired=args.paired_scenes,
     )
     for kind, manifest in manifests.items():
         report(manifest, str(Path(args.out) / kind))
