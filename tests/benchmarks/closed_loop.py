@@ -9,7 +9,9 @@ suite's recipe config (data, run directory and tiny backbone redirected under --
 nothing), `vla-scale export`, then `vla-scale eval` over held-out seeds of the trained policy, of the
 scripted expert and of a random-action agent, and on suites whose tasks share one scene also with
 swapped instructions (does the policy do the task it is told, not the one it was trained on in that
-scene). The expert is evaluated with W workers and again with 1, which gives the eval throughput ratio.
+scene). The expert is evaluated with W workers and again with 1, which gives the eval throughput ratio
+(the runner's episodes/s, whose wall time includes starting the workers: with few or short episodes,
+as in --smoke, start-up dominates and the ratio says little).
 
 Prints one table (suite, task, policy success with its Wilson 95% interval, swapped-instruction rate,
 expert, random), each target with met / not met, and the wall time of every phase; writes every
@@ -157,7 +159,7 @@ def run_suite(suite: str, args: argparse.Namespace, out: Path, env: dict[str, st
     evals = {
         "policy": [str(export), "--videos", "2"],
         "expert": ["--agent", "expert", "--videos", "1"],
-        "expert_w1": ["--agent", "expert", "--videos", "0"],
+        "expert_w1": ["--agent", "expert", "--videos", "1"],  # the same work as "expert", for the throughput ratio
         "random": ["--agent", "random", "--videos", "1"],
     }
     if recipe.swap:
@@ -187,6 +189,7 @@ def summarize_suite(suite: str, results: dict[str, dict], walls: dict[str, float
         tasks[task] = {
             "policy": _rate(block["success"]),
             "swap_followed": _rate(swap["tasks"][task]["followed"]) if swap else None,
+            "swap_did_original": _rate(swap["tasks"][task]["original"]) if swap else None,
             "expert": _rate(results["expert"]["tasks"][task]["success"]),
             "random": _rate(results["random"]["tasks"][task]["success"]),
         }
@@ -222,7 +225,7 @@ def targets(figures: dict[str, dict]) -> list[dict]:
     rows = []
 
     def add(name: str, value: float | None, goal: float) -> None:
-        rows.append({"target": name, "value": value, "goal": goal, "met": value is not None and value >= goal})
+        rows.append({"target": name, "value": value, "goal": goal, "met": None if value is None else value >= goal})
 
     ins, mw = figures.get("instruct"), figures.get("metaworld")
     add("instruct: policy success (held-out seeds)", ins and ins["overall"]["policy"]["rate"], TARGET_INSTRUCT_SUCCESS)
@@ -248,7 +251,8 @@ def report(figures: dict[str, dict], total_s: float) -> str:
     lines = ["closed-loop success on held-out seeds", table(header, rows), "", "targets:"]
     for t in targets(figures):
         value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
-        lines.append(f"  {t['target']:<52} {value:>12}  (>= {t['goal']:.2f})  {'met' if t['met'] else 'NOT MET'}")
+        met = "-" if t["met"] is None else "met" if t["met"] else "NOT MET"
+        lines.append(f"  {t['target']:<52} {value:>12}  (>= {t['goal']:.2f})  {met}")
     lines += ["", "throughput (expert agent):"]
     for suite, fig in figures.items():
         tp = fig["throughput"]
