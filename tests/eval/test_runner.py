@@ -161,6 +161,28 @@ def test_worker_error_and_timeout_kill_the_workers(tmp_path):
     assert not multiprocessing.active_children()
 
 
+def test_eval_cli_baseline_table_and_report(tmp_path, capsys):
+    from vla_scale.cli import main as cli
+
+    args = ["--suite", "instruct", "--tasks", "touch_red,push_blue", "--episodes", "2", "--workers", "0"]
+    assert cli(["eval", "--agent", "expert", *args, "--videos", "0", "--out", str(tmp_path / "expert")]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("touch_red "))
+    assert row.split()[:5] == ["touch_red", "100.0%", "[34.2%,", "100.0%]", "2"]  # Wilson(2 of 2) = [0.342, 1]
+    assert "overall" in table
+    assert cli(["eval", "--agent", "random", *args, "--swap-instruction", "--out", str(tmp_path / "rnd")]) == 0
+    assert "did original task" in capsys.readouterr().out
+    assert cli(["eval-report", str(tmp_path / "expert"), str(tmp_path / "rnd" / "results.json")]) == 0
+    report = capsys.readouterr().out.splitlines()
+    assert report[2].split()[:3] == ["expert", "instruct", "expert"] and report[3].split()[:3] == [
+        "rnd",
+        "instruct",
+        "random",
+    ]
+    assert cli(["eval", *args, "--out", str(tmp_path / "x")]) == 2  # the policy agent needs PATH
+    assert "give PATH" in capsys.readouterr().err
+
+
 # ----- `vla-scale eval` on a tiny trained policy -----------------------------------------------------
 
 
