@@ -114,6 +114,7 @@ class ModelConfig:
     use_state: bool = False  # insert a proprioceptive state token after the image tokens
     # Robot sequences: put the instruction before the image (image tokens then attend to it).
     instruction_first: bool = False
+    film: bool = False  # the instruction scales/shifts the image tokens (FiLM) before the LM (model/film.py)
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
     discrete: DiscreteActionConfig = field(default_factory=DiscreteActionConfig)
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)

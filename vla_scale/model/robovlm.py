@@ -9,7 +9,7 @@ One model, three roles in their own modules:
 - `discrete.py` (`discrete`): the chunk as reserved vocabulary ids, next-token CE, greedy decoding.
 
 `RoboVLM` owns the parameters (names unchanged: `adapter`, `action_token`, `action_head`,
-`state_encoder`, `resampler`, `clip_reg`), encodes observations, dispatches a batch to the robot
+`state_encoder`, `resampler`, `clip_reg`, `film`), encodes observations, dispatches a batch to the robot
 path of its action space or to the vision-language co-training loss, and adds the auxiliary terms
 (CLIP regulariser, zero-touch terms for ZeRO). Every model input is an `Observation`.
 """
@@ -38,6 +38,7 @@ from vla_scale.model.clip_regularizer import (
 )
 from vla_scale.model.continuous import ContinuousActions, build_continuous_modules
 from vla_scale.model.discrete import DiscreteActions
+from vla_scale.model.film import InstructionFiLM
 from vla_scale.model.history_heads import HistoryHead
 from vla_scale.model.lora import apply_lora
 from vla_scale.model.resampler import PerceiverResampler
@@ -92,6 +93,7 @@ class RoboVLM(nn.Module):
         adapter.images_resampled = self.resampler is not None
         # The frozen CLIP text model stays outside the module tree (see clip_regularizer); only `proj` trains.
         self.clip_reg = ClipRegularizer(hidden, cfg.clip_reg, clip_teacher).to(dtype) if cfg.clip_reg.enabled else None
+        self.film = InstructionFiLM(hidden).to(dtype) if cfg.film else None
         self.sequences = SequenceBuilder(adapter, cfg.history_type, cfg.instruction_first)
 
     @property
@@ -117,12 +119,22 @@ class RoboVLM(nn.Module):
         if obs.wrist_images is not None:
             wrist_tokens = self.encode_images(rearrange(obs.wrist_images, "b t c h w -> (b t) c h w"))
             image_tokens = torch.cat([image_tokens, wrist_tokens], dim=1)
+        if self.film is not None:
+            image_tokens = self._film(image_tokens, obs)
         state_tokens = None
         if self.state_encoder is not None:
             if obs.state is None:
                 raise ValueError("model.use_state is on but the batch has no `state` [B, T, S]")
             state_tokens = self.state_encoder(obs.state)  # [B, T, D]
         return self.sequences.robot(obs, image_tokens, state_tokens, **slot)
+
+    def _film(self, image_tokens: torch.Tensor, obs: Observation) -> torch.Tensor:
+        """Image tokens `[B*T, N, D]` modulated by each sample's instruction (the same for its T frames)."""
+        keep = self.sequences.text_keep(obs.text_ids, obs.text_mask.bool(), strip_eos=True)
+        safe_ids = torch.where(keep, obs.text_ids, torch.zeros_like(obs.text_ids))
+        text = InstructionFiLM.instruction_embedding(self.adapter.embed_tokens(safe_ids), keep)
+        frames = image_tokens.shape[0] // text.shape[0]
+        return self.film(image_tokens, text.repeat_interleave(frames, dim=0))
 
     # --- training: dispatch and auxiliary terms ----------------------------------------------
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -185,6 +197,8 @@ class RoboVLM(nn.Module):
             loss = loss + zero_touch(self.state_encoder(torch.zeros(1, self.state_dim, device=image_tokens.device)))
         if self.clip_reg is not None:
             loss = loss + self.clip_reg.touch(image_tokens)
+        if self.film is not None:
+            loss = loss + self.film.touch()
         return {"loss": loss, "loss_vl": loss_vl, "num_tokens": fused.attention_mask.sum()}
 
     # --- inference ---------------------------------------------------------------------------
