@@ -1,4 +1,4 @@
-# Quickstart: `make demo` (toy data → 2-rank CPU training → summary) and `make test`.
+# Quickstart: `make demo` (simulator demonstrations → 2-rank CPU training → closed-loop evaluation) and `make test`.
 # Both create .venv on first use and install the project into it; later runs only
 # reinstall when pyproject.toml changes.
 
@@ -11,8 +11,11 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 # Exact versions the suite was last run with (pip-tools; torch excluded, see TORCH_SPEC).
 LOCK := configs/requirements.lock
-DEMO_DATA := data/synth
-DEMO_RUN := runs/demo_cpu
+DEMO_DATA := data/instruct
+DEMO_RUN := runs/instruct_cpu
+DEMO_EVAL := runs/instruct_cpu_eval
+DEMO_TASKS := touch_red,touch_green,touch_blue,touch_yellow
+EVAL_ARGS := --suite instruct --tasks $(DEMO_TASKS) --episodes 20 --workers 2
 
 .PHONY: install demo test test-fast lint lock clean
 
@@ -27,12 +30,21 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 install: $(STAMP)
 
 $(DEMO_DATA)/robot/manifest.json: | $(STAMP)
-	$(PY) -m data_tools synth $(DEMO_DATA)
+	$(PY) -m data_tools collect instruct $(DEMO_DATA) --tasks $(DEMO_TASKS) --episodes 150 --paired-scenes \
+		--grounding 400 --workers 2 --overwrite
 
+# Closed loop: train on the instruct suite's demonstrations, then run the policy in the simulator on held-out
+# scenes with the right instructions, with swapped ones, and a random-action baseline.
 demo: $(STAMP) $(DEMO_DATA)/robot/manifest.json
-	rm -rf $(DEMO_RUN)
-	launchers/train.sh configs/demo_cpu.yaml
-	$(VENV)/bin/vla-scale summary $(DEMO_RUN) --max-ratio 0.3
+	rm -rf $(DEMO_RUN) $(DEMO_EVAL)
+	launchers/train.sh configs/instruct_cpu.yaml
+	$(VENV)/bin/vla-scale export $(DEMO_RUN) $(DEMO_EVAL)/policy
+	$(VENV)/bin/vla-scale eval $(DEMO_EVAL)/policy $(EVAL_ARGS) --videos 1 --label policy --out $(DEMO_EVAL)/policy_eval
+	$(VENV)/bin/vla-scale eval $(DEMO_EVAL)/policy $(EVAL_ARGS) --videos 0 --swap-instruction --label swapped \
+		--out $(DEMO_EVAL)/swapped
+	$(VENV)/bin/vla-scale eval $(EVAL_ARGS) --agent random --videos 0 --label random --out $(DEMO_EVAL)/random
+	$(VENV)/bin/vla-scale eval-report $(DEMO_EVAL)/policy_eval $(DEMO_EVAL)/swapped $(DEMO_EVAL)/random
+	@echo "rollout videos: $(DEMO_EVAL)/policy_eval/videos"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

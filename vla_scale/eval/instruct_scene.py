@@ -26,6 +26,7 @@ TABLE_HALF = 0.4
 RING_RADIUS = (0.14, 0.22)  # block distance from the goal centre
 MIN_ANGLE_GAP = np.deg2rad(60)  # between neighbouring blocks: their push paths never cross
 HAND_HOME = np.array([0.0, -0.3, 0.16])
+HAND_START_X, HAND_START_Y, HAND_START_Z = (-0.3, 0.3), (-0.32, 0.3), (0.12, 0.2)  # reset: uniform in this box
 HAND_LOW = np.array([-0.36, -0.36, PUSHER_RADIUS + 0.002])
 HAND_HIGH = np.array([0.36, 0.36, 0.25])
 TIMESTEP = 0.002
@@ -43,7 +44,7 @@ class Layout:
 
 
 def sample_layout(seed: int) -> Layout:
-    """Blocks at random angles (>= 60 degrees apart) and radii around the goal; pusher jittered."""
+    """Blocks at random angles (>= 60 degrees apart) and radii around the goal; pusher anywhere above the table."""
     rng = np.random.default_rng([seed, 0x1A5])
     while True:
         angles = rng.uniform(0, 2 * np.pi, size=len(COLOURS))
@@ -54,7 +55,10 @@ def sample_layout(seed: int) -> Layout:
     radii = rng.uniform(*RING_RADIUS, size=len(COLOURS))
     yaws = rng.uniform(-np.pi / 4, np.pi / 4, size=len(COLOURS))
     xy = {c: GOAL_POS + r * np.array([np.cos(a), np.sin(a)]) for c, a, r in zip(COLOURS, angles, radii, strict=True)}
-    hand = HAND_HOME + np.array([rng.uniform(-0.08, 0.08), rng.uniform(-0.03, 0.03), rng.uniform(-0.02, 0.02)])
+    # The pusher starts anywhere over the table, above the blocks: from a fixed home, the pusher's position a
+    # few steps in would tell which block it is heading for, and a policy could copy its own motion instead of
+    # reading the instruction (only the first step would need it).
+    hand = np.array([rng.uniform(*HAND_START_X), rng.uniform(*HAND_START_Y), rng.uniform(*HAND_START_Z)])
     return Layout(block_xy=xy, block_yaw={c: float(y) for c, y in zip(COLOURS, yaws, strict=True)}, hand=hand)
 
 
