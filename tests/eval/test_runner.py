@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 from functools import partial
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from data_tools.__main__ import main as data_tools_main
-from vla_scale.eval.agents import ChunkExecutor, make_agent
+from vla_scale.eval.agents import ChunkExecutor, ExpertAgent, make_agent
 from vla_scale.eval.instruct import task_names
 from vla_scale.eval.metrics import wilson_interval
 from vla_scale.eval.runner import EvalConfig, EvalError, evaluate, plan_jobs
@@ -155,10 +156,21 @@ def test_worker_error_and_timeout_kill_the_workers(tmp_path):
     with pytest.raises(EvalError, match="no_such_export"):
         evaluate(partial(make_agent, kind="policy", path=str(tmp_path / "no_such_export")), cfg)
     assert not multiprocessing.active_children()
-    cfg.timeout_s = 0.2  # less than a worker needs to start: every worker is killed
-    with pytest.raises(EvalError, match="finished no episode in 0 s"):
-        evaluate(partial(make_agent, kind="expert"), cfg)
+    cfg.timeout_s = 3.0  # a worker whose agent stalls is killed, whatever the machine's speed
+    with pytest.raises(EvalError, match="finished no episode in 3 s"):
+        evaluate(stalling_agent, cfg)
     assert not multiprocessing.active_children()
+
+
+class StallingAgent(ExpertAgent):
+    """An agent that never returns an action (a hung policy)."""
+
+    def act(self, obs):  # noqa: ANN001, ANN201
+        time.sleep(600)
+
+
+def stalling_agent(env):  # noqa: ANN001, ANN201 - module level: spawned workers import it
+    return StallingAgent()
 
 
 def test_eval_cli_baseline_table_and_report(tmp_path, capsys):

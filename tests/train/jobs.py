@@ -50,13 +50,14 @@ def debug_overrides(tmp_path: Path, data: Path, *extra: str) -> list[str]:
     ]
 
 
-def rank_logs(tmp_path: Path) -> str:
-    """Every rank log under `tmp_path/rank_logs` (either job kind), the tail of each."""
+def rank_logs(tmp_path: Path, tail: int | None = 6000) -> str:
+    """Every rank log under `tmp_path/rank_logs` (either job kind): the last `tail` characters of each (for
+    failure messages), or all of it with `tail=None` (for tests that parse the logs)."""
     folder = tmp_path / "rank_logs"
     if not folder.is_dir():
         return "(no rank logs)"
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return "\n".join(f"===== {p.name} =====\n{p.read_text(errors='replace')[-6000:]}" for p in files)
+    return "\n".join(f"===== {p.name} =====\n{p.read_text(errors='replace')[-(tail or 0) :]}" for p in files)
 
 
 def _kill(procs: list[subprocess.Popen]) -> None:

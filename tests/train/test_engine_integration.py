@@ -75,7 +75,7 @@ def test_staged_unfreezing_zero2_switches_mid_run_and_resumes_mid_stage(tmp_path
     run_ranks(tmp_path, toy_data, STAGES, "train.max_steps=6", "train.ckpt_every=1", "train.keep_last=0")
     run_dir = tmp_path / "runs" / "debug"
     _check_stages(run_dir, tmp_path, [(0, 1, 2), (1, 2, 4), (2, 4, 6)])
-    reports = _stage_reports(rank_logs(tmp_path))
+    reports = _stage_reports(rank_logs(tmp_path, tail=None))
     assert sorted(reports) == [0, 1, 2]
     # Adam state (ZeRO-2: this rank's half) exists only for what each stage trains
     for i in range(3):
@@ -104,7 +104,7 @@ def test_staged_unfreezing_zero3(tmp_path, toy_data):
         tmp_path, toy_data, STAGES, "train.zero_stage=3", "train.max_steps=6", "train.ckpt_every=2", "train.keep_last=0"
     )
     _check_stages(tmp_path / "runs" / "debug", tmp_path, [(1, 2, 4), (2, 4, 6)])
-    reports = _stage_reports(rank_logs(tmp_path))
+    reports = _stage_reports(rank_logs(tmp_path, tail=None))
     assert reports[0]["optim_state_mb"] < reports[1]["optim_state_mb"] < reports[2]["optim_state_mb"]
 
 
