@@ -22,6 +22,9 @@ class InstructionFiLM(nn.Module):
 
     def __init__(self, hidden: int):
         super().__init__()
+        # Token embeddings are small at initialisation (std ~0.02) and the named object is one word of the
+        # mean: normalising gives the projection an O(1) input, so it learns at the rate of the rest.
+        self.norm = nn.LayerNorm(hidden)
         self.proj = nn.Linear(hidden, 2 * hidden)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
@@ -34,9 +37,11 @@ class InstructionFiLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
         """Image tokens `[B, N, D]` modulated by instruction embeddings `[B, D]`."""
-        gamma, beta = self.proj(instruction.to(self.proj.weight.dtype)).to(tokens.dtype).chunk(2, dim=-1)
+        cond = self.norm(instruction.to(self.proj.weight.dtype))
+        gamma, beta = self.proj(cond).to(tokens.dtype).chunk(2, dim=-1)
         return tokens * (1 + gamma.unsqueeze(1)) + beta.unsqueeze(1)
 
     def touch(self) -> torch.Tensor:
         """Zero term for batches without an instruction to condition on (VL samples): see `zero_sync`."""
-        return zero_touch(self.proj(torch.zeros(1, self.proj.in_features, device=self.proj.weight.device)))
+        probe = torch.ones(1, self.proj.in_features, device=self.proj.weight.device, dtype=self.proj.weight.dtype)
+        return zero_touch(self.proj(self.norm(probe)))
