@@ -47,13 +47,12 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from data_tools.synth import synth
 from vla_scale.config import load_config, save_config
-from vla_scale.data import build_dataloader
 from vla_scale.model import build_model
 from vla_scale.model.backbones.base import ensure_tiny_backbone
 from vla_scale.train.ds_config import build_ds_config
 from vla_scale.train.engine import StagedEngine, build_engine, init_distributed
 from vla_scale.train.stages import resolve_stages
-from vla_scale.train.state import robot_dims, seed_everything
+from vla_scale.train.state import robot_dims, run_dataloader, seed_everything
 
 CATEGORIES = ("params", "grads", "master", "optim")
 STAGES = (
@@ -173,14 +172,7 @@ def build(cfg: Any, ds_config: dict, rank: int, world: int) -> tuple[nn.Module, 
     hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.train.zero_stage == 3 else None
     model = build_model(cfg.model, action_dim=action_dim, state_dim=state_dim, chunk_size=cfg.data.fwd_pred_next_n)
     model._bench_hf_ds_config = hf_ds_config  # keep it alive as long as the model (the loop keeps it for the run)
-    loader = build_dataloader(
-        cfg.data,
-        seed=cfg.run.seed,
-        rank=rank,
-        world_size=world,
-        tokenizer=model.tokenizer,
-        micro_batch_size=cfg.train.micro_batch_size,
-    )
+    loader = run_dataloader(cfg, rank, world, model.tokenizer)
     return model, iter(loader)
 
 

@@ -8,9 +8,9 @@ framework / bare <= 1.05.
 Sides, run in the same spawned ranks and interleaved round by round (A B C, A B C, ...):
 
 - `framework, shards`: the real `vla_scale.train.loop.train()` on a prepared run directory, reading
-  its batches from webdataset shards through `build_dataloader` (worker processes decode and
+  its batches from webdataset shards through `run_dataloader` (worker processes decode and
   collate while the ranks train). This is what a user runs.
-- `framework, memory`: the same `train()`, with `build_dataloader` replaced by the list of batches
+- `framework, memory`: the same `train()`, with `state.run_dataloader` replaced by the list of batches
   the bare loop uses, so only the loop's own bookkeeping differs from the bare side.
 - `bare DeepSpeed`: the same model (`build_model`, same config and seed), a plain `torch.optim.AdamW`,
   `deepspeed.initialize` with the same generated DeepSpeed config, and forward / backward / step
@@ -46,14 +46,13 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from data_tools.synth import synth
 from vla_scale.config import load_config
-from vla_scale.data import build_dataloader
 from vla_scale.model import build_model
-from vla_scale.train import loop
+from vla_scale.train import loop, state
 from vla_scale.train.ds_config import build_ds_config
 from vla_scale.train.engine import init_distributed
 from vla_scale.train.metrics import read_metrics
 from vla_scale.train.prepare import prepare_run
-from vla_scale.train.state import robot_dims, seed_everything
+from vla_scale.train.state import robot_dims, run_dataloader, seed_everything
 
 SIDES = ("framework, shards", "framework, memory", "bare DeepSpeed")
 CLOCKS = ("wall", "cpu", "workers")
@@ -97,14 +96,7 @@ def per_step(stamps: list[tuple[float, float, float]], warmup: int) -> dict[str,
 
 def collect_batches(cfg, rank: int, world: int, tokenizer: Any, count: int) -> list:
     """The first `count` batches this rank's loader yields: what `train()` sees in a fresh run, in order."""
-    loader = build_dataloader(
-        cfg.data,
-        seed=cfg.run.seed,
-        rank=rank,
-        world_size=world,
-        tokenizer=tokenizer,
-        micro_batch_size=cfg.train.micro_batch_size,
-    )
+    loader = run_dataloader(cfg, rank, world, tokenizer)
     it = iter(loader)
     batches = [next(it) for _ in range(count)]
     del it, loader  # stops the persistent workers
@@ -118,7 +110,7 @@ def run_framework(run_dir: Path, batches: list | None, warmup: int) -> dict[str,
         if batches is None:
             loop.train(run_dir)
         else:
-            with patched(loop, "build_dataloader", lambda *a, **k: batches):
+            with patched(state, "run_dataloader", lambda *a, **k: batches):
                 loop.train(run_dir)
     gc.collect()
     # Each record covers the steps since the previous one; keep those wholly after the warm-up.

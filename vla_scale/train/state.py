@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from vla_scale.compat import keep_hf_deepspeed_config
 from vla_scale.config import Config, ConfigError, config_hash, load_config
@@ -34,6 +35,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def run_dataloader(cfg: Config, rank: int, world: int, tokenizer: Any, resume: dict | None = None) -> DataLoader:
+    """This rank's loader with the run's seed and micro batch: the one place (loop and benchmarks) that maps a
+    run config onto `build_dataloader`, so a benchmark sees the batches `train()` sees."""
+    return build_dataloader(
+        cfg.data,
+        seed=cfg.run.seed,
+        rank=rank,
+        world_size=world,
+        tokenizer=tokenizer,
+        micro_batch_size=cfg.train.micro_batch_size,
+        resume=resume,
+    )
 
 
 def robot_dims(cfg: Config) -> tuple[int, int]:
@@ -133,14 +148,6 @@ def setup(run_dir: str | Path) -> RunState:
     stages = resolve_stages(model, cfg)  # a stage naming nothing fails here, before training
     staged = StagedEngine(model, cfg, ds_config, stages, rank)
     step, data_state = resume(staged, run_dir / "checkpoints", rank)
-    loader = build_dataloader(
-        cfg.data,
-        seed=cfg.run.seed,
-        rank=rank,
-        world_size=world,
-        tokenizer=model.tokenizer,
-        micro_batch_size=cfg.train.micro_batch_size,
-        resume=data_state,
-    )
+    loader = run_dataloader(cfg, rank, world, model.tokenizer, resume=data_state)
     stream = StreamTracker(cfg.run.seed, world, cfg.data.num_workers, cfg.train.micro_batch_size, data_state)
     return RunState(run_dir, cfg, rank, world, staged, step, loader, stream, iter(loader), hf_ds_config)
