@@ -6,8 +6,9 @@ Names are imported on first access (PEP 562), so importing a light submodule suc
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vla_scale.lazy import lazy_exports
 
 _EXPORTS = {  # name -> submodule that defines it
     "BackboneAdapter": "backbones",
@@ -62,9 +63,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

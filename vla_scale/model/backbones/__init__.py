@@ -9,8 +9,9 @@ transformers; the first use of an adapter, loader or builder does.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vla_scale.lazy import lazy_exports
 
 _EXPORTS = {
     "BackboneAdapter": "contract",
@@ -73,14 +74,4 @@ if TYPE_CHECKING:
     from vla_scale.model.backbones.tiny import build_tiny_backbone, ensure_tiny_backbone
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module that defines `name` on first access (PEP 562)."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
