@@ -148,7 +148,7 @@ def test_mixed_loader_with_workers_yields_typed_batches(tmp_path, tokenizer):
 def test_missing_manifest_is_a_clear_error(tmp_path, tokenizer):
     cfg = DataConfig(sources=[SourceConfig(str(tmp_path / "nope"), 1.0)])
     with pytest.raises(ValueError, match="not a vla_scale dataset"):
-        MixedBatches(cfg, 0, 0, 1, tokenizer, 2)
+        MixedBatches(cfg, seed=0, rank=0, world_size=1, tokenizer=tokenizer, micro_batch_size=2)
 
 
 def _rewrite_sample(shard, key, change):

@@ -50,15 +50,21 @@ class MixedBatches(IterableDataset):
     def __init__(
         self,
         cfg: DataConfig,
+        *,
         seed: int,
         rank: int,
         world_size: int,
         tokenizer: Any,
         micro_batch_size: int,
-        start_batch: int = 0,
-        bad_windows: dict[int, list[str]] | None = None,
+        resume: dict | None = None,
     ):
+        """Keyword-only: seed, rank and world size are adjacent ints, easy to swap. `resume` is a
+        `StreamTracker.state_dict()` from a checkpoint: the stream then continues right after its last batch."""
         super().__init__()
+        start_batch, bad_windows = 0, None
+        if resume is not None:
+            StreamTracker.check_compatible(resume, seed, world_size, cfg.num_workers, micro_batch_size)
+            start_batch, bad_windows = int(resume["batches"]), resume.get("bad_windows")
         self.cfg = cfg
         self.seed = seed
         self.rank = rank
@@ -160,11 +166,15 @@ def build_dataloader(
     `resume` is a `StreamTracker.state_dict()` from a checkpoint: the loader then continues
     exactly after the last batch that run consumed.
     """
-    start_batch, bad_windows = 0, None
-    if resume is not None:
-        StreamTracker.check_compatible(resume, seed, world_size, cfg.num_workers, micro_batch_size)
-        start_batch, bad_windows = int(resume["batches"]), resume.get("bad_windows")
-    dataset = MixedBatches(cfg, seed, rank, world_size, tokenizer, micro_batch_size, start_batch, bad_windows)
+    dataset = MixedBatches(
+        cfg,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        tokenizer=tokenizer,
+        micro_batch_size=micro_batch_size,
+        resume=resume,
+    )
     workers = cfg.num_workers
     return DataLoader(
         dataset,
