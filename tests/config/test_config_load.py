@@ -11,7 +11,7 @@ from vla_scale.train.ds_config import build_ds_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["debug.yaml", "demo_cpu.yaml"])
+@pytest.mark.parametrize("name", ["debug.yaml", "demo_cpu.yaml", "instruct_cpu.yaml", "metaworld_cpu.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / name)
     assert cfg.model.backbone.family == "llava"
