@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 
 from data_tools.__main__ import main
-from data_tools.collect import grid_cell
+from data_tools.collect import grid_cell, plan_sources
 from data_tools.stats import compare_stats, recompute_stats
 from data_tools.verify import verify
 from vla_scale.data.format import Manifest, decode_episode, decode_vl
@@ -110,3 +110,19 @@ def test_grid_cell_boundaries():
 def test_unknown_task_fails_clearly(tmp_path, capsys):
     assert main(["collect", "instruct", str(tmp_path / "x"), "--tasks", "fly_away", "--episodes", "1"]) == 2
     assert "unknown task(s) ['fly_away']" in capsys.readouterr().err
+
+
+def test_paired_scenes_share_one_scene_per_episode_across_tasks():
+    tasks = ["touch_red", "touch_blue"]
+    paired = plan_sources(task_names(), tasks, 3, paired=True)
+    first = collect_seed(0, 0)
+    assert [(s.task, s.seed) for s in paired[:2]] == [("touch_red", first), ("touch_blue", first)]
+    assert len({s.seed for s in paired}) == 3  # one scene per episode index, demonstrated once per task
+    unpaired = plan_sources(task_names(), tasks, 3)
+    assert len({s.seed for s in unpaired}) == 6
+
+
+def test_paired_scenes_need_a_shared_scene_suite(tmp_path, capsys):
+    args = ["--tasks", "reach-v3", "--episodes", "1", "--paired-scenes"]
+    assert main(["collect", "metaworld", str(tmp_path / "out"), *args]) == 2
+    assert "--paired-scenes needs a suite whose tasks share one scene" in capsys.readouterr().err
