@@ -6,13 +6,13 @@ import inspect
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from tests.train.jobs import free_port
 from vla_scale import compat
 
 ENGINE_PROBE = textwrap.dedent(
@@ -55,17 +55,11 @@ ENGINE_PROBE = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def engine_facts() -> dict:
     """One 1-rank DeepSpeed engine (ZeRO-0, CPU) in a child process, probed for what the patches rely on."""
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    env.update(MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env.update(MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     proc = subprocess.Popen(
         [sys.executable, "-c", ENGINE_PROBE],
         env=env,

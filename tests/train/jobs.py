@@ -15,6 +15,7 @@ torch.distributed timeout, so a rank whose peer died fails on its own instead of
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,8 +34,27 @@ GRACE_S = 20.0  # after one rank fails on purpose (expect_fail), how long the ot
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
+    """A TCP port nobody listens on right now, outside the kernel's ephemeral range.
+
+    A port from `bind(0)` is an ephemeral one: until a rank binds it, any outgoing connection may be
+    given it as its source port, and a client connecting to it on loopback before the server listens
+    can even connect to itself. Ports below the ephemeral range are only ever taken by explicit binds.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    if low > 20000:
+        rng = random.SystemRandom()
+        for _ in range(100):
+            port = rng.randrange(10000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as s:  # not Linux, or an unusual range: let the kernel pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.train.jobs import free_port
 from vla_scale.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,12 +28,6 @@ LOSS_TERMS = ("loss", "loss_arm", "loss_gripper", "loss_vl")
 TIMEOUT_S = 400
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_env(**knobs: str) -> dict[str, str]:
