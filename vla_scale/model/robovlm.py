@@ -42,7 +42,7 @@ from vla_scale.model.film import InstructionFiLM
 from vla_scale.model.history_heads import HistoryHead
 from vla_scale.model.lora import apply_lora
 from vla_scale.model.resampler import PerceiverResampler
-from vla_scale.model.sequence import FusedSequence, SequenceBuilder
+from vla_scale.model.sequence import FusedSequence, SequenceBuilder, embed_text
 from vla_scale.model.state_encoder import StateEncoder
 from vla_scale.model.zero_sync import zero_touch
 
@@ -131,8 +131,7 @@ class RoboVLM(nn.Module):
     def _film(self, image_tokens: torch.Tensor, obs: Observation) -> torch.Tensor:
         """Image tokens `[B*T, N, D]` modulated by each sample's instruction (the same for its T frames)."""
         keep = self.sequences.text_keep(obs.text_ids, obs.text_mask.bool(), strip_eos=True)
-        safe_ids = torch.where(keep, obs.text_ids, torch.zeros_like(obs.text_ids))
-        text = InstructionFiLM.instruction_embedding(self.adapter.embed_tokens(safe_ids), keep)
+        text = InstructionFiLM.instruction_embedding(embed_text(self.adapter, obs.text_ids, keep), keep)
         frames = image_tokens.shape[0] // text.shape[0]
         return self.film(image_tokens, text.repeat_interleave(frames, dim=0))
 

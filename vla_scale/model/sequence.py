@@ -108,9 +108,8 @@ class _Segments:
 
     def add_text(self, ids: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor | None) -> None:
         """Text ids `[rows, L]`; positions outside `keep` are dropped at compaction (padding may hold any id)."""
-        safe_ids = torch.where(keep, ids, torch.zeros_like(ids))
         text_labels = None if labels is None else torch.where(keep, labels, IGNORE_INDEX)
-        self.add(self.adapter.embed_tokens(safe_ids), keep, text_labels)
+        self.add(embed_text(self.adapter, ids, keep), keep, text_labels)
 
     def compact(self) -> FusedSequence:
         """Stable sort on "dropped": kept positions keep their order and move left, dropped ones go to the end
@@ -124,6 +123,12 @@ class _Segments:
             labels=torch.take_along_dim(torch.cat(self.labels, dim=1), order, dim=1),
             action_mask=torch.take_along_dim(torch.cat(self.is_action, dim=1), order, dim=1),
         )
+
+
+def embed_text(adapter: BackboneAdapter, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Token embeddings `[B, L, D]` of text ids `[B, L]`; positions outside `keep` are embedded as id 0, since
+    padding may hold any id (even one outside the vocabulary) and is dropped or masked by the caller."""
+    return adapter.embed_tokens(torch.where(keep, ids, torch.zeros_like(ids)))
 
 
 class SequenceBuilder:
