@@ -34,7 +34,7 @@ from data_tools.synth import synth
 from vla_scale.config.schema import DataConfig, SourceConfig
 from vla_scale.data.collate import collate_robot
 from vla_scale.data.format import Manifest, decode_image, decode_npy, load_stats
-from vla_scale.data.loader import build_dataloader
+from vla_scale.data.loader import StreamSpec, build_dataloader
 from vla_scale.data.normalize import Normalizer
 from vla_scale.data.window import Window
 from vla_scale.model.backbones.tiny_tokenizer import build_tiny_tokenizer
@@ -103,7 +103,7 @@ def measure(batches: Iterable, warmup: int, timed: int, batch_size: int) -> floa
 
 def bench_loader(dataset: Path, workers: int, args: argparse.Namespace, tokenizer) -> float:
     cfg = DataConfig(sources=[SourceConfig(path=str(dataset))], num_workers=workers, shuffle_buffer=64)
-    loader = build_dataloader(cfg, seed=0, rank=0, world_size=1, tokenizer=tokenizer, micro_batch_size=args.batch)
+    loader = build_dataloader(cfg, StreamSpec(seed=0, rank=0, world_size=1, micro_batch_size=args.batch), tokenizer)
     rate = measure(loader, args.warmup, args.batches, args.batch)
     del loader  # stops its persistent workers before the next measurement
     return rate

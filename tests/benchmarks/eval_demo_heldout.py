@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from data_tools.synth import synth
-from vla_scale.data import build_dataloader
+from vla_scale.data import StreamSpec, build_dataloader
 from vla_scale.data.format import Manifest
 from vla_scale.train.export import build_run_model
 
@@ -33,9 +33,8 @@ def evaluate(model, cfg, robot_path: str, batches: int, batch_size: int) -> dict
         augment=dataclasses.replace(cfg.data.augment, enabled=False),
         num_workers=1,
     )
-    loader = build_dataloader(
-        data, seed=123, rank=0, world_size=1, tokenizer=model.tokenizer, micro_batch_size=batch_size
-    )
+    spec = StreamSpec(seed=123, rank=0, world_size=1, micro_batch_size=batch_size)
+    loader = build_dataloader(data, spec, model.tokenizer)
     g = torch.Generator().manual_seed(0)
     out: dict[str, list[float]] = {"true": [], "shuffled instructions": [], "shuffled images": []}
     with torch.no_grad():

@@ -7,10 +7,14 @@ import torch
 
 from tests.data.toy_shards import corrupt_first_image, write_robot, write_vl
 from vla_scale.config.schema import AugmentConfig, DataConfig, SourceConfig
-from vla_scale.data.loader import StreamTracker, build_dataloader
+from vla_scale.data.loader import StreamSpec, StreamTracker, build_dataloader
 from vla_scale.data.stream import DataError
 
 MICRO = 3
+
+
+def spec(world_size: int = 1) -> StreamSpec:
+    return StreamSpec(seed=3, rank=0, world_size=world_size, micro_batch_size=MICRO)
 
 
 def data_cfg(tmp_path, workers: int) -> DataConfig:
@@ -51,16 +55,16 @@ def assert_same(a, b):
 @pytest.mark.parametrize("workers, stop", [(2, 7), (2, 10), (0, 5)], ids=["2w-odd", "2w-even", "in-process"])
 def test_resumed_stream_continues_exactly(tmp_path, tokenizer, workers, stop):
     cfg = data_cfg(tmp_path, workers)
-    full = take(build_dataloader(cfg, 3, 0, 1, tokenizer, MICRO), stop + 6)
+    full = take(build_dataloader(cfg, spec(), tokenizer), stop + 6)
 
     tracker = StreamTracker(3, 1, workers, MICRO, None)
-    take(build_dataloader(cfg, 3, 0, 1, tokenizer, MICRO), stop, tracker)  # the run that "dies" after `stop`
+    take(build_dataloader(cfg, spec(), tokenizer), stop, tracker)  # the run that "dies" after `stop`
     state = tracker.state_dict()
     assert state["batches"] == stop
     assert sum(tracker.skipped().values()) > 0, "the corrupt frame must have been hit before the stop"
 
     resumed_tracker = StreamTracker(3, 1, workers, MICRO, state)
-    resumed = take(build_dataloader(cfg, 3, 0, 1, tokenizer, MICRO, resume=state), 6, resumed_tracker)
+    resumed = take(build_dataloader(cfg, spec(), tokenizer, resume=state), 6, resumed_tracker)
     for a, b in zip(full[stop:], resumed, strict=True):
         assert_same(a, b)
     # skip counts continue from the checkpoint instead of restarting at zero
@@ -74,6 +78,6 @@ def test_resume_with_another_split_is_refused(tmp_path, tokenizer):
     cfg = data_cfg(tmp_path, 2)
     state = StreamTracker(3, 2, 2, MICRO, None).state_dict()
     with pytest.raises(DataError, match=r"world_size: checkpoint 2 vs now 1.*same ranks, workers"):
-        build_dataloader(cfg, 3, 0, 1, tokenizer, MICRO, resume=state)
+        build_dataloader(cfg, spec(), tokenizer, resume=state)
     with pytest.raises(DataError, match=r"num_workers: checkpoint 2 vs now 1"):
-        build_dataloader(data_cfg(tmp_path, 1), 3, 0, 2, tokenizer, MICRO, resume=state)
+        build_dataloader(data_cfg(tmp_path, 1), spec(world_size=2), tokenizer, resume=state)

@@ -11,7 +11,7 @@ import torch
 from tests.data.toy_shards import corrupt_first_image, write_robot, write_vl
 from vla_scale.config.schema import DataConfig, SourceConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
-from vla_scale.data.loader import MixedBatches, StreamTracker, batch_sources, build_dataloader
+from vla_scale.data.loader import MixedBatches, StreamSpec, StreamTracker, batch_sources, build_dataloader
 from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream, epoch_assignment
 
 
@@ -121,7 +121,7 @@ def test_mixed_loader_with_workers_yields_typed_batches(tmp_path, tokenizer):
         shuffle_buffer=4,
         max_text_len=16,
     )
-    loader = build_dataloader(cfg, seed=0, rank=0, world_size=1, tokenizer=tokenizer, micro_batch_size=3)
+    loader = build_dataloader(cfg, StreamSpec(seed=0, rank=0, world_size=1, micro_batch_size=3), tokenizer)
     batches: list[Batch] = list(itertools.islice(iter(loader), 12))
     sources = [b.data_source for b in batches]
     assert set(sources) == {"robot", "vl"}
@@ -148,7 +148,7 @@ def test_mixed_loader_with_workers_yields_typed_batches(tmp_path, tokenizer):
 def test_missing_manifest_is_a_clear_error(tmp_path, tokenizer):
     cfg = DataConfig(sources=[SourceConfig(str(tmp_path / "nope"), 1.0)])
     with pytest.raises(ValueError, match="not a vla_scale dataset"):
-        MixedBatches(cfg, seed=0, rank=0, world_size=1, tokenizer=tokenizer, micro_batch_size=2)
+        MixedBatches(cfg, StreamSpec(seed=0, rank=0, world_size=1, micro_batch_size=2), tokenizer)
 
 
 def _rewrite_sample(shard, key, change):

@@ -4,7 +4,7 @@ Knows nothing of the model or the trainer; both consume its `Batch`.
 """
 
 from vla_scale.data.batch import IGNORE_INDEX, Batch
-from vla_scale.data.loader import StreamTracker, build_dataloader
+from vla_scale.data.loader import StreamSpec, StreamTracker, build_dataloader
 from vla_scale.data.observation import Observation
 
-__all__ = ["IGNORE_INDEX", "Batch", "Observation", "StreamTracker", "build_dataloader"]
+__all__ = ["IGNORE_INDEX", "Batch", "Observation", "StreamSpec", "StreamTracker", "build_dataloader"]

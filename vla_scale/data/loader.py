@@ -8,6 +8,7 @@ same step and the ZeRO collectives line up, and a resumed run can replay the sch
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,19 @@ def batch_sources(seed: int, batch_index: int, weights: np.ndarray, kinds: list[
     return [members[int(j)] for j in rng.choice(len(members), size=size, p=within / within.sum())]
 
 
+@dataclass(frozen=True, kw_only=True)
+class StreamSpec:
+    """Which rank's stream under which seed, in batches of how many: with `DataConfig`, all that fixes the batches.
+
+    Keyword-only: seed, rank and world size are adjacent ints, easy to swap.
+    """
+
+    seed: int
+    rank: int
+    world_size: int
+    micro_batch_size: int
+
+
 class MixedBatches(IterableDataset):
     """An infinite iterable of `Batch`es for one rank; shard reading happens in its workers.
 
@@ -47,30 +61,17 @@ class MixedBatches(IterableDataset):
     first, and each worker replays its earlier draws without decoding images.
     """
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        *,
-        seed: int,
-        rank: int,
-        world_size: int,
-        tokenizer: Any,
-        micro_batch_size: int,
-        resume: dict | None = None,
-    ):
-        """Keyword-only: seed, rank and world size are adjacent ints, easy to swap. `resume` is a
-        `StreamTracker.state_dict()` from a checkpoint: the stream then continues right after its last batch."""
+    def __init__(self, cfg: DataConfig, spec: StreamSpec, tokenizer: Any, resume: dict | None = None):
+        """`resume` is a `StreamTracker.state_dict()` from a checkpoint: the stream then continues right after its
+        last batch."""
         super().__init__()
         start_batch, bad_windows = 0, None
         if resume is not None:
-            StreamTracker.check_compatible(resume, seed, world_size, cfg.num_workers, micro_batch_size)
+            StreamTracker.check_compatible(resume, spec.seed, spec.world_size, cfg.num_workers, spec.micro_batch_size)
             start_batch, bad_windows = int(resume["batches"]), resume.get("bad_windows")
         self.cfg = cfg
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
+        self.spec = spec
         self.tokenizer = tokenizer
-        self.micro_batch_size = micro_batch_size
         self.start_batch = start_batch
         self.bad_windows = {int(k): list(v) for k, v in (bad_windows or {}).items()}
         weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
@@ -82,7 +83,7 @@ class MixedBatches(IterableDataset):
             SourceStream(
                 src.path,
                 reader,
-                seed=self.seed + i,
+                seed=self.spec.seed + i,
                 shuffle_buffer=self.cfg.shuffle_buffer,
                 shard_shuffle=self.cfg.shard_shuffle,
                 window_size=self.cfg.window_size,
@@ -102,13 +103,13 @@ class MixedBatches(IterableDataset):
         role = (worker + self.start_batch) % num_workers
         bad = BadSamples(self.cfg.bad_sample_policy)
         bad_windows = set(self.bad_windows.get(role, []))
-        sources = self._streams(Reader(self.rank, self.world_size, role, num_workers), bad, bad_windows)
+        sources = self._streams(Reader(self.spec.rank, self.spec.world_size, role, num_workers), bad, bad_windows)
         streams = [iter(s) if s is not None else None for s in sources]
 
         kinds = [m.kind for m in self.manifests]
 
         def sources_of(batch_index: int) -> list[int]:
-            return batch_sources(self.seed, batch_index, self.weights, kinds, self.micro_batch_size)
+            return batch_sources(self.spec.seed, batch_index, self.weights, kinds, self.spec.micro_batch_size)
 
         def draw(srcs: list[int]) -> list:
             items = []
@@ -152,29 +153,13 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
-def build_dataloader(
-    cfg: DataConfig,
-    seed: int,
-    rank: int,
-    world_size: int,
-    tokenizer: Any,
-    micro_batch_size: int,
-    resume: dict | None = None,
-) -> DataLoader:
+def build_dataloader(cfg: DataConfig, spec: StreamSpec, tokenizer: Any, resume: dict | None = None) -> DataLoader:
     """DataLoader over `MixedBatches`; batches arrive fully collated (batch_size=None).
 
     `resume` is a `StreamTracker.state_dict()` from a checkpoint: the loader then continues
     exactly after the last batch that run consumed.
     """
-    dataset = MixedBatches(
-        cfg,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        tokenizer=tokenizer,
-        micro_batch_size=micro_batch_size,
-        resume=resume,
-    )
+    dataset = MixedBatches(cfg, spec, tokenizer, resume)
     workers = cfg.num_workers
     return DataLoader(
         dataset,

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from vla_scale.compat import keep_hf_deepspeed_config
 from vla_scale.config import Config, ConfigError, config_hash, load_config
-from vla_scale.data import StreamTracker, build_dataloader
+from vla_scale.data import StreamSpec, StreamTracker, build_dataloader
 from vla_scale.data.format import Manifest
 from vla_scale.model import build_model
 from vla_scale.train import checkpoint
@@ -40,15 +40,8 @@ def seed_everything(seed: int) -> None:
 def run_dataloader(cfg: Config, rank: int, world: int, tokenizer: Any, resume: dict | None = None) -> DataLoader:
     """This rank's loader with the run's seed and micro batch: the one place (loop and benchmarks) that maps a
     run config onto `build_dataloader`, so a benchmark sees the batches `train()` sees."""
-    return build_dataloader(
-        cfg.data,
-        seed=cfg.run.seed,
-        rank=rank,
-        world_size=world,
-        tokenizer=tokenizer,
-        micro_batch_size=cfg.train.micro_batch_size,
-        resume=resume,
-    )
+    spec = StreamSpec(seed=cfg.run.seed, rank=rank, world_size=world, micro_batch_size=cfg.train.micro_batch_size)
+    return build_dataloader(cfg.data, spec, tokenizer, resume=resume)
 
 
 def robot_dims(cfg: Config) -> tuple[int, int]:
