@@ -33,6 +33,7 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProject
 from vla_scale.compat import hf_zero3_init_disabled
 from vla_scale.config.schema import ClipRegConfig, TinyClipConfig
 from vla_scale.model.backbones.base import write_folder_once
+from vla_scale.model.backbones.tiny import text_config_kwargs
 from vla_scale.model.backbones.tiny_tokenizer import build_tiny_tokenizer
 from vla_scale.model.zero_sync import zero_touch
 
@@ -79,18 +80,7 @@ def build_tiny_clip(
     argmax id instead (checkpoints from before transformers#24773): the tiny ids are 0 (BOS) and 1 (EOS).
     """
     tokenizer = build_tiny_tokenizer(pad=None, bos=CLIP_BOS, eos=CLIP_EOS, extra_special_tokens={}, append_eos=True)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=tiny_cfg.hidden_size,
-        intermediate_size=tiny_cfg.intermediate_size,
-        num_hidden_layers=tiny_cfg.num_layers,
-        num_attention_heads=tiny_cfg.num_heads,
-        projection_dim=embed_dim,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = CLIPTextConfig(**text_config_kwargs(tiny_cfg, tokenizer, max_positions=77), projection_dim=embed_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPTextModelWithProjection(config).float()

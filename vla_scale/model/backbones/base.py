@@ -2,7 +2,7 @@
 
 A family file subclasses `HFBackboneAdapter` and states only what differs: its HF class, where its
 parts sit inside the model (attribute paths), how images become LM tokens and, where it has them,
-special positions or logits. Sizes, special ids, module accessors, the `inputs_embeds` LM forward,
+special positions or logits. Sizes, special ids, module accessors, the decoder run on `inputs_embeds`,
 image preprocessing, checkpointing and save/load are here.
 """
 
@@ -143,16 +143,10 @@ class HFBackboneAdapter(BackboneAdapter):
         (PaliGemma's 1-indexed, Qwen's multimodal 3D, Kosmos-2's mask-derived) override this."""
         return None
 
-    def lm_forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        past_key_values: Any = None,
-        use_cache: bool = False,
-        return_logits: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """The decoder stack is called directly: the families' top-level forwards insist on image placeholder
-        ids. `return_logits=False` skips the vocabulary projection (robot batches do not need it)."""
+    def run_decoder(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past_key_values: Any, use_cache: bool
+    ) -> tuple[torch.Tensor, Any]:
+        """The decoder stack is called directly: the families' top-level forwards insist on image placeholder ids."""
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         out = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -162,9 +156,7 @@ class HFBackboneAdapter(BackboneAdapter):
             use_cache=use_cache,
             return_dict=True,
         )
-        hidden = out.last_hidden_state
-        logits = self.compute_logits(hidden) if return_logits else None
-        return hidden, logits, out.cache if use_cache else None
+        return out.last_hidden_state, out.cache if use_cache else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Lets a caller project only the positions it needs (discrete action ids) instead of every position."""

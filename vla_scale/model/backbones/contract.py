@@ -105,7 +105,6 @@ class BackboneAdapter(nn.Module, ABC):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 `[B, C, H, W]` (any H, W) → image tokens `[B, N, D]` in the LM embedding space, `embed_dtype`."""
 
-    @abstractmethod
     def lm_forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -115,7 +114,19 @@ class BackboneAdapter(nn.Module, ABC):
         return_logits: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
         """Causal LM on `inputs_embeds` `[B, L, D]` with `attention_mask` `[B, L]` (or `[B, past + L]` with a cache)
-        → (hidden `[B, L, D]` after the final norm, logits `[B, L, V]` or None, cache or None)."""
+        → (hidden `[B, L, D]` after the final norm, logits `[B, L, V]` or None, cache or None).
+
+        Implemented once here on `run_decoder` + `compute_logits`; `return_logits=False` skips the vocabulary
+        projection (robot batches do not need it)."""
+        hidden, cache = self.run_decoder(inputs_embeds, attention_mask, past_key_values, use_cache)
+        logits = self.compute_logits(hidden) if return_logits else None
+        return hidden, logits, cache
+
+    @abstractmethod
+    def run_decoder(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past_key_values: Any, use_cache: bool
+    ) -> tuple[torch.Tensor, Any]:
+        """The decoder stack under `lm_forward` → (hidden `[B, L, D]` after the final norm, cache or None)."""
 
     @abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vla_scale.config.schema import BackboneConfig, TinyBackboneConfig
+from vla_scale.config.schema import BackboneConfig, TinyBackboneConfig, TinyClipConfig
 from vla_scale.model.backbones.registry import get_backbone_class
 
 if TYPE_CHECKING:
@@ -36,6 +36,24 @@ def build_tiny_backbone(
     adapter = adapter_class(model, tokenizer, image_processor)
     adapter.save_pretrained(out_dir)
     return adapter
+
+
+def text_config_kwargs(
+    sizes: TinyBackboneConfig | TinyClipConfig, tokenizer: Any, max_positions: int
+) -> dict[str, Any]:
+    """A tiny text stack's sizes and special ids under the names most HF text configs share (Llama, Gemma, Qwen2,
+    CLIP text): one mapping of `model.backbone.tiny` and `model.clip_reg.tiny` onto those configs."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": sizes.hidden_size,
+        "intermediate_size": sizes.intermediate_size,
+        "num_hidden_layers": sizes.num_layers,
+        "num_attention_heads": sizes.num_heads,
+        "max_position_embeddings": max_positions,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def ensure_tiny_backbone(cfg: BackboneConfig, seed: int = 0) -> bool:

@@ -49,6 +49,7 @@ from vla_scale.model.backbones import idefics3
 from vla_scale.model.backbones.kosmos2 import BOI, EOI
 from vla_scale.model.backbones.paligemma import force_causal
 from vla_scale.model.backbones.qwen2_vl import QWEN_SPECIALS
+from vla_scale.model.backbones.tiny import text_config_kwargs
 from vla_scale.model.backbones.tiny_tokenizer import IMAGE, build_tiny_tokenizer
 
 TinyParts = tuple[nn.Module, Any, Any]  # (model, tokenizer, image processor)
@@ -83,19 +84,8 @@ def vision_kwargs(cfg: TinyBackboneConfig) -> dict[str, int]:
 
 
 def text_kwargs(cfg: TinyBackboneConfig, tokenizer: Any, kv_heads: int) -> dict[str, Any]:
-    """The decoder sizes and special ids Llama-, Gemma- and Qwen2-style text configs share."""
-    return {
-        "vocab_size": len(tokenizer),
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": kv_heads,
-        "max_position_embeddings": 2048,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    """Llama-, Gemma- and Qwen2-style decoders: the shared text sizes plus `kv_heads` key/value heads."""
+    return {**text_config_kwargs(cfg, tokenizer, max_positions=2048), "num_key_value_heads": kv_heads}
 
 
 def square(cfg: TinyBackboneConfig) -> dict[str, int]:
