@@ -204,7 +204,9 @@ def run_ranks(
                 )
         deadline = time.monotonic() + timeout
         failed_at = None
-        while any(p.poll() is None for p in procs):
+        # poll() every rank each round: `any(p.poll() is None ...)` would stop at the first live rank and
+        # never notice that a later one already failed (its peer then waits for it until the deadline).
+        while None in [p.poll() for p in procs]:
             now = time.monotonic()
             if now > deadline:
                 _kill(procs)
