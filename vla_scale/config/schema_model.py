@@ -115,6 +115,9 @@ class ModelConfig:
     # Robot sequences: put the instruction before the image (image tokens then attend to it).
     instruction_first: bool = False
     film: bool = False  # the instruction scales/shifts the image tokens (FiLM) before the LM (model/film.py)
+    # Spatial-softmax keypoints of the static camera's image tokens (after FiLM), added to the action states:
+    # how many (0: off). Continuous action space; needs a square image-token grid (model/keypoints.py).
+    keypoints: int = 0
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
     discrete: DiscreteActionConfig = field(default_factory=DiscreteActionConfig)
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
@@ -125,6 +128,17 @@ class ModelConfig:
     def validate(self, prefix: str = "model") -> None:
         """Everything the model block can check on its own (`Config.validate` adds the data.window_size check)."""
         check_at_least(self, prefix, ("latent_num",), 1)
+        check_at_least(self, prefix, ("keypoints",), 0)
+        if self.keypoints and self.action_space != "continuous":
+            raise ConfigError(
+                f"{prefix}.keypoints feeds the continuous action head; with {prefix}.action_space: "
+                f"{self.action_space} set {prefix}.keypoints: 0"
+            )
+        if self.keypoints and self.resampler.enabled:
+            raise ConfigError(
+                f"{prefix}.keypoints reads positions off the image-token grid, which {prefix}.resampler replaces by "
+                f"latents: turn one of them off"
+            )
         self.backbone.validate(f"{prefix}.backbone")
         self.discrete.validate(f"{prefix}.discrete")
         validate_history(self, prefix=prefix)

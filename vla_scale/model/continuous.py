@@ -51,12 +51,16 @@ class ContinuousActions:
     def latents(self, model: RoboVLM, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
         """Learned action tokens' output states `[B, T', latent_num, D]` (T' = T, or 1 under `video`) and the
         number of attended LM positions."""
-        fused = model.robot_sequence(obs, n_action=self.latent_num, action_token=model.action_token, append_eos=True)
+        fused, keypoints = model.robot_sequence_and_keypoints(
+            obs, n_action=self.latent_num, action_token=model.action_token, append_eos=True
+        )
         hidden, _, _ = model.adapter.lm_forward(fused.embeds, fused.attention_mask, return_logits=False)
         frames = predicted_frames(self.cfg.history_type, obs.num_frames)
         # Action positions in row-major order: sample, then frame (its own row, or its slot in the row), then token.
         pattern = "(b t n) d -> b t n d"
         latents = rearrange(hidden[fused.action_mask], pattern, b=obs.batch_size, t=frames, n=self.latent_num)
+        if keypoints is not None:  # [B, T, D]: the predicted frames' keypoints, added to each of their tokens
+            latents = latents + keypoints[:, -frames:].unsqueeze(2).to(latents.dtype)
         return latents, fused.attention_mask.sum()
 
     def outputs(

@@ -9,7 +9,7 @@ One model, three roles in their own modules:
 - `discrete.py` (`discrete`): the chunk as reserved vocabulary ids, next-token CE, greedy decoding.
 
 `RoboVLM` owns the parameters (names unchanged: `adapter`, `action_token`, `action_head`,
-`state_encoder`, `resampler`, `clip_reg`, `film`), encodes observations, dispatches a batch to the robot
+`state_encoder`, `resampler`, `clip_reg`, `film`, `keypoints`), encodes observations, dispatches a batch to the robot
 path of its action space or to the vision-language co-training loss, and adds the auxiliary terms
 (CLIP regulariser, zero-touch terms for ZeRO). Every model input is an `Observation`.
 """
@@ -40,6 +40,7 @@ from vla_scale.model.continuous import ContinuousActions, build_continuous_modul
 from vla_scale.model.discrete import DiscreteActions
 from vla_scale.model.film import InstructionFiLM
 from vla_scale.model.history_heads import HistoryHead
+from vla_scale.model.keypoints import SpatialKeypoints
 from vla_scale.model.lora import apply_lora
 from vla_scale.model.resampler import PerceiverResampler
 from vla_scale.model.sequence import FusedSequence, SequenceBuilder, embed_text
@@ -94,6 +95,7 @@ class RoboVLM(nn.Module):
         # The frozen CLIP text model stays outside the module tree (see clip_regularizer); only `proj` trains.
         self.clip_reg = ClipRegularizer(hidden, cfg.clip_reg, clip_teacher).to(dtype) if cfg.clip_reg.enabled else None
         self.film = InstructionFiLM(hidden).to(dtype) if cfg.film else None
+        self.keypoints = SpatialKeypoints(hidden, cfg.keypoints).to(dtype) if cfg.keypoints else None
         self.sequences = SequenceBuilder(adapter, cfg.history_type, cfg.instruction_first)
 
     @property
@@ -113,20 +115,30 @@ class RoboVLM(nn.Module):
 
     def robot_sequence(self, obs: Observation, **slot: Any) -> FusedSequence:
         """The observation's fused LM input (layout in `sequence.py`) with the action slot given by `slot`
-        (`SequenceBuilder.fuse` keywords): its frames and wrist frames as image tokens, its state as one token
-        per frame (`model.use_state`)."""
+        (`SequenceBuilder.fuse` keywords)."""
+        return self.robot_sequence_and_keypoints(obs, **slot)[0]
+
+    def robot_sequence_and_keypoints(self, obs: Observation, **slot: Any) -> tuple[FusedSequence, torch.Tensor | None]:
+        """`robot_sequence` plus, with `model.keypoints`, the static camera's keypoint summary `[B, T, D]` (else
+        None). Frames and wrist frames become image tokens (FiLM-modulated with `model.film`), the state one
+        token per frame (`model.use_state`)."""
         image_tokens = self.encode_images(rearrange(obs.images, "b t c h w -> (b t) c h w"))
+        num_static = image_tokens.shape[1]
         if obs.wrist_images is not None:
             wrist_tokens = self.encode_images(rearrange(obs.wrist_images, "b t c h w -> (b t) c h w"))
             image_tokens = torch.cat([image_tokens, wrist_tokens], dim=1)
         if self.film is not None:
             image_tokens = self._film(image_tokens, obs)
+        keypoints = None
+        if self.keypoints is not None:
+            summary = self.keypoints(image_tokens[:, :num_static])  # [B*T, D]
+            keypoints = rearrange(summary, "(b t) d -> b t d", b=obs.batch_size)
         state_tokens = None
         if self.state_encoder is not None:
             if obs.state is None:
                 raise ValueError("model.use_state is on but the batch has no `state` [B, T, S]")
             state_tokens = self.state_encoder(obs.state)  # [B, T, D]
-        return self.sequences.robot(obs, image_tokens, state_tokens, **slot)
+        return self.sequences.robot(obs, image_tokens, state_tokens, **slot), keypoints
 
     def _film(self, image_tokens: torch.Tensor, obs: Observation) -> torch.Tensor:
         """Image tokens `[B*T, N, D]` modulated by each sample's instruction (the same for its T frames)."""
@@ -198,6 +210,8 @@ class RoboVLM(nn.Module):
             loss = loss + self.clip_reg.touch(image_tokens)
         if self.film is not None:
             loss = loss + self.film.touch()
+        if self.keypoints is not None:
+            loss = loss + zero_touch(self.keypoints(image_tokens[:1]))
         return {"loss": loss, "loss_vl": loss_vl, "num_tokens": fused.attention_mask.sum()}
 
     # --- inference ---------------------------------------------------------------------------

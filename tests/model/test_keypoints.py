@@ -1,0 +1,81 @@
+"""Spatial keypoints (`model.keypoints`): positions read off the image-token grid, fed to the action head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.model.batches import A, N, S, robot_batch, vl_batch
+from vla_scale.config.errors import ConfigError
+from vla_scale.config.schema import BackboneConfig, ModelConfig, ResamplerConfig
+from vla_scale.model import build_model
+from vla_scale.model.keypoints import SpatialKeypoints, keypoint_coordinates
+
+
+def _model(tiny_path, keypoints: int, film: bool = False, history_type: str = "post"):
+    torch.manual_seed(0)
+    backbone = BackboneConfig(family="llava", pretrained=str(tiny_path))
+    cfg = ModelConfig(backbone=backbone, latent_num=2, film=film, keypoints=keypoints, history_type=history_type)
+    return build_model(cfg, action_dim=A, state_dim=S, chunk_size=N).eval()
+
+
+def test_a_peaked_score_map_gives_the_peak_position():
+    grid = 4
+    scores = torch.full((2, grid * grid, 1), -50.0)
+    scores[0, 1 * grid + 3, 0] = 50.0  # row 1, column 3
+    scores[1, 3 * grid + 0, 0] = 50.0  # row 3, column 0
+    coords = keypoint_coordinates(scores, grid)
+    axis = torch.linspace(-1, 1, grid)
+    torch.testing.assert_close(coords[0, 0], torch.stack([axis[3], axis[1]]))
+    torch.testing.assert_close(coords[1, 0], torch.stack([axis[0], axis[3]]))
+
+
+def test_uniform_scores_give_the_image_centre():
+    coords = keypoint_coordinates(torch.zeros(1, 9, 3), 3)
+    torch.testing.assert_close(coords, torch.zeros(1, 3, 2))
+
+
+def test_tokens_that_are_not_a_square_grid_are_refused_with_what_to_change():
+    with pytest.raises(ValueError, match="square grid.*model.keypoints: 0"):
+        SpatialKeypoints(8, 2)(torch.randn(1, 10, 8))
+
+
+@pytest.mark.parametrize("history_type", ["post", "video"])
+def test_fresh_keypoints_leave_the_policy_unchanged(tiny_path, history_type):
+    plain = _model(tiny_path, 0, history_type=history_type)
+    with_kp = _model(tiny_path, 8, history_type=history_type)
+    batch = robot_batch(plain)
+    torch.testing.assert_close(plain(batch)["loss"], with_kp(batch)["loss"])
+
+
+def test_keypoints_learn_on_robot_batches_and_feed_the_action_head(tiny_path):
+    model = _model(tiny_path, 8, film=True).train()
+    model(robot_batch(model))["loss"].backward()
+    assert model.keypoints.proj.weight.grad.abs().sum() > 0  # the projection learns first (zero-initialised)
+    with torch.no_grad():
+        model.keypoints.proj.weight.normal_(std=0.5)
+    model.zero_grad(set_to_none=True)
+    model(robot_batch(model))["loss"].backward()
+    assert model.keypoints.score[0].weight.grad.abs().sum() > 0  # then the score maps
+    batch = robot_batch(model.eval())
+    with_keypoints, _ = model.predict_action(batch.observation)
+    with torch.no_grad():
+        model.keypoints.proj.weight.zero_()
+    without, _ = model.predict_action(batch.observation)
+    assert not torch.allclose(with_keypoints, without)
+
+
+def test_keypoints_stay_in_the_graph_of_vl_batches_with_zero_gradient(tiny_path):
+    model = _model(tiny_path, 4).train()
+    model(vl_batch(model))["loss"].backward()
+    grad = model.keypoints.score[0].weight.grad
+    assert grad is not None and grad.abs().sum() == 0
+
+
+def test_config_refuses_keypoints_with_a_resampler_or_discrete_actions():
+    with pytest.raises(ConfigError, match="model.resampler"):
+        ModelConfig(keypoints=4, resampler=ResamplerConfig(enabled=True)).validate()
+    with pytest.raises(ConfigError, match="model.keypoints: 0"):
+        ModelConfig(keypoints=4, action_space="discrete").validate()
+    with pytest.raises(ConfigError, match="model.keypoints"):
+        ModelConfig(keypoints=-1).validate()
