@@ -118,6 +118,8 @@ class ModelConfig:
     # Spatial-softmax keypoints of the static camera's image tokens (after FiLM), added to the action states:
     # how many (0: off). Continuous action space; needs a square image-token grid (model/keypoints.py).
     keypoints: int = 0
+    # Average-pool each image's square token grid k x k before the LM (1: off); keypoints still see the full grid.
+    image_pool: int = 1
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
     discrete: DiscreteActionConfig = field(default_factory=DiscreteActionConfig)
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
@@ -129,6 +131,12 @@ class ModelConfig:
         """Everything the model block can check on its own (`Config.validate` adds the data.window_size check)."""
         check_at_least(self, prefix, ("latent_num",), 1)
         check_at_least(self, prefix, ("keypoints",), 0)
+        check_at_least(self, prefix, ("image_pool",), 1)
+        if self.image_pool > 1 and self.resampler.enabled:
+            raise ConfigError(
+                f"{prefix}.image_pool pools the image-token grid, which {prefix}.resampler replaces by latents: "
+                "turn one of them off"
+            )
         if self.keypoints and self.action_space != "continuous":
             raise ConfigError(
                 f"{prefix}.keypoints feeds the continuous action head; with {prefix}.action_space: "

@@ -14,10 +14,10 @@ The projection is zero-initialised, so a fresh `SpatialKeypoints` leaves the pol
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from vla_scale.model.token_grid import grid_side
 
 
 def keypoint_coordinates(scores: torch.Tensor, grid: int) -> torch.Tensor:
@@ -46,21 +46,9 @@ class SpatialKeypoints(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    @staticmethod
-    def grid_side(num_tokens: int) -> int:
-        """The side of the square token grid, or a clear error for backbones whose image tokens are not one."""
-        side = math.isqrt(num_tokens)
-        if side * side != num_tokens:
-            raise ValueError(
-                f"model.keypoints needs each camera image as a square grid of tokens, but the backbone gives "
-                f"{num_tokens} tokens per image (a class token, pooling, or a resampler): set model.keypoints: 0 "
-                "for this backbone, or turn model.resampler off"
-            )
-        return side
-
     def coordinates(self, tokens: torch.Tensor) -> torch.Tensor:
         """Keypoints `[B, K, 2]` of image tokens `[B, N, D]` (for inspection and tests)."""
-        return keypoint_coordinates(self.score(tokens), self.grid_side(tokens.shape[1]))
+        return keypoint_coordinates(self.score(tokens), grid_side(tokens.shape[1], "model.keypoints"))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Image tokens `[B, N, D]` → `[B, D]` in the tokens' dtype."""

@@ -45,6 +45,7 @@ from vla_scale.model.lora import apply_lora
 from vla_scale.model.resampler import PerceiverResampler
 from vla_scale.model.sequence import FusedSequence, SequenceBuilder, embed_text
 from vla_scale.model.state_encoder import StateEncoder
+from vla_scale.model.token_grid import pool_grid
 from vla_scale.model.zero_sync import zero_touch
 
 
@@ -104,14 +105,17 @@ class RoboVLM(nn.Module):
         return self.adapter.tokenizer
 
     # --- observation encoding -------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 `[B', C, H, W]` → image tokens `[B', N, D]`: the adapter's, or `resampler.num_latents` of them.
+    def encode_images(self, images: torch.Tensor, pool: bool = True) -> torch.Tensor:
+        """uint8 `[B', C, H, W]` → image tokens `[B', N, D]`: the adapter's, `resampler.num_latents` of them, or
+        the grid pooled by `model.image_pool` (`pool=False`: the full grid, for FiLM and keypoints first).
 
         Every image path (static and wrist cameras, VL images) goes through here, so the resampler is in
         every batch's graph and needs no ZeRO zero-touch.
         """
         tokens = self.adapter.encode_images(images)
-        return tokens if self.resampler is None else self.resampler(tokens)
+        if self.resampler is not None:
+            return self.resampler(tokens)
+        return pool_grid(tokens, self.cfg.image_pool) if pool else tokens
 
     def robot_sequence(self, obs: Observation, **slot: Any) -> FusedSequence:
         """The observation's fused LM input (layout in `sequence.py`) with the action slot given by `slot`
@@ -122,17 +126,16 @@ class RoboVLM(nn.Module):
         """`robot_sequence` plus, with `model.keypoints`, the static camera's keypoint summary `[B, T, D]` (else
         None). Frames and wrist frames become image tokens (FiLM-modulated with `model.film`), the state one
         token per frame (`model.use_state`)."""
-        image_tokens = self.encode_images(rearrange(obs.images, "b t c h w -> (b t) c h w"))
-        num_static = image_tokens.shape[1]
+        cameras = [self.encode_images(rearrange(obs.images, "b t c h w -> (b t) c h w"), pool=False)]
         if obs.wrist_images is not None:
-            wrist_tokens = self.encode_images(rearrange(obs.wrist_images, "b t c h w -> (b t) c h w"))
-            image_tokens = torch.cat([image_tokens, wrist_tokens], dim=1)
+            cameras.append(self.encode_images(rearrange(obs.wrist_images, "b t c h w -> (b t) c h w"), pool=False))
         if self.film is not None:
-            image_tokens = self._film(image_tokens, obs)
+            filmed = self._film(torch.cat(cameras, dim=1), obs)
+            cameras = list(filmed.split([c.shape[1] for c in cameras], dim=1))
         keypoints = None
         if self.keypoints is not None:
-            summary = self.keypoints(image_tokens[:, :num_static])  # [B*T, D]
-            keypoints = rearrange(summary, "(b t) d -> b t d", b=obs.batch_size)
+            keypoints = rearrange(self.keypoints(cameras[0]), "(b t) d -> b t d", b=obs.batch_size)  # static camera
+        image_tokens = torch.cat([pool_grid(c, self.cfg.image_pool) for c in cameras], dim=1)
         state_tokens = None
         if self.state_encoder is not None:
             if obs.state is None:
