@@ -5,7 +5,9 @@ Two kinds:
   For tests of the launcher itself: resume, SIGKILL, bad configs.
 - `run_ranks(...)`: prepare the run in this process, then start N rank processes directly
   (`python -m vla_scale.train.main`) with the environment a launcher would give them. For tests of the
-  engine's behaviour, where the launcher's own start-up is only overhead.
+  engine's behaviour, where the launcher's own start-up is only overhead. The ranks are forked from warm
+  interpreters that have already imported torch, transformers and DeepSpeed (tests/train/rank_server.py,
+  which says what that does and does not change); VLA_TEST_RANK_SERVER=0 starts fresh interpreters instead.
 
 Every process runs in its own session (process group); on the deadline, or as soon as one rank fails,
 every group is killed, waited for, and the test fails with the rank logs. Ranks also get a short
@@ -26,6 +28,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.train.rank_server import servers_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs/debug.yaml"
@@ -99,6 +103,9 @@ def launcher_command(tmp_path: Path, data: Path, *overrides: str) -> tuple[list[
     """launchers/train.sh on configs/debug.yaml with the toy data, and its environment (2 CPU ranks, logs per rank)."""
     env = dict(os.environ, PYTHON=sys.executable, RANK_LOG_DIR=str(tmp_path / "rank_logs"), CPU_RANKS="2")
     env["WANDB_MODE"] = "offline"
+    # One thread per rank, as in run_ranks and the session's reference run (tests/train/conftest.py): the
+    # same float arithmetic everywhere, so losses compare exactly across jobs and launchers.
+    env["OMP_NUM_THREADS"] = "1"
     env.pop("MASTER_PORT", None)
     cmd = [str(ROOT / "launchers/train.sh"), str(CONFIG), *debug_overrides(tmp_path, data, *overrides)]
     return cmd, env
@@ -188,15 +195,22 @@ def run_ranks(
     logs = tmp_path / "rank_logs"
     logs.mkdir(exist_ok=True)
     port = free_port()
+    envs = [rank_env(rank, world_size, port) for rank in range(world_size)]
+    servers = servers_for(envs)  # warm interpreters to fork the ranks from (tests/train/rank_server.py)
+    argv = ["--run_dir", str(run_dir)]
     procs = []
     try:
         for rank in range(world_size):
-            with open(logs / f"rank{rank}.log", "a") as log:
+            log_path = logs / f"rank{rank}.log"
+            if servers is not None:
+                procs.append(servers[rank].start("vla_scale.train.main", argv, envs[rank], tmp_path, log_path))
+                continue
+            with open(log_path, "a") as log:
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "vla_scale.train.main", "--run_dir", str(run_dir)],
+                        [sys.executable, "-m", "vla_scale.train.main", *argv],
                         cwd=tmp_path,
-                        env=rank_env(rank, world_size, port),
+                        env=envs[rank],
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,

@@ -1,4 +1,4 @@
-"""Each source format converts with `python -m data_tools convert` and then trains on 2 ranks."""
+"""Each source format converts with `python -m data_tools convert` and then trains on 2 ranks (4 jobs for 5 formats)."""
 
 import json
 import math
@@ -73,23 +73,40 @@ def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("shared") / "backbone"
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-def test_convert_then_train(fmt: str, tmp_path: Path, synth_data: Path, backbone: Path) -> None:
+# The converted robot sets disagree on (action_dim, state_dim), so each trains in a job of its own, beside a
+# synthetic VL set; the converted VL set (llava) joins the lerobot job instead of a job of its own.
+JOBS = [("lerobot", "llava"), ("rlds",), ("hdf5",), ("calvin",)]
+assert sorted(f for job in JOBS for f in job) == sorted(FORMATS), "every format trains in one job"
+
+
+def convert(fmt: str, work: Path) -> tuple[Path, Manifest]:
+    """Build `fmt`'s source under `work` and convert it with the CLI; returns the converted folder and manifest."""
     make_source, kind = FORMATS[fmt]
-    draws = [batch_sources(SEED, i, np.array([0.75, 0.25]), ["robot", "vl"], 2) for i in range(4)]
-    assert {0, 1} <= {src for batch in draws for src in batch}, f"seed {SEED} no longer mixes both kinds: {draws}"
-    converted = tmp_path / "converted"
-    args = make_source(tmp_path / "src")
+    converted = work / "converted"
+    args = make_source(work / "src")
     assert main(["convert", *args[:2], str(converted), "--episodes-per-shard", "2", *args[2:]]) == 0
     manifest = Manifest.load(converted)
     assert manifest.kind == kind and manifest.num_samples >= 2  # enough for 2 ranks x 1 worker
+    return converted, manifest
 
-    # run_ranks reads <data>/robot and <data>/vl: link the converted set in beside a synthetic one.
+
+@pytest.mark.parametrize("formats", JOBS, ids="+".join)
+def test_convert_then_train(formats: tuple[str, ...], tmp_path: Path, synth_data: Path, backbone: Path) -> None:
+    draws = [batch_sources(SEED, i, np.array([0.75, 0.25]), ["robot", "vl"], 2) for i in range(4)]
+    assert {0, 1} <= {src for batch in draws for src in batch}, f"seed {SEED} no longer mixes both kinds: {draws}"
+
+    # run_ranks reads <data>/robot and <data>/vl: link the converted sets in, and a synthetic one for a kind
+    # no converted set supplies.
     data = tmp_path / "data"
     data.mkdir()
-    other = "vl" if kind == "robot" else "robot"
-    (data / kind).symlink_to(converted, target_is_directory=True)
-    (data / other).symlink_to(synth_data / other, target_is_directory=True)
+    manifests = []
+    for fmt in formats:
+        converted, manifest = convert(fmt, tmp_path / fmt)
+        (data / manifest.kind).symlink_to(converted, target_is_directory=True)
+        manifests.append(manifest)
+    for kind in ("robot", "vl"):
+        if not (data / kind).exists():
+            (data / kind).symlink_to(synth_data / kind, target_is_directory=True)
     run_ranks(
         tmp_path,
         data,
@@ -105,7 +122,8 @@ def test_convert_then_train(fmt: str, tmp_path: Path, synth_data: Path, backbone
     assert all(math.isfinite(r["loss"]) for r in records), records
     for term in ("loss_arm", "loss_vl"):
         assert any(term in r and math.isfinite(r[term]) for r in records), f"{term} missing from metrics.jsonl"
-    assert f"mix/{manifest.name}" in set().union(*records), "the converted source supplied no samples"
+    for manifest in manifests:
+        assert f"mix/{manifest.name}" in set().union(*records), f"the converted {manifest.name} supplied no samples"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert any((run_dir / "checkpoints" / "step_00000002").rglob("*optim_states.pt"))
     assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 8

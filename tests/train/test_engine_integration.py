@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train.jobs import launch, rank_logs, run_ranks, start_launcher
+from tests.train.nodes import MAX_STEPS
 from tests.train.policy_check import first_episode, reference_actions
 from vla_scale.cli import main as cli_main
 from vla_scale.data.format import load_stats
@@ -148,10 +149,11 @@ def _kill_when(proc: subprocess.Popen, ready, tmp_path: Path, timeout: float = 3
         proc.wait(timeout=60)
 
 
-def test_sigkill_mid_run_and_during_a_save_resumes_with_identical_losses(tmp_path, toy_data):
-    common = ("train.max_steps=24", "train.ckpt_every=4")
-    launch(tmp_path, toy_data, *common, "run.name=straight", "train.ckpt_every=0")
-    straight = read_metrics(tmp_path / "runs" / "straight")
+def test_sigkill_mid_run_and_during_a_save_resumes_with_identical_losses(tmp_path, toy_data, reference_run):
+    """The uninterrupted run to compare with is the session's reference run (tests/train/conftest.py)."""
+    common = (f"train.max_steps={MAX_STEPS}", "train.ckpt_every=4")
+    straight = read_metrics(reference_run.run_dir)
+    assert [r["step"] for r in straight] == list(range(1, MAX_STEPS + 1))
 
     run_dir = tmp_path / "runs" / "debug"
     ckpts = run_dir / "checkpoints"
@@ -166,7 +168,7 @@ def test_sigkill_mid_run_and_during_a_save_resumes_with_identical_losses(tmp_pat
     # 1) killed between checkpoints: steps after `latest` were trained and logged, then lost
     _kill_when(start_launcher(tmp_path, toy_data, *common), past_a_checkpoint, tmp_path)
     before = latest_step()
-    assert 0 < before < 24
+    assert 0 < before < MAX_STEPS
 
     # 2) resumed, then killed inside the next save: its files are written, `latest` has not moved
     proc = start_launcher(tmp_path, toy_data, *common, "debug.save_pause_s=300")
@@ -177,7 +179,7 @@ def test_sigkill_mid_run_and_during_a_save_resumes_with_identical_losses(tmp_pat
     # 3) resumed to the end: every step's losses equal the uninterrupted run's
     launch(tmp_path, toy_data, *common)
     records = read_metrics(run_dir)
-    assert [r["step"] for r in records] == list(range(1, 25))
+    assert [r["step"] for r in records] == list(range(1, MAX_STEPS + 1))
     for a, b in zip(records, straight, strict=True):
         for term in LOSSES:
             if term in b:

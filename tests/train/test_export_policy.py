@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.train.jobs import run_ranks
+from tests.train.nodes import MAX_STEPS
 from tests.train.policy_check import first_episode, reference_actions
 from vla_scale.cli import main as cli_main
 from vla_scale.data.format import load_stats
@@ -25,14 +26,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, toy_data) -> dict:
-    """One 2-step ZeRO-2 run on 2 ranks, exported once through the CLI; shared by every test here."""
-    tmp = tmp_path_factory.mktemp("export_run")
-    run_ranks(tmp, toy_data, "train.max_steps=2", "train.ckpt_every=0")
-    run_dir = tmp / "runs" / "debug"
-    export_dir = tmp / "policy"
-    assert cli_main(["export", str(run_dir), str(export_dir)]) == 0
-    return {"tmp": tmp, "run_dir": run_dir, "export": export_dir, "data": toy_data}
+def run(tmp_path_factory, toy_data, reference_run) -> dict:
+    """The session's 2-rank ZeRO-2 reference run (tests/train/conftest.py), exported once through the CLI;
+    shared by every test here. "tmp" is the folder holding the run's tiny backbone."""
+    export_dir = tmp_path_factory.mktemp("export_run") / "policy"
+    assert cli_main(["export", str(reference_run.run_dir), str(export_dir)]) == 0
+    return {"tmp": reference_run.work, "run_dir": reference_run.run_dir, "export": export_dir, "data": toy_data}
 
 
 def test_export_folder_is_self_contained(run):
@@ -52,7 +51,7 @@ def test_export_folder_is_self_contained(run):
         "static_camera": "rgb_static",
         "wrist_camera": None,
     }
-    assert spec["model"]["backbone"]["pretrained"] == "backbone" and spec["source"]["tag"] == "step_00000002"
+    assert spec["model"]["backbone"]["pretrained"] == "backbone" and spec["source"]["tag"] == f"step_{MAX_STEPS:08d}"
     stats = (run["data"] / "robot" / "stats.json").read_text()
     assert (export / "stats.json").read_text() == stats
     weights = load_file(str(export / "model.safetensors"))

@@ -7,128 +7,26 @@ ranks behind or hangs the suite.
 """
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.train.jobs import free_port
+from tests.train.jobs import CONFIG, ROOT, free_port
+from tests.train.nodes import LOSS_TERMS, MAX_STEPS, TIMEOUT_S, Launch, launcher_env, overrides, run_logs, wait_all
 from vla_scale.train.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "configs/debug.yaml"
-MAX_STEPS = 24
 CKPT_EVERY = 4
-LOSS_TERMS = ("loss", "loss_arm", "loss_gripper", "loss_vl")
-TIMEOUT_S = 400
 
 pytestmark = pytest.mark.integration
 
 
-def launcher_env(**knobs: str) -> dict[str, str]:
-    """The test machine's environment minus any cluster settings, plus the launcher knobs given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NODE_RANK", "NUM_NODES"))}
-    env.pop("HOSTFILE", None)
-    env.update(
-        PYTHON=sys.executable,
-        WANDB_MODE="disabled",
-        # one thread per rank: 2 ranks on 2 cores, and every run here does the same float arithmetic
-        OMP_NUM_THREADS="1",
-        # the documented setting for nodes on loopback: gloo binds the loopback interface
-        GLOO_SOCKET_IFNAME="lo",
-        PREPARE_WAIT_S="180",
-    )
-    env.update(knobs)
-    return env
-
-
-class Launch:
-    """One launcher invocation in its own session; output goes to a file (a full pipe would block it)."""
-
-    def __init__(self, script: str, overrides: list[str], env: dict[str, str], cwd: Path, name: str):
-        self.output = cwd / f"{name}.out"
-        with self.output.open("w") as out:
-            self.proc = subprocess.Popen(
-                [str(ROOT / "launchers" / script), str(CONFIG), *overrides],
-                cwd=cwd,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def text(self) -> str:
-        return self.output.read_text()
-
-    def kill(self) -> None:
-        """SIGKILL the launcher and every process below it (torchrun puts each rank in a new session)."""
-        try:
-            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=30)
-        self.proc.wait(timeout=30)
-
-
-def run_logs(folder: Path) -> str:
-    if not folder.is_dir():
-        return "(no rank logs)"
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return "\n".join(f"===== {p.relative_to(folder)} =====\n{p.read_text()[-6000:]}" for p in files)
-
-
-def wait_all(launches: list[Launch], logs: Path, deadline: float) -> None:
-    """Wait for every launcher to exit 0; on failure or timeout show each one's output and rank logs."""
-    for launch in launches:
-        try:
-            launch.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            report = "\n".join(f"----- {x.output.name}\n{x.text()[-6000:]}" for x in launches)
-            pytest.fail(f"launchers still running after {TIMEOUT_S}s\n{report}\n{run_logs(logs)}")
-        if launch.proc.returncode != 0:
-            report = "\n".join(f"----- {x.output.name}\n{x.text()[-6000:]}" for x in launches)
-            pytest.fail(f"{launch.output.name} exited {launch.proc.returncode}\n{report}\n{run_logs(logs)}")
-
-
-def overrides(work: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        f"run.output_dir={work / 'runs'}",
-        f"data.sources.0.path={data / 'robot'}",
-        f"data.sources.1.path={data / 'vl'}",
-        f"model.backbone.pretrained={work / 'backbone'}",
-        f"train.max_steps={MAX_STEPS}",
-        "train.process_group_timeout_s=60",
-        "wandb.mode=disabled",
-        *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def torchrun_reference(tmp_path_factory, toy_data) -> tuple[Path, Path]:
-    """An uninterrupted run of 2 ranks on one node, started by launchers/torchrun.sh."""
-    work = tmp_path_factory.mktemp("torchrun")
-    logs = work / "rank_logs"
-    env = launcher_env(CPU_RANKS="2", RANK_LOG_DIR=str(logs))
-    launch = Launch("torchrun.sh", overrides(work, toy_data, "train.ckpt_every=0"), env, work, "torchrun")
-    try:
-        wait_all([launch], logs, time.monotonic() + TIMEOUT_S)
-    finally:
-        launch.kill()
-    return work / "runs" / "debug", logs
-
-
-def test_torchrun_launcher_single_node_two_ranks(torchrun_reference):
-    run_dir, logs = torchrun_reference
+def test_torchrun_launcher_single_node_two_ranks(reference_run):
+    """The session's reference run (tests/train/conftest.py) is an uninterrupted torchrun.sh job."""
+    run_dir, logs = reference_run.run_dir, reference_run.logs
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, MAX_STEPS + 1))
     assert all(0 < r["loss"] < 100 for r in records), "NaN or absurd loss"
@@ -138,7 +36,7 @@ def test_torchrun_launcher_single_node_two_ranks(torchrun_reference):
     assert f"done: {MAX_STEPS} steps" in run_logs(logs)
 
 
-def test_two_nodes_on_loopback_killed_after_a_checkpoint_then_resumed(tmp_path, toy_data, torchrun_reference):
+def test_two_nodes_on_loopback_killed_after_a_checkpoint_then_resumed(tmp_path, toy_data, reference_run):
     run_dir = tmp_path / "runs" / "debug"
     ckpts = run_dir / "checkpoints"
     args = overrides(tmp_path, toy_data, f"train.ckpt_every={CKPT_EVERY}", "train.keep_last=2")
@@ -192,7 +90,7 @@ def test_two_nodes_on_loopback_killed_after_a_checkpoint_then_resumed(tmp_path, 
     # node or not, and the resume continued exactly where the checkpoint left off.
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, MAX_STEPS + 1))
-    reference = read_metrics(torchrun_reference[0])
+    reference = read_metrics(reference_run.run_dir)
     for got, want in zip(records, reference, strict=True):
         for term in LOSS_TERMS:
             assert (term in got) == (term in want), (got["step"], term)

@@ -1,0 +1,34 @@
+"""One uninterrupted 2-rank run per session, shared by every test that needs a plain debug run to compare with.
+
+configs/debug.yaml trains at a constant learning rate, so the first N steps of this run are exactly what an
+N-step run of the same config logs: the resume, SIGKILL and multi-node tests compare their losses with it,
+and the export tests export its final checkpoint, instead of each training a reference of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.train.nodes import run_torchrun
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """Where the reference run lives: its work folder (runs/, backbone/), run directory and rank logs."""
+
+    work: Path
+    run_dir: Path
+    logs: Path
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, toy_data: Path) -> ReferenceRun:
+    """nodes.MAX_STEPS steps of configs/debug.yaml (ZeRO-2, fp32) on the toy data, 2 CPU ranks started by
+    launchers/torchrun.sh, one checkpoint at the end. Read-only for its users (a test that moves a file
+    away puts it back)."""
+    work = tmp_path_factory.mktemp("reference")
+    run_dir, logs = run_torchrun(work, toy_data, "train.ckpt_every=0")
+    return ReferenceRun(work, run_dir, logs)
