@@ -16,7 +16,6 @@ from vla_scale.config import Config, ConfigError, load_config, save_config, vali
 from vla_scale.data.format import FormatError, Manifest
 from vla_scale.model.backbones.registry import check_backbone_family
 from vla_scale.model.backbones.tiny import ensure_tiny_backbone
-from vla_scale.model.clip_regularizer import ensure_tiny_clip
 from vla_scale.train.ds_config import build_ds_config
 from vla_scale.train.resume_check import check_same_run
 
@@ -56,5 +55,7 @@ def prepare_run(config_path: str | Path | None, overrides: Sequence[str], world_
     ensure_tiny_backbone(cfg.model.backbone, seed=cfg.run.seed)
     # Before the ranks start: under a process group, save_pretrained writes weights on rank 0 only.
     if cfg.model.clip_reg.enabled:
+        from vla_scale.model.clip_regularizer import ensure_tiny_clip  # transformers: ~3 s, only for this
+
         ensure_tiny_clip(cfg.model.clip_reg, seed=cfg.run.seed)
     return run_dir
