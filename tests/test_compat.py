@@ -20,9 +20,11 @@ ENGINE_PROBE = textwrap.dedent(
     import gc, json, math, sys, weakref
     import deepspeed, torch
     from vla_scale import compat
-    from vla_scale.train.engine import GuardedAdamW
+    from vla_scale.train.engine import GuardedAdamW, init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    # the training ranks' own start: gloo, without the shared-memory all-reduce op (a JIT build whose
+    # py-cpuinfo probe was seen taking minutes on a loaded machine)
+    init_distributed(120)
     model = torch.nn.Linear(4, 2)
     optimizer = GuardedAdamW(model.parameters(), lr=0.1)
     config = {"train_batch_size": 1, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
