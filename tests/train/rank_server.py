@@ -1,5 +1,5 @@
 """Warm rank processes for `run_ranks`: a Python process that has already imported what a training rank
-imports (torch, transformers, DeepSpeed, vla_scale; about 8 CPU-seconds per rank) forks one rank per job.
+imports (torch, transformers, DeepSpeed, vla_scale, wandb: 8-10 CPU-seconds per rank) forks one rank per job.
 
 Why: a 2-rank test job spends most of its time importing, twice; the integration tier starts about twenty
 such jobs. One server per rank slot (rank index, world size, environment) pays the imports once a session.
@@ -138,8 +138,10 @@ def _run_rank(job: dict) -> None:
 
 def main() -> None:
     job = _serve()
-    if job is not None:
-        _run_rank(job)  # returns, or raises SystemExit, at the top level: a normal interpreter exit
+    if job is None:
+        sys.stderr.flush()
+        os._exit(0)  # the server: nothing to clean up (its ranks are reaped), and tearing down torch takes seconds
+    _run_rank(job)  # returns, or raises SystemExit, at the top level: a normal interpreter exit
 
 
 # ----- client side (used by tests/train/jobs.py) -----------------------------------------------------------
@@ -247,7 +249,8 @@ class RankServer:
     def close(self) -> None:
         """Close the server's stdin (it kills any rank still running and exits); SIGKILL it if it lingers."""
         try:
-            self.proc.stdin.close()
+            if not self.proc.stdin.closed:
+                self.proc.stdin.close()
             self.proc.wait(timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             try:
@@ -258,12 +261,16 @@ class RankServer:
         self.stderr.unlink(missing_ok=True)
 
 
-_servers: dict[tuple, RankServer] = {}
+# Environment variables that differ from job to job but that nothing reads at import time: a server is
+# shared by jobs whose environments differ only in these (the child still gets the job's own values).
+PER_JOB_ENV = ("MASTER_PORT", "PYTEST_CURRENT_TEST")
+MAX_SERVERS = 4  # the least recently used beyond this are closed (each holds torch & co. in memory)
+_servers: dict[tuple, RankServer] = {}  # in order of last use
 _failed: list[str] = []
 
 
 def servers_for(envs: list[dict[str, str]]) -> list[RankServer] | None:
-    """One ready server per rank, for ranks started with these environments (MASTER_PORT aside; a server
+    """One ready server per rank, for ranks started with these environments (PER_JOB_ENV aside; a server
     starts on first use); None where ranks must be fresh interpreters: DISABLE_ENV=0, a GPU (CUDA does not
     survive a fork), or a server that failed to start (warned about once)."""
     if os.environ.get(DISABLE_ENV) == "0" or _failed:
@@ -274,11 +281,13 @@ def servers_for(envs: list[dict[str, str]]) -> list[RankServer] | None:
         return None
     servers = []
     for env in envs:
-        base = {k: v for k, v in env.items() if k != "MASTER_PORT"}
+        base = {k: v for k, v in env.items() if k not in PER_JOB_ENV}
         key = tuple(sorted(base.items()))
-        if key not in _servers:
-            _servers[key] = RankServer(base)
-        servers.append(_servers[key])
+        server = _servers.pop(key, None) or RankServer(base)
+        _servers[key] = server  # (re)inserted last: most recently used
+        servers.append(server)
+    while len(_servers) > max(MAX_SERVERS, len(servers)):
+        _servers.pop(next(iter(_servers))).close()
     try:
         for server in servers:
             server.wait_ready()
@@ -291,6 +300,11 @@ def servers_for(envs: list[dict[str, str]]) -> list[RankServer] | None:
 
 @atexit.register
 def _close_all() -> None:
+    for server in _servers.values():  # every server sees EOF at once and exits side by side
+        try:
+            server.proc.stdin.close()
+        except OSError:
+            pass
     for server in _servers.values():
         server.close()
 
