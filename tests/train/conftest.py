@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.train.nodes import run_torchrun
 
@@ -31,4 +32,9 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, toy_data: Path) -> R
     away puts it back)."""
     work = tmp_path_factory.mktemp("reference")
     run_dir, logs = run_torchrun(work, toy_data, "train.ckpt_every=0")
+    optim = yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]
+    assert optim["schedule"] == "constant" and not optim["warmup_steps"], (
+        "the reference run stands in for shorter runs only at a constant learning rate; "
+        f"configs/debug.yaml now has {optim}"
+    )
     return ReferenceRun(work, run_dir, logs)
