@@ -200,14 +200,18 @@ def test_eval_cli_baseline_table_and_report(tmp_path, capsys):
 
 @pytest.mark.integration
 def test_vla_scale_eval_on_a_tiny_trained_policy(tmp_path, capsys):
-    """Collect instruct demonstrations, train the debug model 2 steps on 2 ranks, export, evaluate with 2 workers."""
+    """Collect instruct demonstrations, train the debug model 2 steps on 2 ranks, export, evaluate with 2 workers.
+
+    The model carries the closed-loop recipe's mechanisms (FiLM, spatial keypoints, image-token pooling), so they
+    go through ZeRO, export and the policy in the evaluation workers too."""
     from tests.train.jobs import run_ranks
     from vla_scale.cli import main as cli
 
     data = tmp_path / "data"
     collect = ["collect", "instruct", str(data), "--tasks", "touch_red,touch_blue", "--episodes", "2"]
     assert data_tools_main([*collect, "--image-size", "32", "--grounding", "4"]) == 0
-    run_dir = run_ranks(tmp_path, data, "run.name=evalcli", "wandb.mode=disabled", "train.max_steps=2").run_dir
+    recipe = ["model.film=true", "model.keypoints=4", "model.image_pool=2"]
+    run_dir = run_ranks(tmp_path, data, "run.name=evalcli", "wandb.mode=disabled", "train.max_steps=2", *recipe).run_dir
     export = tmp_path / "policy"
     assert cli(["export", str(run_dir), str(export)]) == 0
     common = ["--suite", "instruct", "--tasks", "touch_red,touch_blue", "--episodes", "1", "--image-size", "32"]

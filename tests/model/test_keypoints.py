@@ -79,3 +79,16 @@ def test_config_refuses_keypoints_with_a_resampler_or_discrete_actions():
         ModelConfig(keypoints=4, action_space="discrete").validate()
     with pytest.raises(ConfigError, match="model.keypoints"):
         ModelConfig(keypoints=-1).validate()
+
+
+def test_fresh_maps_are_sharp_enough_to_find_one_distinct_token():
+    # A flat table with one block: without the normalisation and temperature every map stayed uniform (keypoints
+    # at the centre, no gradient to move them). Fresh maps must already single out the odd token.
+    torch.manual_seed(0)
+    grid, hidden = 16, 32
+    tokens = torch.randn(1, 1, hidden).expand(1, grid * grid, hidden).clone()
+    row, col = 2, 13
+    tokens[0, row * grid + col] = torch.randn(hidden)
+    coords = SpatialKeypoints(hidden, 16).coordinates(tokens)[0]  # [K, 2]
+    target = torch.tensor([-1 + 2 * col / (grid - 1), -1 + 2 * row / (grid - 1)])
+    assert (coords - target).norm(dim=-1).min() < 2 / (grid - 1)
