@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -140,3 +141,11 @@ def test_ensure_tiny_backbone_writes_once(tmp_path):
     adapter = load_backbone("llava", cfg.pretrained)
     assert isinstance(adapter, BackboneAdapter) and adapter.hidden_size == 32 and len(adapter.decoder_layers) == 1
     assert ensure_tiny_backbone(BackboneConfig(pretrained=str(tmp_path / "real"))) is False  # no tiny: never writes
+
+
+def test_a_tiny_checkpoint_built_from_other_sizes_is_refused_naming_the_difference(tmp_path):
+    small = TinyBackboneConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vision_layers=1)
+    assert ensure_tiny_backbone(BackboneConfig(family="llava", pretrained=str(tmp_path / "ckpt"), tiny=small))
+    edited = dataclasses.replace(small, patch_size=small.patch_size // 2)
+    with pytest.raises(ValueError, match=r"patch_size: 16 there, 8 in the config.*delete that folder"):
+        ensure_tiny_backbone(BackboneConfig(family="llava", pretrained=str(tmp_path / "ckpt"), tiny=edited))

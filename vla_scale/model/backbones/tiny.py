@@ -7,6 +7,8 @@ adapter and saves it with `save_pretrained`, so loading it takes the real `from_
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -65,7 +67,34 @@ def ensure_tiny_backbone(cfg: BackboneConfig, seed: int = 0) -> bool:
     if cfg.tiny is None or not cfg.pretrained:
         return False
     tiny = cfg.tiny
-    return write_folder_once(cfg.pretrained, lambda tmp: build_tiny_backbone(cfg.family, tiny, tmp, seed=seed))
+    recipe = {"family": cfg.family, "seed": seed, **dataclasses.asdict(tiny)}
+
+    def build(tmp: Path) -> None:
+        build_tiny_backbone(cfg.family, tiny, tmp, seed=seed)
+        (tmp / TINY_RECIPE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
+
+    wrote = write_folder_once(cfg.pretrained, build)
+    check_tiny_recipe(Path(cfg.pretrained), recipe)
+    return wrote
+
+
+TINY_RECIPE = "vla_scale_tiny.json"  # what a tiny checkpoint was built from, written beside its weights
+
+
+def check_tiny_recipe(folder: Path, recipe: dict[str, Any]) -> None:
+    """Refuse a tiny checkpoint folder built from other sizes than `model.backbone.tiny` now asks for: reusing it
+    silently would train another model than the config describes (e.g. after editing `tiny.patch_size`)."""
+    marker = folder / TINY_RECIPE
+    if not marker.is_file():
+        return  # written before the recipe was recorded, or a real checkpoint: nothing to compare
+    built = json.loads(marker.read_text())
+    diff = {k: (built.get(k), v) for k, v in recipe.items() if built.get(k) != v}
+    if diff:
+        changes = ", ".join(f"{k}: {old!r} there, {new!r} in the config" for k, (old, new) in sorted(diff.items()))
+        raise ValueError(
+            f"model.backbone.pretrained={folder} holds a tiny checkpoint built from other settings ({changes}): "
+            "delete that folder to rebuild it, or point model.backbone.pretrained at a new one"
+        )
 
 
 def write_folder_once(target: str | os.PathLike, build: Callable[[Path], Any]) -> bool:
