@@ -51,10 +51,19 @@ def _env(suite: str, image_size: int, wrist: bool):  # noqa: ANN202 - an Env
     return _ENVS[key]
 
 
-def rollout(src: Source, suite: str, image_size: int, wrist: bool = False) -> Episode:
-    """The expert's episode for `src`: frame, state and executed action per step, until success."""
+def rollout(src: Source, suite: str, image_size: int, wrist: bool = False, action_noise: float = 0.0) -> Episode:
+    """The expert's episode for `src`: frame, state and the expert's action per step, until success.
+
+    With `action_noise` > 0 (DART, Laskey et al. 2017) the executed action is the expert's plus Gaussian noise
+    of that standard deviation (a fraction of the [-1, 1] action range), while the recorded label stays the
+    expert's action at the state reached: the demonstrations then also show how to recover from the small
+    errors a learned policy makes, instead of only the expert's own narrow path (a policy trained on clean
+    demonstrations drifts off it, e.g. descends to the table beside the block, and stalls where no
+    demonstration ever was). Noise draws depend on the episode's seed only.
+    """
     env = _env(suite, image_size, wrist)
     obs = env.reset(src.task, src.seed)
+    rng = np.random.default_rng([src.seed, 0xDA27])
     images, wrists, states, actions = [], [], [], []
     success = False
     for _ in range(env.max_steps):
@@ -64,7 +73,10 @@ def rollout(src: Source, suite: str, image_size: int, wrist: bool = False) -> Ep
             wrists.append(obs.wrist_image)
         states.append(np.asarray(obs.state, np.float32))
         actions.append(action)
-        result = env.step(action)
+        executed = action
+        if action_noise > 0:
+            executed = env.action_space.clip(action + rng.normal(0.0, action_noise, size=action.shape))
+        result = env.step(executed)
         obs, success = result.observation, bool(result.success)
         if success or result.done:
             break
@@ -73,7 +85,7 @@ def rollout(src: Source, suite: str, image_size: int, wrist: bool = False) -> Ep
             f"{src.task} episode {src.episode} (seed {src.seed}): the expert failed in {len(actions)} steps"
         )
     frames = {STATIC: images, **({WRIST: wrists} if wrists else {})}
-    meta = {"suite": suite, "task": src.task, "seed": src.seed, "episode": src.episode}
+    meta = {"suite": suite, "task": src.task, "seed": src.seed, "episode": src.episode, "action_noise": action_noise}
     key = f"{src.task}_{src.episode:06d}".replace(".", "_")
     return Episode(key, obs.instruction, np.stack(actions), np.stack(states), frames, meta)
 
@@ -170,6 +182,7 @@ def collect(
     resume: bool = False,
     progress: bool = True,
     paired: bool = False,
+    action_noise: float = 0.0,
 ) -> dict[str, Manifest]:
     """Write OUT/robot (and with `grounding` OUT/vl); returns the manifests by kind."""
     suite_tasks, shared = suite_info(suite)
@@ -178,17 +191,19 @@ def collect(
         raise ValueError(f"--grounding needs a suite whose tasks share one scene; {suite} has none")
     if paired and not shared:
         raise ValueError(f"--paired-scenes needs a suite whose tasks share one scene; {suite} has none")
+    if not 0.0 <= action_noise <= 1.0:
+        raise ValueError(f"--action-noise is a standard deviation in action units, in [0, 1]; got {action_noise}")
     sources = plan_sources(suite_tasks, tasks, episodes, paired)
     out = Path(out)
     common = {"workers": workers, "episodes_per_shard": episodes_per_shard, "image_ext": image_ext}
     # spawned workers: a forked child of a process that has used EGL (a --workers 1 run before) can hang in it
     common.update(overwrite=overwrite, resume=resume, progress=progress, start_method="spawn")
     settings = {"format": "collect", "suite": suite, "tasks": tasks, "image_size": image_size, "wrist": wrist}
-    settings.update(paired=paired)
+    settings.update(paired=paired, action_noise=action_noise)
     extra = {"suite": suite, "tasks": tasks, "image_size": image_size, "seeds": "vla_scale.eval.seeds.collect_seed"}
-    extra.update(paired_scenes=paired)
+    extra.update(paired_scenes=paired, action_noise=action_noise)
     opts = ConvertOptions(src=f"sim/{suite}", out=str(out / "robot"), **common)
-    load = partial(rollout, suite=suite, image_size=image_size, wrist=wrist)
+    load = partial(rollout, suite=suite, image_size=image_size, wrist=wrist, action_noise=action_noise)
     try:
         manifests = {"robot": convert(sources, load, opts, f"{suite}_expert", settings, extra)}
         if grounding:
@@ -237,6 +252,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="episode e of every task shares one scene (shared-scene suites): the instruction is then the only cue",
     )
+    p.add_argument(
+        "--action-noise",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="execute the expert's action plus Gaussian noise of this std, record the clean action (DART): "
+        "demonstrations of recovering from small errors (default: %(default)s)",
+    )
     p.add_argument("--episodes-per-shard", type=int, default=100, help="(default: %(default)s)")
     p.add_argument(
         "--image-ext",
@@ -265,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         resume=args.resume,
         paired=args.paired_scenes,
+        action_noise=args.action_noise,
     )
     for kind, manifest in manifests.items():
         report(manifest, str(Path(args.out) / kind))

@@ -126,3 +126,33 @@ def test_paired_scenes_need_a_shared_scene_suite(tmp_path, capsys):
     args = ["--tasks", "reach-v3", "--episodes", "1", "--paired-scenes"]
     assert main(["collect", "metaworld", str(tmp_path / "out"), *args]) == 2
     assert "--paired-scenes needs a suite whose tasks share one scene" in capsys.readouterr().err
+
+
+def test_action_noise_perturbs_the_path_but_labels_are_the_experts_action_at_each_visited_state(tmp_path):
+    from vla_scale.eval.registry import make_env
+
+    clean, noisy = tmp_path / "clean", tmp_path / "noisy"
+    base = ["--tasks", "touch_green", "--episodes", "2"]
+    assert main(["collect", "instruct", str(clean), *base]) == 0
+    assert main(["collect", "instruct", str(noisy), *base, "--action-noise", "0.4"]) == 0
+    assert Manifest.load(noisy / "robot").extra["action_noise"] == 0.4
+    clean_eps = [decode_episode(s) for s in read(clean / "robot")]
+    noisy_eps = [decode_episode(s) for s in read(noisy / "robot")]
+    env = make_env("instruct", image_size=64)
+    try:
+        for c, n in zip(clean_eps, noisy_eps, strict=True):
+            assert c.meta["seed"] == n.meta["seed"] and n.meta["action_noise"] == 0.4
+            assert not np.array_equal(c.state[: len(n.state)][1:4], n.state[1:4])  # the noise moved the pusher
+            # Touch tasks leave the blocks where they are until contact: put the pusher at each recorded state
+            # and the expert gives the recorded label.
+            env.reset("touch_green", n.meta["seed"])
+            for state, label in zip(n.state[:-1], n.action[:-1], strict=True):
+                env.data.mocap_pos[0] = state[:3]
+                np.testing.assert_allclose(env.action_space.clip(env.expert_action()), label, atol=1e-6)
+    finally:
+        env.close()
+
+
+def test_action_noise_out_of_range_is_refused(tmp_path, capsys):
+    assert main(["collect", "instruct", str(tmp_path / "x"), "--tasks", "touch_red", "--action-noise", "2"]) != 0
+    assert "--action-noise" in capsys.readouterr().err
