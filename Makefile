@@ -30,8 +30,8 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 install: $(STAMP)
 
 $(DEMO_DATA)/robot/manifest.json: | $(STAMP)
-	$(PY) -m data_tools collect instruct $(DEMO_DATA) --tasks $(DEMO_TASKS) --episodes 150 --paired-scenes \
-		--grounding 400 --workers 2 --overwrite
+	$(PY) -m data_tools collect instruct $(DEMO_DATA) --tasks $(DEMO_TASKS) --episodes 600 --paired-scenes \
+		--action-noise 0.4 --workers 2 --overwrite
 
 # Closed loop: train on the instruct suite's demonstrations, then run the policy in the simulator on held-out
 # scenes with the right instructions, with swapped ones, and a random-action baseline.

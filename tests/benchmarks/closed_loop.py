@@ -46,6 +46,7 @@ class Recipe:
     collect_episodes: int  # demonstrations per task
     grounding: int  # grounding VL scenes (shared-scene suites)
     paired: bool  # --paired-scenes: each layout demonstrated once per instruction
+    action_noise: float  # --action-noise: DART perturbations during collection (labels stay the expert's)
     swap: bool  # evaluate with swapped instructions (needs tasks that share one scene)
 
 
@@ -53,12 +54,15 @@ RECIPES: dict[str, Recipe] = {
     "instruct": Recipe(
         "configs/instruct_cpu.yaml",
         ("touch_red", "touch_green", "touch_blue", "touch_yellow"),
-        collect_episodes=150,
-        grounding=400,
+        collect_episodes=600,
+        grounding=0,
         paired=True,
+        action_noise=0.4,
         swap=True,
     ),
-    "metaworld": Recipe("configs/metaworld_cpu.yaml", (), collect_episodes=40, grounding=0, paired=False, swap=False),
+    "metaworld": Recipe(
+        "configs/metaworld_cpu.yaml", (), collect_episodes=40, grounding=0, paired=False, action_noise=0.0, swap=False
+    ),
 }
 
 # Issue 11's targets, each measured in this run.
@@ -142,6 +146,7 @@ def run_suite(suite: str, args: argparse.Namespace, out: Path, env: dict[str, st
     cmd = [sys.executable, "-m", "data_tools", "collect", suite, str(data), *tasks, "--overwrite"]
     cmd += ["--episodes", str(collect_episodes), "--workers", str(args.workers)]
     cmd += (["--grounding", str(grounding)] if grounding else []) + (["--paired-scenes"] if recipe.paired else [])
+    cmd += ["--action-noise", str(recipe.action_noise)] if recipe.action_noise else []
     walls["collect"] = run_phase(f"{suite} collect", cmd, logs / "collect.log", args.phase_timeout, env)
     manifest = load_json(data / "robot" / "manifest.json")
     image_size = int(manifest["image_size"][0])
