@@ -15,7 +15,7 @@ DEMO_DATA := data/instruct
 DEMO_RUN := runs/instruct_cpu
 DEMO_EVAL := runs/instruct_cpu_eval
 DEMO_TASKS := touch_red,touch_green,touch_blue,touch_yellow
-EVAL_ARGS := --suite instruct --tasks $(DEMO_TASKS) --episodes 20 --workers 2
+EVAL_ARGS := --suite instruct --tasks $(DEMO_TASKS) --episodes 20 --workers 2 --ensemble
 
 .PHONY: install demo test test-fast lint lock clean
 
