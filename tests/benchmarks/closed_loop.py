@@ -161,14 +161,16 @@ def run_suite(suite: str, args: argparse.Namespace, out: Path, env: dict[str, st
         f"{suite} export", cli("export", str(run_dir), str(export)), logs / "export.log", args.phase_timeout, env
     )
 
+    # The policy's chunks are executed with temporal ensembling, as `make demo` does (README "Where the policies
+    # stand": it removes the instruct policy's last-millimetre failures).
     evals = {
-        "policy": [str(export), "--videos", "2"],
+        "policy": [str(export), "--ensemble", "--videos", "2"],
         "expert": ["--agent", "expert", "--videos", "1"],
         "expert_w1": ["--agent", "expert", "--videos", "1"],  # the same work as "expert", for the throughput ratio
         "random": ["--agent", "random", "--videos", "1"],
     }
     if recipe.swap:
-        evals["policy_swap"] = [str(export), "--swap-instruction", "--videos", "2"]
+        evals["policy_swap"] = [str(export), "--ensemble", "--swap-instruction", "--videos", "2"]
     results: dict[str, dict] = {}
     for name, extra in evals.items():
         dest = out / "eval" / suite / name
