@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.train.jobs import CONFIG, ROOT
+from tests.train.jobs import CONFIG, ROOT, debug_overrides
 
 MAX_STEPS = 24  # long enough that a node kill lands between a checkpoint and the end of the run
 LOSS_TERMS = ("loss", "loss_arm", "loss_gripper", "loss_vl")
@@ -96,16 +96,9 @@ def wait_all(launches: list[Launch], logs: Path, deadline: float) -> None:
 
 def overrides(work: Path, data: Path, *extra: str) -> list[str]:
     """configs/debug.yaml on the toy data for MAX_STEPS steps, writing runs and the tiny backbone under `work`."""
-    return [
-        f"run.output_dir={work / 'runs'}",
-        f"data.sources.0.path={data / 'robot'}",
-        f"data.sources.1.path={data / 'vl'}",
-        f"model.backbone.pretrained={work / 'backbone'}",
-        f"train.max_steps={MAX_STEPS}",
-        "train.process_group_timeout_s=60",
-        "wandb.mode=disabled",
-        *extra,
-    ]
+    return debug_overrides(
+        work, data, f"train.max_steps={MAX_STEPS}", "train.process_group_timeout_s=60", "wandb.mode=disabled", *extra
+    )
 
 
 def run_torchrun(work: Path, data: Path, *extra: str) -> tuple[Path, Path]:

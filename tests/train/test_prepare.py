@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from data_tools.synth import synth
+from tests.train.jobs import debug_overrides as overrides
 from vla_scale.cli import main as cli_main
 from vla_scale.config import ConfigError
 from vla_scale.train.prepare import prepare_run
@@ -19,16 +20,6 @@ def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     synth(out, episodes=6, vl_samples=4, image_size=32, episodes_per_shard=3, progress=False)
     return out
-
-
-def overrides(tmp_path: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        f"run.output_dir={tmp_path / 'runs'}",
-        f"data.sources.0.path={data / 'robot'}",
-        f"data.sources.1.path={data / 'vl'}",
-        f"model.backbone.pretrained={tmp_path / 'backbone'}",
-        *extra,
-    ]
 
 
 def test_prepare_writes_resolved_config_ds_json_and_tiny_backbone(tmp_path, data):
