@@ -9,9 +9,9 @@ suite's recipe config (data, run directory and tiny backbone redirected under --
 nothing), `vla-scale export`, then `vla-scale eval` over held-out seeds of the trained policy, of the
 scripted expert and of a random-action agent, and on suites whose tasks share one scene also with
 swapped instructions (does the policy do the task it is told, not the one it was trained on in that
-scene). The expert is evaluated with W workers and again with 1, which gives the eval throughput ratio
-(the runner's episodes/s, whose wall time includes starting the workers: with few or short episodes,
-as in --smoke, start-up dominates and the ratio says little).
+scene). The expert and the policy are each evaluated with W workers and again with 1, which gives the
+eval throughput ratios (the runner's episodes/s over its episode phase; each worker's start-up, which
+is paid once per call whatever the number of episodes, is reported apart).
 
 Prints one table (suite, task, policy success with its Wilson 95% interval, swapped-instruction rate,
 expert, random), each target with met / not met, and the wall time of every phase; writes every
@@ -167,6 +167,7 @@ def run_suite(suite: str, args: argparse.Namespace, out: Path, env: dict[str, st
         "policy": [str(export), "--ensemble", "--videos", "2"],
         "expert": ["--agent", "expert", "--videos", "1"],
         "expert_w1": ["--agent", "expert", "--videos", "1"],  # the same work as "expert", for the throughput ratio
+        "policy_w1": [str(export), "--ensemble", "--videos", "2"],  # and as "policy"
         "random": ["--agent", "random", "--videos", "1"],
     }
     if recipe.swap:
@@ -175,7 +176,7 @@ def run_suite(suite: str, args: argparse.Namespace, out: Path, env: dict[str, st
     for name, extra in evals.items():
         dest = out / "eval" / suite / name
         shutil.rmtree(dest, ignore_errors=True)
-        workers = 1 if name == "expert_w1" else args.workers
+        workers = 1 if name.endswith("_w1") else args.workers
         cmd = cli("eval", *extra, "--suite", suite, *tasks, "--episodes", str(episodes), "--workers", str(workers))
         cmd += ["--image-size", str(image_size), "--label", f"{suite}/{name}", "--out", str(dest)]
         log = logs / f"eval_{name}.log"
@@ -205,15 +206,24 @@ def summarize_suite(suite: str, results: dict[str, dict], walls: dict[str, float
         for key in ("policy", "swap_followed", "expert", "random")
         if all(t[key] is not None for t in tasks.values())
     }
-    eps_w, eps_1 = (results[k]["timing"]["episodes_per_s"] for k in ("expert", "expert_w1"))
+    throughput = {}
+    for agent in ("expert", "policy"):
+        t_w, t_1 = results[agent]["timing"], results[f"{agent}_w1"]["timing"]
+        throughput[agent] = {
+            "workers": workers,
+            "episodes_per_s": t_w["episodes_per_s"],
+            "episodes_per_s_1_worker": t_1["episodes_per_s"],
+            "ratio": t_w["episodes_per_s"] / t_1["episodes_per_s"],
+            "startup_s": t_w["startup_s"],
+            "startup_s_1_worker": t_1["startup_s"],
+        }
     videos = sorted({str(Path(e["video"]).parent) for r in results.values() for e in r["episodes"] if "video" in e})
     return {
         "tasks": tasks,
         "overall": {"policy": _rate(results["policy"]["overall"]["success"])}
         | ({"swap_followed": _rate(swap["overall"]["followed"])} if swap else {}),
         "mean": mean,
-        "throughput": {"workers": workers, "episodes_per_s": eps_w, "episodes_per_s_1_worker": eps_1},
-        "throughput_ratio": eps_w / eps_1,
+        "throughput": throughput,
         "wall_s": walls,
         "results": {name: str(out / "eval" / suite / name / "results.json") for name in results},
         "videos": videos,
@@ -239,8 +249,8 @@ def targets(figures: dict[str, dict]) -> list[dict]:
     add("instruct: swapped instruction followed", ins and ins["overall"]["swap_followed"]["rate"], TARGET_INSTRUCT_SWAP)
     add("metaworld: mean policy success over tasks", mw and mw["mean"]["policy"], TARGET_METAWORLD_MEAN)
     for suite, fig in figures.items():
-        w = fig["throughput"]["workers"]
-        add(f"{suite}: eval episodes/s, {w} workers / 1 (expert)", fig["throughput_ratio"], TARGET_THROUGHPUT_RATIO)
+        for agent, tp in fig["throughput"].items():
+            add(f"{suite}: eval episodes/s, {tp['workers']} workers / 1 ({agent})", tp["ratio"], TARGET_THROUGHPUT_RATIO)
     return rows
 
 
@@ -260,13 +270,14 @@ def report(figures: dict[str, dict], total_s: float) -> str:
         value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
         met = "-" if t["met"] is None else "met" if t["met"] else "NOT MET"
         lines.append(f"  {t['target']:<52} {value:>12}  (>= {t['goal']:.2f})  {met}")
-    lines += ["", "throughput (expert agent):"]
+    lines += ["", "eval throughput (episode phase; worker start-up apart):"]
     for suite, fig in figures.items():
-        tp = fig["throughput"]
-        lines.append(
-            f"  {suite}: {tp['episodes_per_s']:.2f} episodes/s with {tp['workers']} workers, "
-            f"{tp['episodes_per_s_1_worker']:.2f} with 1 (ratio {fig['throughput_ratio']:.2f})"
-        )
+        for agent, tp in fig["throughput"].items():
+            lines.append(
+                f"  {suite} {agent}: {tp['episodes_per_s']:.2f} episodes/s with {tp['workers']} workers, "
+                f"{tp['episodes_per_s_1_worker']:.2f} with 1 (ratio {tp['ratio']:.2f}); start-up "
+                f"{tp['startup_s']:.1f} s / {tp['startup_s_1_worker']:.1f} s"
+            )
     lines += ["", "wall time per phase (s):"]
     for suite, fig in figures.items():
         lines.append(f"  {suite}: " + ", ".join(f"{k} {v:.0f}" for k, v in fig["wall_s"].items()))

@@ -89,7 +89,12 @@ def run_eval(args: argparse.Namespace) -> int:
         except (ValueError, FileNotFoundError, EvalError) as err:
             print(f"vla-scale eval: error: {err}", file=sys.stderr)
             return 2
-    print(f"{cfg.suite}: {cfg.agent}, {len(results['episodes'])} episodes in {results['timing']['wall_s']:.1f} s")
+    t = results["timing"]
+    print(
+        f"{cfg.suite}: {cfg.agent}, {len(results['episodes'])} episodes in {t['wall_s']:.1f} s "
+        f"(start-up {t['startup_s']:.1f} s, then {t['episodes_per_s']:.2f} episodes/s with {cfg.workers or 1} "
+        f"worker{'s' if cfg.workers > 1 else ''})"
+    )
     print(format_results(results))
     print(f"results: {Path(args.out) / 'results.json'}")
     videos = [e["video"] for e in results["episodes"] if "video" in e]

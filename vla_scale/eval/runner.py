@@ -6,6 +6,11 @@ Every episode is a pure function of (task, episode index): its seed comes from
 of workers. Workers are spawned processes, each with its own env and agent (simulators
 and models are neither fork- nor thread-safe), each in its own process group, and are
 killed together when one fails or goes `timeout_s` without finishing an episode.
+
+Timing separates start-up (spawning, imports, building the env, loading the policy: paid
+once per worker, whatever the number of episodes) from the episode phase: workers report
+ready and wait until all are, so `episodes_per_s` is the rate at which episodes are run and
+scales with the worker count, while `wall_s` is what the whole call took.
 """
 
 from __future__ import annotations
@@ -136,8 +141,15 @@ def run_episode(env: Any, agent: Agent, job: EpisodeJob) -> dict:
     return record
 
 
-def _worker(rank: int, factory: AgentFactory, cfg: EvalConfig, jobs: mp.Queue, results: mp.Queue) -> None:
-    """Worker process: own process group (so a kill reaches anything it starts), own env and agent."""
+def _worker(
+    rank: int, factory: AgentFactory, cfg: EvalConfig, jobs: mp.Queue, results: mp.Queue, start: Any
+) -> None:
+    """Worker process: own process group (so a kill reaches anything it starts), own env and agent.
+
+    Reports ("ready", rank, None) once its env and agent are built, then waits for `start` (set when
+    every worker is ready) before taking episodes; gives up if the parent goes away meanwhile.
+    """
+    parent = os.getppid()
     os.setsid()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # one thread each (read when torch is first imported):
         os.environ[var] = "1"  # W workers on W cores, no oversubscription
@@ -149,6 +161,10 @@ def _worker(rank: int, factory: AgentFactory, cfg: EvalConfig, jobs: mp.Queue, r
         agent = factory(env)
         if "torch" in sys.modules:  # imported before the variables were set (e.g. by the caller's main module)
             sys.modules["torch"].set_num_threads(1)
+        results.put(("ready", rank, None))
+        while not start.wait(timeout=1.0):
+            if os.getppid() != parent:
+                return
         while (job := jobs.get()) is not None:
             results.put(("ok", rank, run_episode(env, agent, job)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent, which kills the rest
@@ -188,21 +204,29 @@ def _check_workers(
     return drained
 
 
-def _run_workers(factory: AgentFactory, cfg: EvalConfig, jobs: list[EpisodeJob], progress: bool) -> list[dict]:
+def _run_workers(
+    factory: AgentFactory, cfg: EvalConfig, jobs: list[EpisodeJob], progress: bool
+) -> tuple[list[dict], float]:
+    """The episodes' records and the start-up time (until every worker had its env and agent built)."""
     ctx = mp.get_context("spawn")
-    job_q, result_q = ctx.Queue(), ctx.Queue()
+    job_q, result_q, start = ctx.Queue(), ctx.Queue(), ctx.Event()
     for job in jobs:
         job_q.put(job)
     n = min(cfg.workers, len(jobs))
     for _ in range(n):
         job_q.put(None)
-    procs = [ctx.Process(target=_worker, args=(r, factory, cfg, job_q, result_q), daemon=True) for r in range(n)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, factory, cfg, job_q, result_q, start), daemon=True) for r in range(n)
+    ]
     records: list[dict] = []
+    t0 = time.perf_counter()
+    startup = float("nan")
     try:
         for p in procs:
             p.start()
         last = [time.monotonic()] * n  # when each worker last finished an episode (or started)
         drained = 0
+        ready = 0
         while len(records) < len(jobs):
             try:
                 status, rank, payload = result_q.get(timeout=0.5)
@@ -212,6 +236,12 @@ def _run_workers(factory: AgentFactory, cfg: EvalConfig, jobs: list[EpisodeJob],
             if status == "error":
                 raise EvalError(f"eval worker {rank} failed:\n{payload}")
             last[rank] = time.monotonic()
+            if status == "ready":
+                ready += 1
+                if ready == n:
+                    startup = time.perf_counter() - t0
+                    start.set()
+                continue
             records.append(payload)
             if progress:
                 print(f"\r  {len(records)}/{len(jobs)} episodes", end="", flush=True)
@@ -220,7 +250,7 @@ def _run_workers(factory: AgentFactory, cfg: EvalConfig, jobs: list[EpisodeJob],
             print()
         _kill(procs)
         job_q.cancel_join_thread()
-    return records
+    return records, startup
 
 
 def evaluate(agent_factory: AgentFactory, cfg: EvalConfig, progress: bool = False) -> dict:
@@ -236,6 +266,7 @@ def evaluate(agent_factory: AgentFactory, cfg: EvalConfig, progress: bool = Fals
         start = time.perf_counter()
         if cfg.workers == 0:
             agent = agent_factory(probe)
+            startup = time.perf_counter() - start
             try:
                 records = [run_episode(probe, agent, job) for job in jobs]
             finally:
@@ -243,8 +274,9 @@ def evaluate(agent_factory: AgentFactory, cfg: EvalConfig, progress: bool = Fals
     finally:
         probe.close()
     if cfg.workers > 0:
-        records = _run_workers(agent_factory, cfg, jobs, progress)
+        records, startup = _run_workers(agent_factory, cfg, jobs, progress)
     wall = time.perf_counter() - start
+    run_s = wall - startup
     records.sort(key=lambda r: (r["task"], r["episode"]))
     tasks = list(dict.fromkeys(j.task for j in jobs))
     results = {
@@ -253,7 +285,13 @@ def evaluate(agent_factory: AgentFactory, cfg: EvalConfig, progress: bool = Fals
         "max_steps": max_steps,
         **summarize_episodes(records, tasks, swap=cfg.swap_instruction),
         "episodes": records,
-        "timing": {"wall_s": wall, "episodes_per_s": len(records) / wall if wall > 0 else float("nan")},
+        "timing": {
+            "wall_s": wall,  # the whole call
+            "startup_s": startup,  # until every worker had its env and agent
+            "episodes_s": run_s,  # the episode phase
+            "episodes_per_s": len(records) / run_s if run_s > 0 else float("nan"),
+            "episodes_per_s_overall": len(records) / wall if wall > 0 else float("nan"),
+        },
     }
     if cfg.out_dir:
         write_results(results, Path(cfg.out_dir) / "results.json")
