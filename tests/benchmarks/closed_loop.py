@@ -250,7 +250,8 @@ def targets(figures: dict[str, dict]) -> list[dict]:
     add("metaworld: mean policy success over tasks", mw and mw["mean"]["policy"], TARGET_METAWORLD_MEAN)
     for suite, fig in figures.items():
         for agent, tp in fig["throughput"].items():
-            add(f"{suite}: eval episodes/s, {tp['workers']} workers / 1 ({agent})", tp["ratio"], TARGET_THROUGHPUT_RATIO)
+            name = f"{suite}: eval episodes/s, {tp['workers']} workers / 1 ({agent})"
+            add(name, tp["ratio"], TARGET_THROUGHPUT_RATIO)
     return rows
 
 
