@@ -141,9 +141,7 @@ def run_episode(env: Any, agent: Agent, job: EpisodeJob) -> dict:
     return record
 
 
-def _worker(
-    rank: int, factory: AgentFactory, cfg: EvalConfig, jobs: mp.Queue, results: mp.Queue, start: Any
-) -> None:
+def _worker(rank: int, factory: AgentFactory, cfg: EvalConfig, jobs: mp.Queue, results: mp.Queue, start: Any) -> None:
     """Worker process: own process group (so a kill reaches anything it starts), own env and agent.
 
     Reports ("ready", rank, None) once its env and agent are built, then waits for `start` (set when
@@ -215,9 +213,7 @@ def _run_workers(
     n = min(cfg.workers, len(jobs))
     for _ in range(n):
         job_q.put(None)
-    procs = [
-        ctx.Process(target=_worker, args=(r, factory, cfg, job_q, result_q, start), daemon=True) for r in range(n)
-    ]
+    procs = [ctx.Process(target=_worker, args=(r, factory, cfg, job_q, result_q, start), daemon=True) for r in range(n)]
     records: list[dict] = []
     t0 = time.perf_counter()
     startup = float("nan")
