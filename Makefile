@@ -46,12 +46,15 @@ demo: $(STAMP) $(DEMO_DATA)/robot/manifest.json
 	$(VENV)/bin/vla-scale eval-report $(DEMO_EVAL)/policy_eval $(DEMO_EVAL)/swapped $(DEMO_EVAL)/random
 	@echo "rollout videos: $(DEMO_EVAL)/policy_eval/videos"
 
+# Test processes (pytest-xdist): the suite is mostly single-threaded Python, so one per core.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # Unit tier for the edit loop: everything except the real multi-process jobs.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not integration"
 
 # Refresh the lock after changing pyproject.toml (UPGRADE=1 also moves pinned versions forward).
 lock: | $(PY)

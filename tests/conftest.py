@@ -5,11 +5,55 @@ from pathlib import Path
 import pytest
 
 from data_tools.synth import synth
+from tests.built_once import built_once
 
 
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic robot + VL dataset the 2-rank jobs train on (read-only: built once per session)."""
-    out = tmp_path_factory.mktemp("synth")
-    synth(out, episodes=24, vl_samples=16, image_size=32, seed=0, episodes_per_shard=5)
-    return out
+
+    def build(out: Path) -> None:
+        synth(out, episodes=24, vl_samples=16, image_size=32, seed=0, episodes_per_shard=5)
+
+    return built_once(tmp_path_factory, "synth", build)
+
+
+# ----- running on pytest-xdist workers (`make test` runs `-n 2 --dist loadgroup --no-loadscope-reorder`) -----
+
+# Modules whose tests share nothing expensive: their tests are spread over the workers one by one. Every other
+# module's tests stay on one worker (its module-scoped fixtures are built once, and tests that briefly move a
+# fixture's file away cannot race a neighbour).
+SPREAD_MODULES = {
+    "tests/train/test_engine_integration.py",
+    "tests/train/test_launcher_integration.py",
+    "tests/train/test_multinode.py",
+    "tests/eval/test_envs.py",
+}
+# The longest tests and modules (measured on 2 cores), longest first: handed out first so that no worker is
+# left running a long one alone at the end. Two that need the shared reference run are not both first, so one
+# worker does not wait for the other to build it.
+LONGEST_FIRST = (
+    "tests/train/test_launcher_integration.py::test_two_rank_job_logs_every_term_and_checkpoints_then_resumes",
+    "tests/train/test_engine_integration.py::test_zero3_with_optimizer_and_parameter_offload",
+    "tests/train/test_engine_integration.py::test_sigkill_mid_run_and_during_a_save_resumes_with_identical_losses",
+    "tests/train/test_multinode.py::test_two_nodes_on_loopback_killed_after_a_checkpoint_then_resumed",
+    "tests/train/test_eval_hook.py",
+    "tests/train/test_export_policy.py",
+    "tests/eval/test_envs.py::test_metaworld_expert_success_rate",
+    "tests/data_tools/test_collect.py",
+    "tests/eval/test_runner.py",
+    "tests/train/",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group each module's tests onto one worker (except SPREAD_MODULES) and hand out the longest first."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        if module not in SPREAD_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
+
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: collection order within a rank

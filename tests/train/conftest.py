@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.built_once import built_once
 from tests.train.nodes import run_torchrun
 
 
@@ -29,9 +30,9 @@ class ReferenceRun:
 def reference_run(tmp_path_factory: pytest.TempPathFactory, toy_data: Path) -> ReferenceRun:
     """nodes.MAX_STEPS steps of configs/debug.yaml (ZeRO-2, fp32) on the toy data, 2 CPU ranks started by
     launchers/torchrun.sh, one checkpoint at the end. Read-only for its users (a test that moves a file
-    away puts it back)."""
-    work = tmp_path_factory.mktemp("reference")
-    run_dir, logs = run_torchrun(work, toy_data, "train.ckpt_every=0")
+    away puts it back). Built once per session, by whichever xdist worker needs it first."""
+    work = built_once(tmp_path_factory, "reference", lambda out: run_torchrun(out, toy_data, "train.ckpt_every=0"))
+    run_dir, logs = work / "runs" / "debug", work / "rank_logs"
     optim = yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]
     assert optim["schedule"] == "constant" and not optim["warmup_steps"], (
         "the reference run stands in for shorter runs only at a constant learning rate; "
