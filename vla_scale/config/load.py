@@ -10,9 +10,11 @@ typo costs seconds, not a cluster queue.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
+import uuid
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -34,6 +36,7 @@ __all__ = [
     "to_dict",
     "validate",
     "validate_history",
+    "write_text_atomic",
 ]
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -195,5 +198,24 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (loadable again with `load_config`)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (loadable again with `load_config`), atomically."""
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` by `text` in one step: a temporary file in the same folder, synced, then `os.replace`.
+
+    A process killed mid-write leaves the old file (or none) and a stray `.<name>.*.tmp`, never half a file:
+    a run directory whose config.yaml is cut short would refuse to start or resume.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # open(): the umask's mode
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
