@@ -110,6 +110,7 @@ class ShardWriter:
         self._tmp_path: Path | None = None
         self._shard_samples = 0
         self._shard_frames = 0
+        self._shard_longest = 0
         self._shard_bytes = 0
         self._keys: set[str] = set()
         self._actions: list[np.ndarray] = []
@@ -192,11 +193,9 @@ class ShardWriter:
             raise DatasetWriteError(
                 f"cannot resume: {path} holds {len(samples)} samples, expected {info.samples}; rerun with --overwrite"
             )
-        frames = 0
-        for key, sample in samples.items():
-            frames += self._account_robot(sample) if self.kind == "robot" else self._account_vl(sample)
-            self._keys.add(key)
-        self.shards.append(ShardInfo(path=info.path, samples=info.samples, frames=frames))
+        lengths = [self._account_robot(s) if self.kind == "robot" else self._account_vl(s) for s in samples.values()]
+        self._keys.update(samples)
+        self.shards.append(ShardInfo(info.path, info.samples, frames=sum(lengths), max_length=max(lengths, default=0)))
 
     # -- writing ------------------------------------------------------------------------
 
@@ -231,6 +230,7 @@ class ShardWriter:
         self._tar.write(sample)
         self._shard_samples += 1
         self._shard_frames += frames
+        self._shard_longest = max(self._shard_longest, frames)
         self._shard_bytes += sum(_tar_member_size(len(v)) for k, v in sample.items() if not k.startswith("_"))
         full_count = self.max_samples is not None and self._shard_samples >= self.max_samples
         full_bytes = self.max_bytes is not None and self._shard_bytes >= self.max_bytes
@@ -284,7 +284,7 @@ class ShardWriter:
         self._tar = wds.TarWriter(
             self._file, encoder=False, compress=False, mtime=TAR_MTIME, user="vla_scale", group="vla_scale"
         )
-        self._shard_samples = self._shard_frames = self._shard_bytes = 0
+        self._shard_samples = self._shard_frames = self._shard_bytes = self._shard_longest = 0
 
     def _finish_shard(self) -> None:
         assert self._tar is not None and self._file is not None and self._tmp_path is not None
@@ -292,7 +292,9 @@ class ShardWriter:
         self._file.close()
         final = self._tmp_path.with_name(self._tmp_path.name[: -len(".tmp")])
         os.replace(self._tmp_path, final)
-        self.shards.append(ShardInfo(path=final.name, samples=self._shard_samples, frames=self._shard_frames))
+        self.shards.append(
+            ShardInfo(final.name, self._shard_samples, frames=self._shard_frames, max_length=self._shard_longest)
+        )
         self._tar = self._file = self._tmp_path = None
 
     # -- closing ------------------------------------------------------------------------

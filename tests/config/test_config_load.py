@@ -132,6 +132,7 @@ def test_every_shipped_config_loads_and_together_they_use_every_mechanism():
         ("train.stages.0.start_step=0", r"list train\.stages has only 0 items; it is empty: set the whole list"),
         ("optim.lr.x=1", r"override optim\.lr\.x: optim\.lr is 0\.001, not a section"),
         ("train.max_steps", r"override 'train\.max_steps' must look like section\.key=value"),
+        ("data.sources.\u00b2.path=x", r"override data\.sources\.\u00b2\.path: list data\.sources has only 2 items"),
     ],
 )
 def test_overrides_that_cannot_apply_say_why(override, pattern):
@@ -143,3 +144,27 @@ def test_override_value_that_is_not_yaml_is_kept_as_text():
     cfg = load_config(ROOT / "configs/debug.yaml", ["run.name=@night", "data.sources=[{path: a}]"])
     assert cfg.run.name == "@night"
     assert [s.path for s in cfg.data.sources] == ["a"]
+
+
+@pytest.mark.parametrize(
+    "text, where, pattern",
+    [
+        ("run:\n  name: a\n data:\n  window_size: 2\n", r":3:2: YAML syntax error", r"expected <block end>"),
+        ("run: {name: a\n", r":2:1: YAML syntax error", r"flow mapping"),
+        ("run:\n  name: 'a\n", r":3:1: YAML syntax error", r"quoted scalar"),
+        ("run:\n\tname: a\n", r":2:1: YAML syntax error", r"found character '\\t'.*spaces, not tabs"),
+    ],
+)
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path, text, where, pattern):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"broken\.yaml{where}.*{pattern}") as err:
+        load_config(path)
+    assert err.value.__cause__ is None and "fix the file at that line and column" in str(err.value)
+
+
+def test_yaml_file_that_is_not_a_mapping_says_so(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- run\n- data\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping of sections .*got list"):
+        load_config(path)

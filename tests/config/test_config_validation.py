@@ -29,6 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
         ("data.sources.0.weight=-1", r"data\.sources\.0\.weight must be >= 0"),
         ("data.window_size=0", r"data\.window_size must be >= 1"),
         ("model.backbone.pretrained=", r"model\.backbone\.pretrained is empty"),
+        ("optim.lr=0", r"optim\.lr must be > 0, got 0\.0: .*0 trains nothing"),
+        ("optim.lr=-0.001", r"optim\.lr must be > 0, got -0\.001: .*a negative one ascends the loss"),
+        ("optim.betas=[0.9, 1.0]", r"optim\.betas must both be in \[0, 1\), got \[0\.9, 1\.0\]"),
+        ("optim.eps=-1e-8", r"optim\.eps must be >= 0"),
+        ("optim.weight_decay=-0.1", r"optim\.weight_decay must be >= 0"),
     ],
 )
 def test_impossible_values(override, pattern):

@@ -177,6 +177,7 @@ def _npy(arr):
         ("missing_action", "missing action.npy"),
         ("wrong_shape", "length"),
         ("bad_json", "meta.json is not JSON"),
+        ("meta_list", "meta.json is a JSON list, not an object"),
     ],
 )
 def test_corrupt_sample_kinds_are_skipped_and_counted_or_fatal(tmp_path, fault, reason, caplog):
@@ -189,6 +190,8 @@ def test_corrupt_sample_kinds_are_skipped_and_counted_or_fatal(tmp_path, fault, 
             del s["action.npy"]
         elif fault == "wrong_shape":
             s["state.npy"] = _npy(np.zeros((2, 4), np.float32))
+        elif fault == "meta_list":
+            s["meta.json"] = b'["instruction", 3]'
         else:
             s["meta.json"] = b"{not json"
         return s
@@ -240,3 +243,21 @@ def test_episode_without_the_static_camera_is_skipped_and_named(tmp_path, caplog
     s = stream(tmp_path, Reader(), window=3)
     assert [w.key for w in s._epoch_items()] == ["ep0000/0"]
     assert s.bad.counts["toy_robot"] == 1 and "no camera 'rgb_static'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b'{"conversations": "what is it?"}', "'conversations' must be a list of"),
+        (b'{"conversations": ["what is it?"]}', "'conversations' must be a list of"),
+        (b'[{"from": "human", "value": "hi"}]', "json has no 'conversations' list"),
+    ],
+)
+def test_vl_conversation_that_is_not_a_list_of_turns_is_skipped_and_counted_or_fatal(tmp_path, payload, reason, caplog):
+    write_vl(tmp_path, 4, per_shard=2)
+    _rewrite_sample(tmp_path / "shard-000001.tar", "vl0002", lambda s: {**s, "json": payload})
+    s = stream(tmp_path, Reader())
+    assert sorted(v.key for v in s._epoch_items()) == ["vl0000", "vl0001", "vl0003"]
+    assert s.bad.counts["toy_vl"] == 1 and "vl0002" in caplog.text and reason in caplog.text
+    with pytest.raises(DataError, match=reason):
+        list(stream(tmp_path, Reader(), policy="fail")._epoch_items())

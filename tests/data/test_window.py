@@ -4,7 +4,7 @@ import numpy as np
 
 from tests.data.toy_shards import make_episode, write_robot
 from vla_scale.data.format import load_stats
-from vla_scale.data.normalize import Normalizer
+from vla_scale.data.normalize import Normalizer, constant_dims
 from vla_scale.data.stream import BadSamples, Reader, SourceStream
 from vla_scale.data.window import chunk_actions
 
@@ -69,3 +69,30 @@ def test_normalizer_keeps_gripper_state_binary(tmp_path):
     out = norm.normalize_state(state)
     assert out[:, -1].tolist() == [0, 1, 0, 1, 1, 0, 1]
     np.testing.assert_allclose(out[:, 0], (state[:, 0] - norm.state_mean[0]) / (norm.state_std[0] + 1e-6), rtol=1e-5)
+
+
+def test_normalizer_treats_constant_dimensions_as_std_one_and_round_trips(tmp_path):
+    """A dimension with (near) zero std is normalised to `value - mean` (0 on the data), never divided by ~0."""
+    write_robot(tmp_path, [5, 7], per_shard=2)
+    stats = load_stats(tmp_path)
+    stats["action"]["std"][1] = 0.0
+    stats["state"]["std"][2] = 1e-9
+    assert constant_dims(stats) == {"action": [1], "state": [2]}
+    norm = Normalizer(stats)
+    action = make_episode(0, 5).action.copy()
+    action[:, 1] = stats["action"]["mean"][1] + np.float32(1e-3)  # an unseen value on the constant dimension
+    out = norm.normalize_action(action)
+    np.testing.assert_allclose(out[:, 1], 1e-3, rtol=1e-3)  # std 1, not 1e-3 / 1e-6 = 1000
+    np.testing.assert_allclose(norm.unnormalize_action(out[:, :-1], out[:, -1:])[:, :-1], action[:, :-1], atol=1e-5)
+    state = norm.normalize_state(make_episode(0, 5).state)
+    assert np.isfinite(state).all() and np.abs(state[:, 2]).max() < 10
+
+
+def test_manifest_records_each_shards_longest_episode_for_the_prepare_checks(tmp_path):
+    from vla_scale.data.format import Manifest, ShardInfo
+
+    write_robot(tmp_path, [2, 4, 7], per_shard=2)
+    shards = Manifest.load(tmp_path).shards
+    assert [(s.max_length, s.longest_episode()) for s in shards] == [(4, 4), (7, 7)]
+    # A manifest from before max_length was recorded: an upper bound (every other episode has >= 1 step).
+    assert ShardInfo("old.tar", samples=3, frames=13).longest_episode() == 11

@@ -63,3 +63,151 @@ def test_cli_prepare_prints_run_dir_and_reports_config_errors(tmp_path, data, ca
     assert capsys.readouterr().out.strip() == str(tmp_path / "runs" / "debug")
     assert cli_main(["prepare", str(ROOT / "configs/debug.yaml"), "optim.lrr=1"]) == 2
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+
+
+def _prepare(tmp_path: Path, data: Path, *extra: str, world_size: int = 2) -> Path:
+    return prepare_run(ROOT / "configs/debug.yaml", overrides(tmp_path, data, *extra), world_size=world_size)
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (
+            ("data.fwd_pred_next_n=500",),
+            r"data\.fwd_pred_next_n \(500\) is longer than every episode of the robot sources \(the longest has "
+            r"(\d+) steps\).*set data\.fwd_pred_next_n to at most \1$",
+        ),
+        (
+            ("data.window_size=400",),
+            r"data\.window_size \(400\) is longer than every episode of data\.sources\.0 \(.*robot: the longest has "
+            r"(\d+) steps\).*set data\.window_size to at most \1 or remove the source$",
+        ),
+        (
+            ("data.sources.0.weight=0",),
+            r"data\.sources\.0\.weight is 0: the robot dataset .*robot would never be drawn.*remove it from "
+            r"data\.sources instead",
+        ),
+        (
+            ("model.action_space=discrete", "model.discrete.n_bin=100000"),
+            r"model\.discrete\.n_bin \(100000\) must be smaller than the LM vocabulary \(\d+ tokens\).*backbone\); "
+            r"lower model\.discrete\.n_bin",
+        ),
+    ],
+    ids=["chunk-longer-than-every-episode", "window-longer-than-every-episode", "robot-weight-0", "n_bin-over-vocab"],
+)
+def test_configs_the_data_or_backbone_cannot_train_are_refused_before_anything_is_written(
+    tmp_path, data, extra, pattern
+):
+    with pytest.raises(ConfigError, match=pattern):
+        _prepare(tmp_path, data, *extra)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_chunk_as_long_as_the_longest_episode_and_a_small_n_bin_are_accepted(tmp_path, data):
+    longest = max(s["max_length"] for s in json.loads((data / "robot" / "manifest.json").read_text())["shards"])
+    _prepare(tmp_path, data, f"data.fwd_pred_next_n={longest}", "model.action_space=discrete", "model.discrete.n_bin=8")
+
+
+def test_stage_after_max_steps_is_reported_not_refused(tmp_path, data, capsys):
+    """A staged run may stop early and resume with a larger train.max_steps, so a late stage is allowed, but said."""
+    _prepare(tmp_path, data, "train.stages=[{start_step: 0}, {start_step: 2}, {start_step: 50}]")
+    err = capsys.readouterr().err
+    assert "note: train.stages.2.start_step (50) is not below train.max_steps (4)" in err
+    assert "train.stages.1" not in err
+
+
+def _copy_dataset(data: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    robot = tmp_path / "robot_copy"
+    shutil.copytree(data / "robot", robot)
+    return robot
+
+
+def test_manifest_that_is_not_json_names_the_file(tmp_path, data):
+    robot = _copy_dataset(data, tmp_path)
+    (robot / "manifest.json").write_text('{"name": "cut short", "shards": [')
+    with pytest.raises(
+        ConfigError, match=r"data\.sources\.0\.path: .*robot_copy/manifest\.json is not JSON \(.*line 1"
+    ):
+        _prepare(tmp_path, data, f"data.sources.0.path={robot}")
+
+
+@pytest.mark.parametrize(
+    "stat, value, pattern",
+    [
+        ("std", float("nan"), r"stats\.json: action\.std has nan at dimension 1; recompute it"),
+        ("mean", float("inf"), r"stats\.json: action\.mean has inf at dimension 1; recompute it"),
+    ],
+)
+def test_stats_with_non_finite_values_name_the_key_and_dimension(tmp_path, data, stat, value, pattern):
+    robot = _copy_dataset(data, tmp_path)
+    stats = json.loads((robot / "stats.json").read_text())
+    stats["action"][stat][1] = value
+    (robot / "stats.json").write_text(json.dumps(stats))  # json writes NaN / Infinity, as numpy-based tools do
+    with pytest.raises(ConfigError, match=rf"data\.sources\.0\.path: .*robot_copy/{pattern}"):
+        _prepare(tmp_path, data, f"data.sources.0.path={robot}")
+
+
+def test_stats_with_zero_std_are_reported_and_normalised_with_std_one(tmp_path, data, capsys):
+    robot = _copy_dataset(data, tmp_path)
+    stats = json.loads((robot / "stats.json").read_text())
+    stats["action"]["std"][1] = 0.0
+    stats["state"]["std"][0] = 1e-9
+    (robot / "stats.json").write_text(json.dumps(stats))
+    _prepare(tmp_path, data, f"data.sources.0.path={robot}")
+    err = capsys.readouterr().err
+    assert "note: data.sources.0 (" in err and "action dimension(s) [1] are constant" in err
+    assert "state dimension(s) [0] are constant" in err and "normalised with std 1" in err
+
+
+def test_resume_at_another_world_size_is_refused_before_the_run_dir_is_touched(tmp_path, data):
+    run_dir = _prepare(tmp_path, data)
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "vla_scale_state.json").write_text(json.dumps({"step": 2, "stage": 0, "world_size": 2}))
+    (run_dir / "checkpoints" / "latest").write_text(ckpt.name)
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "ds_config.json")}
+    for world_size in (4, 1):
+        with pytest.raises(
+            ConfigError, match=rf"written by 2 ranks and this job has {world_size}; resume with the same"
+        ):
+            _prepare(tmp_path, data, world_size=world_size)
+        assert {name: (run_dir / name).read_bytes() for name in before} == before
+    _prepare(tmp_path, data, "train.max_steps=8")  # the same world size resumes, with a longer schedule
+
+
+def test_run_dir_files_are_replaced_atomically_a_kill_mid_write_leaves_the_old_ones(tmp_path, data):
+    """A real SIGKILL while prepare writes ds_config.json (after its bytes are out, before the rename)."""
+    import subprocess
+    import sys
+
+    run_dir = _prepare(tmp_path, data)
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "ds_config.json")}
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from vla_scale.train.prepare import prepare_run\n"
+        "real = os.replace\n"
+        "def replace(src, dst):\n"
+        "    if str(dst).endswith('ds_config.json'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(src, dst)\n"
+        "os.replace = replace\n"
+        "prepare_run(sys.argv[1], sys.argv[2:], world_size=2)\n"
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        script,
+        str(ROOT / "configs/debug.yaml"),
+        *overrides(tmp_path, data, "train.max_steps=9"),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"] == 9  # replaced whole
+    assert (run_dir / "ds_config.json").read_bytes() == before["ds_config.json"]  # the old one, whole
+    stray = {p.name for p in run_dir.glob(".*.tmp")}
+    assert len(stray) == 1 and stray.pop().startswith(".ds_config.json."), "the kill leaves one stray temp file"
+    _prepare(tmp_path, data, "train.max_steps=9")  # and the run directory still prepares, leaving no temp file
+    assert len(list(run_dir.glob(".*.tmp"))) == 1

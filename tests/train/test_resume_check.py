@@ -74,3 +74,11 @@ def test_checkpoint_of_another_world_size_or_a_dropped_stage_is_refused(tmp_path
     _checkpoint(run_dir, world=2, stage=1)
     with pytest.raises(ConfigError, match="written in stage 1 but train.stages now lists 1"):
         check_same_run(run_dir, _cfg(tmp_path), 2)
+
+
+def test_config_yaml_cut_short_is_named_not_a_parser_traceback(tmp_path):
+    run_dir = _prepared(tmp_path, world=2)
+    text = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(text[: text.index("model:") + 30] + "\n  'unclosed")
+    with pytest.raises(ConfigError, match=r"config\.yaml is not readable YAML .*cut short by a kill"):
+        check_same_run(run_dir, _cfg(tmp_path), 2)

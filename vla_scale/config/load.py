@@ -10,9 +10,11 @@ typo costs seconds, not a cluster queue.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
+import uuid
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -34,6 +36,7 @@ __all__ = [
     "to_dict",
     "validate",
     "validate_history",
+    "write_text_atomic",
 ]
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -133,7 +136,7 @@ def apply_override(tree: dict, path: list[str], value: Any) -> None:
     node: Any = tree
     for i, part in enumerate(path):
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if not re.fullmatch(r"[0-9]+", part) or int(part) >= len(node):
                 where = ".".join(path[:i])
                 items = f"address one as {where}.<0..{len(node) - 1}> or" if node else "it is empty:"
                 raise ConfigError(
@@ -146,8 +149,31 @@ def apply_override(tree: dict, path: list[str], value: Any) -> None:
         if i == len(path) - 1:
             node[part] = value
         elif isinstance(node, dict) and node.get(part) is None:
-            node[part] = [] if path[i + 1].isdigit() else {}
+            node[part] = [] if re.fullmatch(r"[0-9]+", path[i + 1]) else {}
         node = node[part]
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping from `path`; a syntax error names the file, line and column instead of a parser traceback."""
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        detail = f"{context}, {problem}" if context else problem
+        raise ConfigError(
+            f"{where}: YAML syntax error ({detail}); fix the file at that line and column"
+            " (check the indentation, which takes spaces, not tabs, a missing ':' or an unclosed bracket or quote)"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err.reason} at byte {err.start}); give a YAML run file") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (run:, data:, ...), got {type(tree).__name__}")
+    return tree
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -157,7 +183,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = read_yaml(path)
     for text in overrides:
         keys, value = _parse_override(text)
         apply_override(tree, keys, value)
@@ -172,5 +198,24 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (loadable again with `load_config`)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (loadable again with `load_config`), atomically."""
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` by `text` in one step: a temporary file in the same folder, synced, then `os.replace`.
+
+    A process killed mid-write leaves the old file (or none) and a stray `.<name>.*.tmp`, never half a file:
+    a run directory whose config.yaml is cut short would refuse to start or resume.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # open(): the umask's mode
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -22,8 +22,18 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
 
     def validate(self, prefix: str = "optim") -> None:
+        """What AdamW would refuse inside the ranks, and a learning rate that cannot train."""
+        if not self.lr > 0:
+            raise ConfigError(
+                f"{prefix}.lr must be > 0, got {self.lr}: the learning rate scales every update, so "
+                f"{'0 trains nothing' if self.lr == 0 else 'a negative one ascends the loss'}; to keep parameters "
+                "fixed, leave them out of train.stages' trainable groups instead"
+            )
         if len(self.betas) != 2:
             raise ConfigError(f"{prefix}.betas needs two numbers, got {self.betas}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{prefix}.betas must both be in [0, 1), got {self.betas}")
+        check_at_least(self, prefix, ("weight_decay", "eps", "warmup_steps"), 0)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"{prefix}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 

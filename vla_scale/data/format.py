@@ -70,6 +70,11 @@ class ShardInfo:
     path: str  # relative to the dataset folder
     samples: int
     frames: int = 0  # robot: total steps in the shard
+    max_length: int = 0  # robot: steps of its longest episode (0: not recorded, by an older writer)
+
+    def longest_episode(self) -> int:
+        """Robot: the longest episode's length, or an upper bound when not recorded (each episode has >= 1 step)."""
+        return self.max_length or max(self.frames - self.samples + 1, 0)
 
 
 @dataclass
@@ -104,15 +109,20 @@ class Manifest:
                 f"{path} not found: {folder} is not a vla_scale dataset "
                 "(write one with `python -m data_tools synth` or a converter)"
             )
-        data = json.loads(path.read_text())
+        data = _read_json(path, "re-convert the dataset (a converter writes manifest.json last)")
+        if not isinstance(data, dict):
+            raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}; re-convert the dataset")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise FormatError(
                 f"{path}: schema_version {version} is not supported (this vla_scale reads "
                 f"{SCHEMA_VERSION}); re-convert the dataset with this version of data_tools"
             )
-        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
-        return cls(**data)
+        try:
+            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+            return cls(**data)
+        except (KeyError, TypeError) as err:
+            raise FormatError(f"{path}: not a dataset manifest ({err}); re-convert the dataset") from err
 
 
 def load_stats(folder: str | Path) -> dict[str, dict[str, np.ndarray]]:
@@ -120,8 +130,36 @@ def load_stats(folder: str | Path) -> dict[str, dict[str, np.ndarray]]:
     path = Path(folder) / "stats.json"
     if not path.is_file():
         raise FormatError(f"{path} not found: robot datasets need stats.json (run `python -m data_tools stats`)")
-    raw = json.loads(path.read_text())
-    return {k: {s: np.asarray(v[s], dtype=np.float32) for s in STAT_KEYS} for k, v in raw.items()}
+    raw = _read_json(path, "recompute it with `python -m data_tools stats`")
+    fix = "recompute it with `python -m data_tools stats` (its arrays must hold finite numbers)"
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), dict) for k in ("action", "state")):
+        raise FormatError(f"{path}: expected {{'action': {{...}}, 'state': {{...}}}}; {fix}")
+    stats: dict[str, dict[str, np.ndarray]] = {}
+    for name, values in raw.items():
+        stats[name] = {}
+        for stat in STAT_KEYS:
+            try:
+                arr = np.asarray(values[stat], dtype=np.float32)
+            except KeyError:
+                raise FormatError(f"{path}: {name}.{stat} is missing; {fix}") from None
+            except (TypeError, ValueError) as err:
+                raise FormatError(f"{path}: {name}.{stat} is not a list of numbers ({err}); {fix}") from err
+            bad = np.flatnonzero(~np.isfinite(arr)) if arr.ndim == 1 else []
+            if arr.ndim != 1 or len(bad):
+                what = f"{arr[bad[0]]} at dimension {int(bad[0])}" if len(bad) else f"shape {arr.shape}"
+                raise FormatError(f"{path}: {name}.{stat} has {what}; {fix}")
+            stats[name][stat] = arr
+    return stats
+
+
+def _read_json(path: Path, fix: str) -> object:
+    """JSON from `path`; a file that is not JSON names itself (and the line) instead of a bare JSONDecodeError."""
+    try:
+        return json.loads(path.read_text())
+    except UnicodeDecodeError as err:
+        raise FormatError(f"{path} is not JSON (not UTF-8 text at byte {err.start}); {fix}") from None
+    except ValueError as err:
+        raise FormatError(f"{path} is not JSON ({err}); {fix}") from None
 
 
 def compute_stats(arrays: list[np.ndarray]) -> dict[str, list[float]]:
@@ -206,6 +244,8 @@ def decode_episode_arrays(sample: dict) -> tuple[dict, np.ndarray, np.ndarray]:
         raise FormatError(f"sample {key}: no meta.json (not a robot episode)") from None
     except ValueError as err:
         raise FormatError(f"sample {key}: meta.json is not JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise FormatError(f"sample {key}: meta.json is a JSON {type(meta).__name__}, not an object")
     for name in ("action.npy", "state.npy"):
         if name not in sample:
             raise FormatError(f"sample {key}: missing {name}")
@@ -257,8 +297,13 @@ def decode_vl(sample: dict) -> VLSample:
         raise FormatError(f"sample {key}: a VL sample needs an image (jpg/png/webp) and a json conversation")
     try:
         conv = json.loads(sample["json"])["conversations"]
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise FormatError(f"sample {key}: json has no 'conversations' list ({err})") from err
+    if not isinstance(conv, list) or not all(isinstance(turn, dict) for turn in conv):
+        raise FormatError(
+            f"sample {key}: json 'conversations' must be a list of {{'from': ..., 'value': ...}} turns, "
+            f"got {type(conv).__name__}"
+        )
     try:
         image = decode_image(sample[ext])
     except FormatError as err:

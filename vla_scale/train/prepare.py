@@ -1,21 +1,28 @@
 """The launcher's first step, run once before any process group exists.
 
-It resolves and validates the config, checks the datasets, writes `config.yaml` and
-`ds_config.json` into the run directory and, for tiny demo/test backbones, writes the
-random-weight checkpoint that every rank then loads with `from_pretrained`. Every
-mistake it can see costs seconds here instead of a failed multi-node job.
+It resolves and validates the config, checks the datasets (`dataset_checks`), writes the
+random-weight checkpoint of tiny demo/test backbones that every rank then loads with
+`from_pretrained`, checks what needs the backbone's tokenizer, and only then writes
+`config.yaml` and `ds_config.json` into the run directory (each atomically). So a refused
+run (a bad config, a resume at another world size) leaves the run directory as it was. Every
+mistake it can see costs seconds here instead of a failed multi-node job. What trains but
+perhaps not as meant (a stage after train.max_steps, constant dimensions) is printed as a note
+on stderr (stdout carries only the run directory, for the launchers).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from vla_scale.config import Config, ConfigError, load_config, save_config, validate
+from vla_scale.config.load import write_text_atomic
 from vla_scale.data.format import FormatError, Manifest
 from vla_scale.model.backbones.registry import check_backbone_family
 from vla_scale.model.backbones.tiny import ensure_tiny_backbone
+from vla_scale.train.dataset_checks import check_robot_sources
 from vla_scale.train.ds_config import build_ds_config
 from vla_scale.train.resume_check import check_same_run
 
@@ -37,25 +44,63 @@ def check_datasets(cfg: Config) -> list[Manifest]:
     return manifests
 
 
+def check_discrete_vocabulary(cfg: Config) -> None:
+    """`model.discrete.n_bin` must fit in the backbone's vocabulary: read from its tokenizer, not its weights.
+
+    Skipped when the tokenizer cannot be read here (a hub id without network): the ranks check it on load.
+    """
+    if cfg.model.action_space != "discrete":
+        return
+    from transformers import AutoTokenizer  # ~3 s, only for discrete-action runs
+
+    from vla_scale.model.action_tokenizer import ActionTokenizer
+
+    backbone, d = cfg.model.backbone, cfg.model.discrete
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(backbone.pretrained, trust_remote_code=backbone.trust_remote_code)
+    except (OSError, ValueError):
+        return
+    try:
+        ActionTokenizer(tokenizer, d.n_bin, d.min_action, d.max_action)  # the check the model runs when built
+    except ValueError as err:
+        raise ConfigError(f"{err} (the tokenizer of {backbone.pretrained}); lower model.discrete.n_bin") from err
+
+
+def stage_notes(cfg: Config) -> list[str]:
+    """Stages that start at or after train.max_steps: allowed (a run may be resumed with a larger max_steps, as
+    the stop-and-resume workflow does), but this run alone never reaches them, so prepare says so."""
+    t = cfg.train
+    return [
+        f"train.stages.{i}.start_step ({stage.start_step}) is not below train.max_steps ({t.max_steps}): this run "
+        f"ends before stage {i} starts; raise train.max_steps (now or on resume) or remove the stage"
+        for i, stage in enumerate(t.stages)
+        if stage.start_step >= t.max_steps
+    ]
+
+
 def prepare_run(config_path: str | Path | None, overrides: Sequence[str], world_size: int) -> Path:
-    """Validate everything and lay out the run directory; returns its path."""
+    """Validate everything and lay out the run directory; returns its path. Notes go to stderr."""
     cfg = load_config(config_path, overrides)
     validate(cfg, world_size)
-    check_datasets(cfg)
+    notes = check_robot_sources(cfg, check_datasets(cfg)) + stage_notes(cfg)
     try:
         check_backbone_family(cfg.model.backbone.family)  # the name only: imports no transformers
     except (KeyError, ValueError) as err:
         raise ConfigError(f"model.backbone.family: {err}") from err
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    check_same_run(run_dir, cfg, world_size)  # a reused run directory must hold the same run
+    check_same_run(run_dir, cfg, world_size)  # a reused run directory must hold the same run (and world size)
     ds_config = build_ds_config(cfg, world_size)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-    ensure_tiny_backbone(cfg.model.backbone, seed=cfg.run.seed)
     # Before the ranks start: under a process group, save_pretrained writes weights on rank 0 only.
+    ensure_tiny_backbone(cfg.model.backbone, seed=cfg.run.seed)
     if cfg.model.clip_reg.enabled:
         from vla_scale.model.clip_regularizer import ensure_tiny_clip  # transformers: ~3 s, only for this
 
         ensure_tiny_clip(cfg.model.clip_reg, seed=cfg.run.seed)
+    check_discrete_vocabulary(cfg)
+    # Last, once nothing can be refused any more; each file atomically, so a kill never leaves half of one.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    write_text_atomic(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
+    for note in notes:
+        print(f"vla-scale prepare: note: {note}", file=sys.stderr)
     return run_dir

@@ -46,7 +46,13 @@ def check_same_run(
                 "every node shares, at the same path"
             )
         return
-    saved = yaml.safe_load(config_file.read_text()) or {}
+    try:
+        saved = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as err:  # cut short by a kill, from before prepare wrote it atomically
+        raise ConfigError(
+            f"{config_file} is not readable YAML ({err.__class__.__name__}); it may have been cut short by a kill. "
+            "Restore it from the checkpoint's run, or choose a new run.name"
+        ) from None
     changed = config_diff(saved, cfg, ignore=() if exact else RESUMABLE_CHANGES)
     if changed:
         details = ", ".join(changed)
