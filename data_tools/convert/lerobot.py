@@ -6,7 +6,8 @@ meta/info.json `codebase_version`):
 - v3.0: many episodes per `data/chunk-C/file-F.parquet` and per mp4; one row per episode
   in `meta/episodes/**/*.parquet` says which files and at which video timestamp it starts.
 - v2.x: one parquet and one mp4 per episode; `meta/episodes.jsonl` lists the episodes.
-Images are either video features (decoded with PyAV) or parquet structs of PNG bytes.
+Images are either video features (decoded with PyAV) or parquet structs of PNG (or JPEG)
+bytes, passed on as bytes (copied into the shards unchanged under `--image-ext auto`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_tools.convert.common import ConvertOptions, add_common_args, convert, parse_cameras, report
-from vla_scale.data.format import Episode, FormatError, decode_image
+from vla_scale.data.format import Episode, FormatError
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
 
@@ -187,7 +188,7 @@ def load_episode(src: Source) -> Episode:
         cells = table.column(key).to_pylist()
         if any(not (c and c.get("bytes")) for c in cells):
             raise FormatError(f"{where}: image column {key!r} has rows without embedded bytes")
-        frames[name] = [decode_image(c["bytes"]) for c in cells]
+        frames[name] = [c["bytes"] for c in cells]  # the writer copies or decodes them (`encode_camera`)
     for name, rel, start in src.videos:
         frames[name] = read_video_frames(root / rel, start, src.length, src.fps)
     meta = {"source_format": "lerobot", "lerobot_version": src.version, "episode_index": src.episode_index}
