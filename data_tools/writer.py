@@ -245,6 +245,11 @@ class ShardWriter:
         if full_count or full_bytes:
             self._finish_shard()
 
+    @property
+    def open_samples(self) -> int:
+        """Samples written into the shard not yet finished (0 right after a shard was cut)."""
+        return self._shard_samples if self._tar is not None else 0
+
     def _account_robot(self, sample: dict) -> int:
         """Check a robot sample against the dataset so far; keep its arrays for stats."""
         key = sample["__key__"]

@@ -8,7 +8,8 @@ shard, `convert_progress.json` records the shards so far and how many episodes t
 hold. Shards are cut by count or size only, so a rerun with `--resume` that keeps those
 shards and restarts at the next episode writes exactly what an uninterrupted run would.
 
-`load` returns an `Episode` (robot datasets) or a `VLSample` (kind "vl"), or raises
+`load` returns an `Episode` (robot datasets; or a list of them, when one source holds
+several, e.g. a LeRobot episode split where its task changes) or a `VLSample` (kind "vl"), or raises
 `SkipSample` for a source that should be left out and counted (e.g. a missing image);
 the count and the first reasons go into the manifest's `extra["skipped"]`.
 """
@@ -42,6 +43,9 @@ from vla_scale.data.format import (
 PROGRESS_FILE = "convert_progress.json"
 PROGRESS_VERSION = 1
 SKIP_EXAMPLES = 10  # skip reasons kept in the manifest; the rest are only counted
+
+
+Loaded = Episode | VLSample | list[Episode]  # what a converter's `load` returns for one source
 
 
 class SkipSample(Exception):
@@ -141,16 +145,18 @@ def parse_cameras(specs: Sequence[str], default: dict[str, str]) -> dict[str, st
 
 
 def _encoded(
-    source: Any, load: Callable[[Any], Episode | VLSample], image_ext: str, quality: int = JPEG_QUALITY
-) -> dict | str:
-    """Worker side: load and compress one sample, so the parent only writes bytes; a str is a skip reason."""
+    source: Any, load: Callable[[Any], Loaded], image_ext: str, quality: int = JPEG_QUALITY
+) -> list[dict] | str:
+    """Worker side: load and compress one source's samples, so the parent only writes bytes; a str is a skip reason."""
     try:
-        item = load(source)
+        loaded = load(source)
     except SkipSample as err:
         return str(err)
-    if isinstance(item, VLSample):
-        return encode_vl(item, image_ext, quality)
-    return encode_episode(item, image_ext, quality)
+    items = loaded if isinstance(loaded, list) else [loaded]
+    return [
+        encode_vl(item, image_ext, quality) if isinstance(item, VLSample) else encode_episode(item, image_ext, quality)
+        for item in items
+    ]
 
 
 @dataclass
@@ -198,7 +204,7 @@ def _write_progress(
 
 def convert(
     sources: Sequence[Any],
-    load: Callable[[Any], Episode | VLSample],
+    load: Callable[[Any], Loaded],
     opts: ConvertOptions,
     name: str,
     settings: dict,
@@ -261,16 +267,19 @@ def convert(
     todo = sources[start:]
     pool = multiprocessing.get_context(opts.start_method).Pool(opts.workers) if opts.workers > 1 else None
     try:
-        samples: Iterator[dict] = pool.imap(fn, todo, chunksize=1) if pool is not None else map(fn, todo)
+        loaded: Iterator[list[dict] | str] = pool.imap(fn, todo, chunksize=1) if pool is not None else map(fn, todo)
         with writer:
-            bar = tqdm(samples, total=len(sources), initial=start, desc=f"convert {name}", disable=not opts.progress)
-            for i, sample in enumerate(bar, start=start):
-                if isinstance(sample, str):
-                    skipped.add(sample)
+            bar = tqdm(loaded, total=len(sources), initial=start, desc=f"convert {name}", disable=not opts.progress)
+            for i, samples in enumerate(bar, start=start):
+                if isinstance(samples, str):
+                    skipped.add(samples)
                     continue
                 before = len(writer.shards)
-                writer.write_sample(sample)
-                if len(writer.shards) > before:
+                for sample in samples:
+                    writer.write_sample(sample)
+                # Record only when the finished shards hold exactly sources [0, i]: a source split into several
+                # samples may have some of them in the open shard, and resuming after i would lose those.
+                if len(writer.shards) > before and writer.open_samples == 0:
                     _write_progress(out, fingerprint, writer.shards, i + 1, skipped)
             if skipped.count == len(sources):
                 raise ValueError(
