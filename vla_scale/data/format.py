@@ -17,7 +17,7 @@ frames twice. Its tar members share the key `<episode key>`:
 VL sample = one image and one LLaVA-style conversation:
 - `jpg` / `png` / `webp`: the image
 - `json`: `{"conversations": [{"from": "human", "value": "<image>\\n..."},
-  {"from": "gpt", "value": "..."}, ...]}`
+  {"from": "gpt", "value": "..."}, ...], "image_encoding": "png"}` (how the image was stored)
 
 Arrays are `.npy` read with `allow_pickle=False`; no pickle anywhere.
 """
