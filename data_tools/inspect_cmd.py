@@ -157,7 +157,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dataset", metavar="DATASET_DIR", help="folder with manifest.json")
     p.add_argument("--episodes", type=int, default=4, help="episodes / VL samples to plot (default: %(default)s)")
-    p.add_argument("--out", default=None, help="folder for the PNGs (default: ./inspect/<dataset name>)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for the PNGs (default: DATASET_DIR/inspect, beside the shards it shows, never the current "
+        "folder; readers ignore it; pass --out for a read-only dataset)",
+    )
     p.set_defaults(func=run)
 
 
@@ -166,8 +171,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--episodes must be at least 1, not {args.episodes}")
     s = survey(args.dataset, args.episodes)
     print(summary(s))
-    out = Path(args.out) if args.out else Path("inspect") / s.manifest.name
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else Path(args.dataset) / "inspect"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot write PNGs into {out} ({err.strerror or err}); choose a folder with --out") from err
     if s.manifest.kind == "robot":
         camera = s.manifest.cameras[0] if s.manifest.cameras else None
         written = [plot_actions(s.episodes, out / "actions.png")]

@@ -19,7 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.shards import error_text, iter_shard
-from vla_scale.data.format import IMAGE_EXTS, STAT_KEYS, FormatError, Manifest, decode_episode, decode_image, decode_vl
+from vla_scale.data.format import (
+    IMAGE_EXTS,
+    STAT_KEYS,
+    FormatError,
+    Manifest,
+    decode_episode,
+    decode_image,
+    decode_vl,
+    frame_name,
+)
 
 REWRITE = "re-convert the dataset (or restore the shard from a good copy)"
 
@@ -98,11 +107,11 @@ def _check_robot(sample: dict, manifest: Manifest) -> tuple[int, list[str], set[
         errors.append(f"state shape {list(ep.state.shape)} does not match manifest state_dim {manifest.state_dim}")
     if manifest.cameras and sorted(ep.frames) != sorted(manifest.cameras):
         errors.append(f"cameras {sorted(ep.frames)} != manifest cameras {sorted(manifest.cameras)}")
-    ext = json.loads(sample["meta.json"]).get("image_ext", "jpg")
+    meta = json.loads(sample["meta.json"])
     decoded = set()
     for cam, frames in ep.frames.items():
         for t, img in enumerate(frames):
-            name = f"{cam}.{t:04d}.{ext}"
+            name = frame_name(meta, cam, t)
             decoded.add(name)
             errors += _size_errors(name, img, manifest)
     return ep.length, errors, decoded

@@ -21,7 +21,9 @@ import webdataset as wds
 from PIL import Image
 
 from vla_scale.data.format import (
+    IMAGE_ENCODINGS,
     IMAGE_EXTS,
+    JPEG_QUALITY,
     Episode,
     FormatError,
     Manifest,
@@ -31,6 +33,7 @@ from vla_scale.data.format import (
     decode_npy,
     encode_episode,
     encode_vl,
+    frame_name,
 )
 
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -82,15 +85,18 @@ class ShardWriter:
         *,
         max_samples: int | None = None,
         max_bytes: int | None = 256 * 2**20,
-        image_ext: str = "jpg",
+        image_ext: str = "auto",
+        jpeg_quality: int = JPEG_QUALITY,
         extra: dict | None = None,
         overwrite: bool = False,
         resume: list[ShardInfo] | None = None,
     ) -> None:
         if kind not in ("robot", "vl"):
             raise ValueError(f"kind must be 'robot' or 'vl', not {kind!r}")
-        if image_ext not in IMAGE_EXTS:
-            raise ValueError(f"image_ext {image_ext!r} not in {IMAGE_EXTS}")
+        if image_ext not in IMAGE_ENCODINGS:
+            raise ValueError(f"image_ext {image_ext!r} not in {IMAGE_ENCODINGS}")
+        if not 1 <= jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, not {jpeg_quality}")
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, not {max_samples}")
         if max_bytes is not None and max_bytes < 1:
@@ -101,6 +107,7 @@ class ShardWriter:
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.image_ext = image_ext
+        self.jpeg_quality = jpeg_quality
         self.extra = dict(extra or {})
         self.shards: list[ShardInfo] = []
         self._prepare_dir(overwrite, keep=None if resume is None else [s.path for s in resume])
@@ -119,6 +126,7 @@ class ShardWriter:
         self._action_dim = 0
         self._state_dim = 0
         self._sizes: set[tuple[int, int]] = set()
+        self._encodings: dict[str, set[str]] = {}  # camera -> encodings seen (manifest.image_encoding)
         self._closed = False
         self.manifest: Manifest | None = None
         for info in resume or []:
@@ -201,11 +209,11 @@ class ShardWriter:
 
     def write_episode(self, ep: Episode) -> None:
         """Encode and write one robot episode (one webdataset sample)."""
-        self.write_sample(encode_episode(ep, self.image_ext))
+        self.write_sample(encode_episode(ep, self.image_ext, self.jpeg_quality))
 
     def write_vl(self, sample: VLSample) -> None:
         """Encode and write one image + conversation sample."""
-        self.write_sample(encode_vl(sample, self.image_ext))
+        self.write_sample(encode_vl(sample, self.image_ext, self.jpeg_quality))
 
     def write_sample(self, sample: dict[str, bytes | str]) -> None:
         """Write an already encoded sample (from `encode_episode` / `encode_vl`).
@@ -237,6 +245,11 @@ class ShardWriter:
         if full_count or full_bytes:
             self._finish_shard()
 
+    @property
+    def open_samples(self) -> int:
+        """Samples written into the shard not yet finished (0 right after a shard was cut)."""
+        return self._shard_samples if self._tar is not None else 0
+
     def _account_robot(self, sample: dict) -> int:
         """Check a robot sample against the dataset so far; keep its arrays for stats."""
         key = sample["__key__"]
@@ -260,8 +273,10 @@ class ShardWriter:
                 f"sample {key}: cameras {cameras}, action dim {action.shape[1]}, state dim {state.shape[1]} differ "
                 f"from the dataset's {self._cameras}, {self._action_dim}, {self._state_dim}"
             )
+        for cam, encoding in (meta.get("image_encoding") or {}).items():
+            self._encodings.setdefault(cam, set()).add(encoding)
         if cameras and action.shape[0] > 0:
-            first = f"{cameras[0]}.0000.{meta.get('image_ext', self.image_ext)}"
+            first = frame_name(meta, cameras[0], 0)
             if first not in sample:
                 raise FormatError(f"sample {key}: missing frame {first}")
             self._sizes.add(_image_size(sample[first]))
@@ -275,6 +290,11 @@ class ShardWriter:
         if ext is None or "json" not in sample:
             raise FormatError(f"sample {key}: a VL sample needs an image (jpg/png/webp) and a json conversation")
         self._sizes.add(_image_size(sample[ext]))
+        try:
+            encoding = json.loads(sample["json"]).get("image_encoding")
+        except (ValueError, AttributeError) as err:
+            raise FormatError(f"sample {key}: json is not a JSON object ({err})") from err
+        self._encodings.setdefault("image", set()).add(encoding or ext)
         return 0
 
     def _open_shard(self) -> None:
@@ -325,6 +345,7 @@ class ShardWriter:
             state_dim=self._state_dim,
             image_size=size,
             extra=self.extra,
+            image_encoding={cam: " + ".join(sorted(seen)) for cam, seen in sorted(self._encodings.items())},
         )
         self.manifest.save(self.out_dir)
         self._closed = True

@@ -8,7 +8,8 @@ shard, `convert_progress.json` records the shards so far and how many episodes t
 hold. Shards are cut by count or size only, so a rerun with `--resume` that keeps those
 shards and restarts at the next episode writes exactly what an uninterrupted run would.
 
-`load` returns an `Episode` (robot datasets) or a `VLSample` (kind "vl"), or raises
+`load` returns an `Episode` (robot datasets; or a list of them, when one source holds
+several, e.g. a LeRobot episode split where its task changes) or a `VLSample` (kind "vl"), or raises
 `SkipSample` for a source that should be left out and counted (e.g. a missing image);
 the count and the first reasons go into the manifest's `extra["skipped"]`.
 """
@@ -28,11 +29,23 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from data_tools.writer import ShardWriter
-from vla_scale.data.format import Episode, Manifest, ShardInfo, VLSample, encode_episode, encode_vl
+from vla_scale.data.format import (
+    IMAGE_ENCODINGS,
+    JPEG_QUALITY,
+    Episode,
+    Manifest,
+    ShardInfo,
+    VLSample,
+    encode_episode,
+    encode_vl,
+)
 
 PROGRESS_FILE = "convert_progress.json"
 PROGRESS_VERSION = 1
 SKIP_EXAMPLES = 10  # skip reasons kept in the manifest; the rest are only counted
+
+
+Loaded = Episode | VLSample | list[Episode]  # what a converter's `load` returns for one source
 
 
 class SkipSample(Exception):
@@ -48,7 +61,8 @@ class ConvertOptions:
     workers: int = 1
     episodes_per_shard: int | None = None
     shard_size_mb: float = 256.0
-    image_ext: str = "jpg"
+    image_ext: str = "auto"
+    jpeg_quality: int = JPEG_QUALITY
     overwrite: bool = False
     resume: bool = False
     limit: int | None = None
@@ -65,11 +79,21 @@ class ConvertOptions:
             episodes_per_shard=args.episodes_per_shard,
             shard_size_mb=args.shard_size_mb,
             image_ext=args.image_ext,
+            jpeg_quality=args.jpeg_quality,
             overwrite=args.overwrite,
             resume=args.resume,
             limit=args.limit,
             cameras=list(getattr(args, "camera", None) or []),
         )
+
+
+IMAGE_HELP = (
+    "how frames are stored. auto (default): frames that arrive as JPEG/PNG/WebP files (RLDS images, LeRobot "
+    "image columns, ALOHA JPEG rows, LLaVA images) are copied byte for byte, pixels (video, arrays) are stored "
+    "as lossless PNG; jpg: source JPEG bytes copied, everything else encoded as JPEG 4:4:4 at --jpeg-quality "
+    "(smaller, lossy); png: everything lossless PNG (source JPEGs decoded once, stored exactly as decoded); "
+    "webp: lossy WebP at --jpeg-quality. The manifest records each camera's encoding (image_encoding)"
+)
 
 
 def add_common_args(p: argparse.ArgumentParser, robot: bool = True) -> None:
@@ -82,7 +106,13 @@ def add_common_args(p: argparse.ArgumentParser, robot: bool = True) -> None:
         "--shard-size-mb", type=float, default=256.0, help="start a new shard after this size (default: %(default)s)"
     )
     p.add_argument("--episodes-per-shard", type=int, default=None, help=f"start a new shard after N {unit} instead")
-    p.add_argument("--image-ext", choices=("jpg", "png", "webp"), default="jpg", help="(default: %(default)s)")
+    p.add_argument("--image-ext", choices=IMAGE_ENCODINGS, default="auto", help=IMAGE_HELP)
+    p.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=JPEG_QUALITY,
+        help="quality of JPEG (and WebP) frames encoded from pixels (default: %(default)s)",
+    )
     if robot:
         p.add_argument(
             "--camera",
@@ -114,13 +144,19 @@ def parse_cameras(specs: Sequence[str], default: dict[str, str]) -> dict[str, st
     return cameras
 
 
-def _encoded(source: Any, load: Callable[[Any], Episode | VLSample], image_ext: str) -> dict | str:
-    """Worker side: load and compress one sample, so the parent only writes bytes; a str is a skip reason."""
+def _encoded(
+    source: Any, load: Callable[[Any], Loaded], image_ext: str, quality: int = JPEG_QUALITY
+) -> list[dict] | str:
+    """Worker side: load and compress one source's samples, so the parent only writes bytes; a str is a skip reason."""
     try:
-        item = load(source)
+        loaded = load(source)
     except SkipSample as err:
         return str(err)
-    return encode_vl(item, image_ext) if isinstance(item, VLSample) else encode_episode(item, image_ext)
+    items = loaded if isinstance(loaded, list) else [loaded]
+    return [
+        encode_vl(item, image_ext, quality) if isinstance(item, VLSample) else encode_episode(item, image_ext, quality)
+        for item in items
+    ]
 
 
 @dataclass
@@ -168,7 +204,7 @@ def _write_progress(
 
 def convert(
     sources: Sequence[Any],
-    load: Callable[[Any], Episode | VLSample],
+    load: Callable[[Any], Loaded],
     opts: ConvertOptions,
     name: str,
     settings: dict,
@@ -196,6 +232,7 @@ def convert(
         "name": name,
         "src": str(Path(opts.src).resolve()),
         "image_ext": opts.image_ext,
+        "jpeg_quality": opts.jpeg_quality,
         "episodes_per_shard": opts.episodes_per_shard,
         "max_bytes": max_bytes,
         "settings": settings,
@@ -221,24 +258,28 @@ def convert(
         max_samples=opts.episodes_per_shard,
         max_bytes=max_bytes,
         image_ext=opts.image_ext,
+        jpeg_quality=opts.jpeg_quality,
         extra={"source_format": settings.get("format", ""), "source": str(opts.src), **(extra or {})},
         overwrite=opts.overwrite,
         resume=kept,
     )
-    fn = partial(_encoded, load=load, image_ext=opts.image_ext)
+    fn = partial(_encoded, load=load, image_ext=opts.image_ext, quality=opts.jpeg_quality)
     todo = sources[start:]
     pool = multiprocessing.get_context(opts.start_method).Pool(opts.workers) if opts.workers > 1 else None
     try:
-        samples: Iterator[dict] = pool.imap(fn, todo, chunksize=1) if pool is not None else map(fn, todo)
+        loaded: Iterator[list[dict] | str] = pool.imap(fn, todo, chunksize=1) if pool is not None else map(fn, todo)
         with writer:
-            bar = tqdm(samples, total=len(sources), initial=start, desc=f"convert {name}", disable=not opts.progress)
-            for i, sample in enumerate(bar, start=start):
-                if isinstance(sample, str):
-                    skipped.add(sample)
+            bar = tqdm(loaded, total=len(sources), initial=start, desc=f"convert {name}", disable=not opts.progress)
+            for i, samples in enumerate(bar, start=start):
+                if isinstance(samples, str):
+                    skipped.add(samples)
                     continue
                 before = len(writer.shards)
-                writer.write_sample(sample)
-                if len(writer.shards) > before:
+                for sample in samples:
+                    writer.write_sample(sample)
+                # Record only when the finished shards hold exactly sources [0, i]: a source split into several
+                # samples may have some of them in the open shard, and resuming after i would lose those.
+                if len(writer.shards) > before and writer.open_samples == 0:
                     _write_progress(out, fingerprint, writer.shards, i + 1, skipped)
             if skipped.count == len(sources):
                 raise ValueError(

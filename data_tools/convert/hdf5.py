@@ -6,8 +6,9 @@ Two layouts, read with h5py (SRC is one .hdf5/.h5 file or a folder of them, natu
   `data` attributes (`problem_info` / `env_args` JSON, LIBERO writes one per file).
 - aloha: one episode per file (`episode_N.hdf5`): `observations/images/<cam>`,
   `observations/qpos`, `action`. Images are uint8 [L, H, W, 3] or, in files recorded with
-  `compress`, one JPEG per row (zero-padded uint8 [L, N] or variable-length); JPEGs are
-  decoded to RGB, as openpi's and LeRobot's ALOHA converters do.
+  `compress`, one JPEG per row (zero-padded uint8 [L, N] or variable-length); those JPEGs are
+  passed on as bytes (padding stripped), so `--image-ext auto`/`jpg` copies them unchanged
+  (`--flip-images` decodes them to rotate the pixels).
 The layout is detected from the first file unless `--layout` is given.
 """
 
@@ -24,7 +25,7 @@ import h5py
 import numpy as np
 
 from data_tools.convert.common import ConvertOptions, add_common_args, convert, parse_cameras, report
-from vla_scale.data.format import Episode, FormatError, decode_image
+from vla_scale.data.format import Episode, FormatError, decode_image, image_format
 
 LAYOUTS = ("robomimic", "aloha")
 SUFFIXES = (".hdf5", ".h5")
@@ -236,17 +237,28 @@ def _missing_instruction(f: h5py.File, layout: str) -> str:
     return f"no language instruction in the data attributes{env}"
 
 
-def read_frames(ds: h5py.Dataset, flip: bool) -> list[np.ndarray]:
-    """uint8 [L, H, W, 3] as is; JPEG rows (zero-padded or variable-length) decoded to RGB."""
+def jpeg_rows(data: np.ndarray) -> list[bytes]:
+    """One JPEG file per row: zero padding after the end-of-image marker (FF D9) is cut off."""
+    rows = [np.asarray(row, dtype=np.uint8).tobytes() for row in data]
+    return [row.rstrip(b"\0") if row.rstrip(b"\0").endswith(b"\xff\xd9") else row for row in rows]
+
+
+def read_frames(ds: h5py.Dataset, flip: bool) -> list[np.ndarray | bytes]:
+    """uint8 [L, H, W, 3] as is; JPEG rows (zero-padded or variable-length) as file bytes, decoded only to flip."""
     data = ds[()]
     if data.ndim == 4:
         frames = list(data)
-    else:
-        try:
-            frames = [decode_image(np.asarray(row, dtype=np.uint8).tobytes()) for row in data]
-        except FormatError as err:
-            raise FormatError(f"{ds.file.filename}:{ds.name}: {err}; is it a compressed (JPEG) image dataset?") from err
-    return [np.ascontiguousarray(img[::-1, ::-1]) for img in frames] if flip else frames
+        return [np.ascontiguousarray(img[::-1, ::-1]) for img in frames] if flip else frames
+    rows = jpeg_rows(data)
+    try:
+        if any(image_format(row) is None for row in rows):
+            raise FormatError("a row is not an image file")
+        if not flip:
+            return rows  # the writer decodes them once to prove them readable, then copies or re-encodes
+        decoded = [decode_image(row) for row in rows]
+    except FormatError as err:
+        raise FormatError(f"{ds.file.filename}:{ds.name}: {err}; is it a compressed (JPEG) image dataset?") from err
+    return [np.ascontiguousarray(img[::-1, ::-1]) for img in decoded]
 
 
 def matrix(group: h5py.Group, paths: tuple[str, ...], where: str) -> np.ndarray:

@@ -6,7 +6,13 @@ meta/info.json `codebase_version`):
 - v3.0: many episodes per `data/chunk-C/file-F.parquet` and per mp4; one row per episode
   in `meta/episodes/**/*.parquet` says which files and at which video timestamp it starts.
 - v2.x: one parquet and one mp4 per episode; `meta/episodes.jsonl` lists the episodes.
-Images are either video features (decoded with PyAV) or parquet structs of PNG bytes.
+Images are either video features (decoded with PyAV) or parquet structs of PNG (or JPEG)
+bytes, passed on as bytes (copied into the shards unchanged under `--image-ext auto`).
+
+Tasks: an episode whose metadata lists several tasks is split where its frames' `task_index`
+changes, into episodes `ep<N>_<segment>` that each carry their own task as the instruction
+(a vla_scale episode has one instruction, so a training window never spans two tasks; meta
+keeps `episode_index`, `segment` and `frame_start`). Single-task episodes stay `ep<N>`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_tools.convert.common import ConvertOptions, add_common_args, convert, parse_cameras, report
-from vla_scale.data.format import Episode, FormatError, decode_image
+from vla_scale.data.format import Episode, FormatError
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
 
@@ -44,6 +50,7 @@ class Source:
     action_key: str
     fps: float
     version: str
+    tasks: tuple[tuple[int, str], ...] = ()  # (task_index, task) when the episode has several tasks
 
 
 def read_info(root: Path) -> dict:
@@ -55,6 +62,24 @@ def read_info(root: Path) -> dict:
     if version not in VERSIONS:
         raise FormatError(f"{path}: codebase_version {version!r} is not supported (this converter reads {VERSIONS})")
     return info
+
+
+def read_tasks(root: Path, version: str) -> dict[str, int]:
+    """task text → task_index, from meta/tasks.parquet (v3.0: the text is the pandas index) or meta/tasks.jsonl."""
+    if version == "v3.0":
+        path = root / "meta" / "tasks.parquet"
+        if not path.is_file():
+            raise FormatError(f"{path} not found: an episode lists several tasks, and only this file numbers them")
+        table = pq.read_table(path)
+        text = next((c for c in ("task", "__index_level_0__") if c in table.column_names), None)
+        if text is None or "task_index" not in table.column_names:
+            raise FormatError(f"{path}: expected columns task and task_index, found {table.column_names}")
+        return dict(zip(table.column(text).to_pylist(), table.column("task_index").to_pylist(), strict=True))
+    path = root / "meta" / "tasks.jsonl"
+    if not path.is_file():
+        raise FormatError(f"{path} not found: an episode lists several tasks, and only this file numbers them")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["task"]: int(row["task_index"]) for row in rows}
 
 
 def default_cameras(features: dict) -> dict[str, str]:
@@ -102,6 +127,7 @@ def list_sources(root: Path, cameras: dict[str, str], state_key: str, action_key
     fps = float(info.get("fps", 0) or 0)
     sources = []
     rows = _episode_rows_v3(root) if version == "v3.0" else _episode_rows_v2(root)
+    numbers: dict[str, int] | None = None
     for row in rows:
         ep = int(row["episode_index"])
         if version == "v3.0":
@@ -126,10 +152,17 @@ def list_sources(root: Path, cameras: dict[str, str], state_key: str, action_key
                 for name, key in videos.items()
             )
         tasks = list(row.get("tasks") or [])
+        several: tuple[tuple[int, str], ...] = ()
+        if len(tasks) > 1:
+            numbers = read_tasks(root, version) if numbers is None else numbers
+            unknown = [t for t in tasks if t not in numbers]
+            if unknown:
+                raise FormatError(f"{root}: episode {ep} lists tasks {unknown} that meta/tasks does not number")
+            several = tuple((numbers[t], t) for t in tasks)
         sources.append(
             Source(
                 str(root), ep, int(row["length"]), tasks[0] if tasks else "", data_file, vids, images,
-                state_key, action_key, fps, version,
+                state_key, action_key, fps, version, several,
             )
         )  # fmt: skip
     return sources
@@ -169,11 +202,27 @@ def read_video_frames(path: Path, start: float, count: int, fps: float) -> list[
     return frames
 
 
-def load_episode(src: Source) -> Episode:
-    """Read one episode's rows, arrays and frames (runs in a worker process)."""
+def task_segments(table: pa.Table, src: Source, where: str) -> list[tuple[int, int, str]]:
+    """(start, end, task) runs of equal per-frame `task_index`; the whole episode when it has one task."""
+    if not src.tasks:
+        return [(0, table.num_rows, src.instruction)]
+    if "task_index" not in table.column_names:
+        raise FormatError(f"{where}: the episode lists {len(src.tasks)} tasks but its rows have no task_index column")
+    index = table.column("task_index").to_numpy(zero_copy_only=False)
+    names = dict(src.tasks)
+    bad = sorted(set(index.tolist()) - set(names))
+    if bad:
+        raise FormatError(f"{where}: rows name task_index {bad}, not among the episode's tasks {src.tasks}")
+    cuts = [0, *(np.flatnonzero(index[1:] != index[:-1]) + 1).tolist(), len(index)]
+    return [(a, b, names[int(index[a])]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def load_episode(src: Source) -> list[Episode]:
+    """Read one episode's rows, arrays and frames (runs in a worker process); several when its task changes."""
     root = Path(src.root)
     path = root / src.data_file
     columns = [src.state_key, src.action_key, "episode_index", "frame_index", *(k for _, k in src.images)]
+    columns += ["task_index"] if src.tasks else []
     try:
         table = pq.read_table(path, columns=columns, filters=[("episode_index", "=", src.episode_index)])
     except (OSError, pa.ArrowInvalid) as err:
@@ -187,20 +236,28 @@ def load_episode(src: Source) -> Episode:
         cells = table.column(key).to_pylist()
         if any(not (c and c.get("bytes")) for c in cells):
             raise FormatError(f"{where}: image column {key!r} has rows without embedded bytes")
-        frames[name] = [decode_image(c["bytes"]) for c in cells]
+        frames[name] = [c["bytes"] for c in cells]  # the writer copies or decodes them (`encode_camera`)
     for name, rel, start in src.videos:
         frames[name] = read_video_frames(root / rel, start, src.length, src.fps)
     meta = {"source_format": "lerobot", "lerobot_version": src.version, "episode_index": src.episode_index}
     if src.fps:
         meta["fps"] = src.fps
-    return Episode(
-        key=f"ep{src.episode_index:06d}",
-        instruction=src.instruction,
-        action=column_matrix(table, src.action_key, where),
-        state=column_matrix(table, src.state_key, where),
-        frames=frames,
-        meta=meta,
-    )
+    action = column_matrix(table, src.action_key, where)
+    state = column_matrix(table, src.state_key, where)
+    segments = task_segments(table, src, where)
+    if len(segments) == 1:
+        return [Episode(f"ep{src.episode_index:06d}", segments[0][2], action, state, frames, meta)]
+    return [
+        Episode(
+            key=f"ep{src.episode_index:06d}_{i:02d}",
+            instruction=task,
+            action=action[a:b],
+            state=state[a:b],
+            frames={name: f[a:b] for name, f in frames.items()},
+            meta={**meta, "segment": i, "frame_start": a},
+        )
+        for i, (a, b, task) in enumerate(segments)
+    ]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

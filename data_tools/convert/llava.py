@@ -85,7 +85,8 @@ def load_sample(src: Source, strict: bool) -> VLSample:
         problem = "image not found"
     else:
         try:
-            image = decode_image(path.read_bytes())
+            data = path.read_bytes()
+            decode_image(data)  # readable? (the writer copies JPEG/PNG/WebP files as they are)
         except FormatError as err:  # the name only: PIL's message holds a memory address, the manifest must not
             problem = f"undecodable image ({type(err.__cause__ or err).__name__})"
         except OSError as err:
@@ -96,7 +97,7 @@ def load_sample(src: Source, strict: bool) -> VLSample:
             raise FormatError(f"{message}; fix the file or --image-folder, or drop --strict to skip such entries")
         raise SkipSample(message)
     conversations = [{"from": who, "value": value} for who, value in src.conversations]
-    return VLSample(key=src.key, image=image, conversations=conversations)
+    return VLSample(key=src.key, image=data, conversations=conversations)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -5,7 +5,8 @@ with `dataset_info.json`, `features.json` and `<name>-<split>.tfrecord-NNNNN-of-
 files (or `<name>` holding one such version folder). One record = one episode; nested
 keys are joined with '/' (`steps/action`, `steps/observation/image`), every step's values
 concatenated, so float arrays are reshaped by the feature shape from features.json (or
-by the step count, which is `len(steps/is_first)`). Images are JPEG/PNG bytes per step.
+by the step count, which is `len(steps/is_first)`). Images are JPEG/PNG bytes per step,
+passed on as bytes (copied into the shards unchanged under `--image-ext auto` / a matching one).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from data_tools.convert.common import ConvertOptions, add_common_args, convert, parse_cameras, report
 from data_tools.tfrecord import Value, parse_example, read_record, record_offsets
-from vla_scale.data.format import Episode, FormatError, decode_image
+from vla_scale.data.format import Episode, FormatError
 
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
@@ -136,7 +137,7 @@ def load_episode(source: tuple[str, int, int], keys: Keys, split: str) -> Episod
         if not isinstance(images, list) or len(images) != length:
             n = len(images)
             raise FormatError(f"{where}: {key!r} has {n} entries for {length} steps; is it an image key?")
-        frames[cam] = [decode_image(b) for b in images]
+        frames[cam] = list(images)  # file bytes: the writer copies or decodes them (`encode_camera`)
     instruction = ""
     if keys.instruction:
         texts = [t for t in example[keys.instruction] if isinstance(t, bytes) and t]

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
@@ -138,3 +140,67 @@ def test_bad_keys_give_clear_errors(v3: Path, tmp_path: Path, capsys: pytest.Cap
     assert "observation.images.top" in capsys.readouterr().err
     assert convert(tmp_path, tmp_path / "c") == 2
     assert "meta/info.json" in capsys.readouterr().err
+
+
+def make_two_task_episode(root: Path, version: str) -> Path:
+    """Episode 1 does TASKS[1] for frames 0-2, then TASKS[0]: its metadata lists both, its rows say which."""
+    data = root / ("data/chunk-000/file-000.parquet" if version == "v3.0" else "data/chunk-000/episode_000001.parquet")
+    table = pq.read_table(data)
+    ep, t = table.column("episode_index").to_numpy(), table.column("frame_index").to_numpy()
+    task = np.where((ep == 1) & (t >= 3), 0, table.column("task_index").to_numpy())
+    table = table.set_column(table.column_names.index("task_index"), "task_index", pa.array(task, pa.int64()))
+    pq.write_table(table, data)
+    if version == "v3.0":
+        meta = root / "meta/episodes/chunk-000/file-000.parquet"
+        rows = pq.read_table(meta).to_pylist()
+        rows[1]["tasks"] = [TASKS[1], TASKS[0]]
+        pq.write_table(pa.Table.from_pylist(rows), meta)
+    else:
+        meta = root / "meta/episodes.jsonl"
+        rows = [json.loads(line) for line in meta.read_text().splitlines()]
+        rows[1]["tasks"] = [TASKS[1], TASKS[0]]
+        meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_episode_with_two_tasks_is_split_where_the_task_changes(tmp_path: Path, version: str) -> None:
+    make = make_v3 if version == "v3.0" else make_v21
+    src = make_two_task_episode(make(tmp_path / "src"), version)
+    out = tmp_path / "out"
+    assert convert(src, out) == 0
+    got = read_episodes(out)
+    assert [ep.key for ep in got] == ["ep000000", "ep000001_00", "ep000001_01", "ep000002"]
+    assert [ep.instruction for ep in got] == [TASKS[0], TASKS[1], TASKS[0], TASKS[0]]
+    first, second = got[1], got[2]
+    assert (first.length, second.length) == (3, 4)
+    assert (first.meta["segment"], second.meta["segment"], second.meta["frame_start"]) == (0, 1, 3)
+    assert first.meta["episode_index"] == second.meta["episode_index"] == 1
+    np.testing.assert_array_equal(second.state, np.array([state(1, t) for t in range(3, 7)], np.float32))
+    np.testing.assert_array_equal(second.action, np.array([action(1, t) for t in range(3, 7)], np.float32))
+    if version == "v3.0":  # the wrist camera is a PNG image column: exact
+        for i, t in enumerate(range(3, 7)):
+            np.testing.assert_array_equal(second.frames["rgb_wrist"][i], frame(1, t, 1))
+    assert sum(s.frames for s in Manifest.load(out).shards) == sum(LENGTHS)
+
+
+def test_resume_never_loses_part_of_a_split_episode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards of 2: episode 1's two parts straddle the first shard cut, so no resume point may follow it."""
+    src = make_two_task_episode(make_v3(tmp_path / "src"), "v3.0")
+    assert convert(src, tmp_path / "full") == 0
+    real = lerobot.load_episode
+
+    def failing(source: lerobot.Source):
+        if source.episode_index == 2:
+            raise RuntimeError("simulated crash")
+        return real(source)
+
+    monkeypatch.setattr(lerobot, "load_episode", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out" / PROGRESS_FILE).exists()  # shard 0 ends inside episode 1: nothing to resume
+    monkeypatch.setattr(lerobot, "load_episode", real)
+    assert convert(src, tmp_path / "out", "--resume") == 0
+    assert Manifest.load(tmp_path / "out") == Manifest.load(tmp_path / "full")
+    for shard in Manifest.load(tmp_path / "full").shards:
+        assert (tmp_path / "out" / shard.path).read_bytes() == (tmp_path / "full" / shard.path).read_bytes()

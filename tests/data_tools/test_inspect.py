@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,14 @@ def test_vl(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
 def test_not_a_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["inspect", str(tmp_path)]) == 2
     assert "not a vla_scale dataset" in capsys.readouterr().err
+
+
+def test_default_output_goes_beside_the_shards(dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    """Not into the current folder: that may be a source checkout or anywhere the user happened to be."""
+    robot = Path(shutil.copytree(dataset / "robot", tmp_path / "robot"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(["inspect", str(robot), "--episodes", "2"]) == 0
+    assert sorted(p.name for p in (robot / "inspect").iterdir()) == ["actions.png", "frames.png"]
+    assert not any(cwd.iterdir())

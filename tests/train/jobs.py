@@ -177,21 +177,28 @@ def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
 
 def run_ranks(
     tmp_path: Path,
-    data: Path,
+    data: Path | None,
     *overrides: str,
     world_size: int = 2,
     timeout: float = 420,
     expect_fail: bool = False,
+    config: Path = CONFIG,
 ) -> RanksResult:
     """Prepare configs/debug.yaml (+ overrides) here, then run `world_size` ranks directly until all exit.
 
+    Another `config` gets only the run folder under `tmp_path` and the short process-group timeout;
+    its data paths (and `data` is then unused) and everything else come with `overrides`.
     Fails the test (after killing every rank) on the deadline, when a rank fails unexpectedly, or when
     `expect_fail` and no rank failed.
     """
     from vla_scale.train.prepare import prepare_run
 
-    args = debug_overrides(tmp_path, data, f"train.process_group_timeout_s={PG_TIMEOUT_S}", *overrides)
-    run_dir = prepare_run(CONFIG, args, world_size)
+    timeout_override = f"train.process_group_timeout_s={PG_TIMEOUT_S}"
+    if config == CONFIG:
+        args = debug_overrides(tmp_path, data, timeout_override, *overrides)
+    else:
+        args = [f"run.output_dir={tmp_path / 'runs'}", timeout_override, *overrides]
+    run_dir = prepare_run(config, args, world_size)
     logs = tmp_path / "rank_logs"
     logs.mkdir(exist_ok=True)
     port = free_port()

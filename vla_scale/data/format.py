@@ -10,12 +10,14 @@ frames twice. Its tar members share the key `<episode key>`:
 - `meta.json`: `{"instruction": str, "length": L, "cameras": [...], ...}`
 - `action.npy`: float32 `[L, A]` (last dimension = gripper, 0 open / 1 closed)
 - `state.npy`: float32 `[L, S]`
-- `<camera>.<t:04d>.<jpg|png|webp>`: one compressed frame per step and camera
+- `<camera>.<t:04d>.<jpg|png|webp>`: one compressed frame per step and camera; the
+  extension per camera is `meta["image_exts"][camera]` (older shards: `meta["image_ext"]`)
+  and how it was made `meta["image_encoding"][camera]` (see `encode_camera`)
 
 VL sample = one image and one LLaVA-style conversation:
 - `jpg` / `png` / `webp`: the image
 - `json`: `{"conversations": [{"from": "human", "value": "<image>\\n..."},
-  {"from": "gpt", "value": "..."}, ...]}`
+  {"from": "gpt", "value": "..."}, ...], "image_encoding": "png"}` (how the image was stored)
 
 Arrays are `.npy` read with `allow_pickle=False`; no pickle anywhere.
 """
@@ -33,6 +35,10 @@ from PIL import Image
 
 SCHEMA_VERSION = 1
 IMAGE_EXTS = ("jpg", "png", "webp")
+# What writers accept: a member format, or "auto" = copy source bytes that are JPEG/PNG/WebP, PNG for pixels.
+IMAGE_ENCODINGS = ("auto", *IMAGE_EXTS)
+JPEG_QUALITY = 95
+_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"))
 STAT_KEYS = ("mean", "std", "min", "max", "q01", "q99")
 
 
@@ -48,7 +54,9 @@ class Episode:
     instruction: str
     action: np.ndarray  # float32 [L, A]
     state: np.ndarray  # float32 [L, S]
-    frames: dict[str, list[np.ndarray]]  # camera -> L uint8 [H, W, 3]
+    # camera -> L frames: uint8 [H, W, 3] pixels, or a source's compressed file bytes (JPEG/PNG/WebP), which
+    # the writer copies unchanged where the chosen encoding allows (`encode_camera`); decoded episodes hold pixels.
+    frames: dict[str, list[np.ndarray | bytes]]
     meta: dict = field(default_factory=dict)  # extra metadata kept verbatim
 
     @property
@@ -61,7 +69,7 @@ class VLSample:
     """One image + LLaVA-style conversation."""
 
     key: str
-    image: np.ndarray  # uint8 [H, W, 3]
+    image: np.ndarray | bytes  # uint8 [H, W, 3], or compressed source bytes (written as `Episode` frames are)
     conversations: list[dict]
 
 
@@ -90,6 +98,8 @@ class Manifest:
     state_dim: int = 0
     image_size: list[int] = field(default_factory=list)  # [H, W]
     extra: dict = field(default_factory=dict)
+    # camera (VL: "image") -> how its frames are stored, e.g. "png", "jpg (source bytes)", "jpg q95 4:4:4"
+    image_encoding: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -175,18 +185,49 @@ def compute_stats(arrays: list[np.ndarray]) -> dict[str, list[float]]:
     }
 
 
-def encode_image(img: np.ndarray, ext: str = "jpg", quality: int = 95) -> bytes:
+def encode_image(img: np.ndarray, ext: str = "jpg", quality: int = JPEG_QUALITY) -> bytes:
+    """Pixels → file bytes; JPEG without chroma subsampling (4:4:4: 4:2:0 costs ~10x the error on detail)."""
     if ext not in IMAGE_EXTS:
         raise FormatError(f"image extension {ext!r} not in {IMAGE_EXTS}")
     buf = io.BytesIO()
     pil = Image.fromarray(np.asarray(img, dtype=np.uint8))
     if ext == "jpg":
-        pil.save(buf, format="JPEG", quality=quality)
+        pil.save(buf, format="JPEG", quality=quality, subsampling=0)
     elif ext == "png":
         pil.save(buf, format="PNG")
     else:
         pil.save(buf, format="WEBP", quality=quality)
     return buf.getvalue()
+
+
+def image_format(data: bytes) -> str | None:
+    """ "jpg" / "png" / "webp" from a file's magic bytes, None for anything else."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), None)
+
+
+def encode_camera(
+    frames: list[np.ndarray | bytes], image_ext: str = "auto", quality: int = JPEG_QUALITY
+) -> tuple[str, str, list[bytes]]:
+    """One camera's frames → (member extension, encoding description, file bytes per frame).
+
+    Source bytes are copied unchanged (after a decode that proves them readable) when every frame is a
+    file of the chosen format, or of any readable format under "auto"; re-encoding a JPEG only adds error.
+    Otherwise pixels are encoded: "auto" → PNG (lossless), "jpg" → 4:4:4 at `quality`.
+    """
+    if image_ext not in IMAGE_ENCODINGS:
+        raise FormatError(f"image encoding {image_ext!r} not in {IMAGE_ENCODINGS}")
+    formats = {image_format(f) if isinstance(f, bytes | bytearray) else None for f in frames}
+    source = formats.pop() if len(formats) == 1 else None
+    if source is not None and image_ext in ("auto", source):
+        for f in frames:
+            decode_image(f)
+        return source, "png" if source == "png" else f"{source} (source bytes)", [bytes(f) for f in frames]
+    ext = "png" if image_ext == "auto" else image_ext
+    pixels = (decode_image(f) if isinstance(f, bytes | bytearray) else f for f in frames)
+    data = [encode_image(p, ext, quality) for p in pixels]
+    return ext, {"png": "png", "jpg": f"jpg q{quality} 4:4:4", "webp": f"webp q{quality}"}[ext], data
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -211,24 +252,31 @@ def decode_npy(data: bytes) -> np.ndarray:
         raise FormatError(f"unreadable .npy ({err})") from err
 
 
-def encode_episode(ep: Episode, image_ext: str = "jpg") -> dict[str, bytes | str]:
-    """Episode → webdataset sample dict (for `webdataset.TarWriter.write`)."""
+def encode_episode(ep: Episode, image_ext: str = "auto", quality: int = JPEG_QUALITY) -> dict[str, bytes | str]:
+    """Episode → webdataset sample dict (for `webdataset.TarWriter.write`); `image_ext` as in `encode_camera`."""
     if ep.action.ndim != 2 or ep.state.ndim != 2 or ep.state.shape[0] != ep.length:
         raise FormatError(f"episode {ep.key}: action [L, A] and state [L, S] must share L")
+    exts, encodings, members = {}, {}, {}
+    for cam in sorted(ep.frames):
+        frames = ep.frames[cam]
+        if len(frames) != ep.length:
+            raise FormatError(f"episode {ep.key}: camera {cam} has {len(frames)} frames, expected {ep.length}")
+        try:
+            exts[cam], encodings[cam], data = encode_camera(frames, image_ext, quality)
+        except FormatError as err:
+            raise FormatError(f"episode {ep.key}: camera {cam}: {err}") from err
+        members.update((f"{cam}.{t:04d}.{exts[cam]}", d) for t, d in enumerate(data))
     meta = dict(ep.meta)
-    meta.update(instruction=ep.instruction, length=ep.length, cameras=sorted(ep.frames), image_ext=image_ext)
+    meta.update(instruction=ep.instruction, length=ep.length, cameras=sorted(ep.frames))
+    # image_ext: the first camera's, for readers of shards from before per-camera extensions
+    meta.update(image_ext=next(iter(exts.values()), "png"), image_exts=exts, image_encoding=encodings)
     sample: dict[str, bytes | str] = {
         "__key__": ep.key,
         "meta.json": json.dumps(meta).encode(),
         "action.npy": encode_npy(ep.action.astype(np.float32)),
         "state.npy": encode_npy(ep.state.astype(np.float32)),
     }
-    for cam, frames in ep.frames.items():
-        if len(frames) != ep.length:
-            raise FormatError(f"episode {ep.key}: camera {cam} has {len(frames)} frames, expected {ep.length}")
-        for t, frame in enumerate(frames):
-            sample[f"{cam}.{t:04d}.{image_ext}"] = encode_image(frame, image_ext)
-    return sample
+    return {**sample, **members}
 
 
 def decode_episode_arrays(sample: dict) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -261,9 +309,15 @@ def decode_episode_arrays(sample: dict) -> tuple[dict, np.ndarray, np.ndarray]:
     return meta, action, state
 
 
+def frame_name(meta: dict, camera: str, t: int) -> str:
+    """Tar member suffix of frame `t` of `camera` (per-camera extension; older shards have one for all)."""
+    ext = (meta.get("image_exts") or {}).get(camera) or meta.get("image_ext", "jpg")
+    return f"{camera}.{t:04d}.{ext}"
+
+
 def decode_frame(sample: dict, meta: dict, camera: str, t: int) -> np.ndarray:
     """Frame `t` of `camera` in a raw robot sample → uint8 `[H, W, 3]`."""
-    name = f"{camera}.{t:04d}.{meta.get('image_ext', 'jpg')}"
+    name = frame_name(meta, camera, t)
     if name not in sample:
         raise FormatError(f"sample {sample.get('__key__', '?')}: missing frame {name}")
     try:
@@ -278,15 +332,21 @@ def decode_episode(sample: dict) -> Episode:
     frames = {
         cam: [decode_frame(sample, meta, cam, t) for t in range(action.shape[0])] for cam in meta.get("cameras", [])
     }
-    extra = {k: v for k, v in meta.items() if k not in ("instruction", "length", "cameras", "image_ext")}
+    own = ("instruction", "length", "cameras", "image_ext", "image_exts", "image_encoding")
+    extra = {k: v for k, v in meta.items() if k not in own}
     return Episode(sample.get("__key__", "?"), meta.get("instruction", ""), action, state, frames, extra)
 
 
-def encode_vl(sample: VLSample, image_ext: str = "jpg") -> dict[str, bytes | str]:
+def encode_vl(sample: VLSample, image_ext: str = "auto", quality: int = JPEG_QUALITY) -> dict[str, bytes | str]:
+    """VLSample → webdataset sample dict; the image is stored as `encode_camera` stores a frame."""
+    try:
+        ext, encoding, (data,) = encode_camera([sample.image], image_ext, quality)
+    except FormatError as err:
+        raise FormatError(f"sample {sample.key}: {err}") from err
     return {
         "__key__": sample.key,
-        image_ext: encode_image(sample.image, image_ext),
-        "json": json.dumps({"conversations": sample.conversations}).encode(),
+        ext: data,
+        "json": json.dumps({"conversations": sample.conversations, "image_encoding": encoding}).encode(),
     }
 
 
