@@ -20,6 +20,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from data_tools.space_choice import SpaceCheck, SpaceChoice
 from vla_scale.data.format import (
     IMAGE_ENCODINGS,
     IMAGE_EXTS,
@@ -29,6 +30,7 @@ from vla_scale.data.format import (
     Manifest,
     ShardInfo,
     VLSample,
+    Spaces,
     compute_stats,
     decode_npy,
     encode_episode,
@@ -90,6 +92,7 @@ class ShardWriter:
         extra: dict | None = None,
         overwrite: bool = False,
         resume: list[ShardInfo] | None = None,
+        spaces: Spaces | SpaceChoice | None = None,
     ) -> None:
         if kind not in ("robot", "vl"):
             raise ValueError(f"kind must be 'robot' or 'vl', not {kind!r}")
@@ -109,6 +112,8 @@ class ShardWriter:
         self.image_ext = image_ext
         self.jpeg_quality = jpeg_quality
         self.extra = dict(extra or {})
+        # robot: the declared action/state spaces, checked on every episode; None writes no declaration (legacy)
+        self._spaces = SpaceCheck(spaces) if spaces is not None and kind == "robot" else None
         self.shards: list[ShardInfo] = []
         self._prepare_dir(overwrite, keep=None if resume is None else [s.path for s in resume])
 
@@ -273,6 +278,8 @@ class ShardWriter:
                 f"sample {key}: cameras {cameras}, action dim {action.shape[1]}, state dim {state.shape[1]} differ "
                 f"from the dataset's {self._cameras}, {self._action_dim}, {self._state_dim}"
             )
+        if self._spaces is not None:
+            self._spaces.check(key, action, state)
         for cam, encoding in (meta.get("image_encoding") or {}).items():
             self._encodings.setdefault(cam, set()).add(encoding)
         if cameras and action.shape[0] > 0:
@@ -330,6 +337,13 @@ class ShardWriter:
         if not self.shards:
             self.abort()
             raise FormatError(f"no samples were written to {self.out_dir}; nothing to save")
+        spaces = {}
+        if self._spaces is not None:
+            try:
+                spaces = self._spaces.resolve(self._action_dim, self._state_dim).to_json()
+            except FormatError:
+                self.abort()
+                raise
         if self.kind == "robot":
             stats = {"action": compute_stats(self._actions), "state": compute_stats(self._states)}
             tmp = self.out_dir / "stats.json.tmp"
@@ -346,6 +360,7 @@ class ShardWriter:
             image_size=size,
             extra=self.extra,
             image_encoding={cam: " + ".join(sorted(seen)) for cam, seen in sorted(self._encodings.items())},
+            spaces=spaces,
         )
         self.manifest.save(self.out_dir)
         self._closed = True

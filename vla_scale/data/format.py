@@ -8,7 +8,8 @@ A dataset is a folder with:
 Robot sample = one episode, so windows are cut on the reader side without storing
 frames twice. Its tar members share the key `<episode key>`:
 - `meta.json`: `{"instruction": str, "length": L, "cameras": [...], ...}`
-- `action.npy`: float32 `[L, A]` (last dimension = gripper, 0 open / 1 closed)
+- `action.npy`: float32 `[L, A]` in the robot's units; which dimensions are binary grippers and how the
+  others are normalised is declared in the manifest (`spaces`, see `vla_scale.data.spaces`)
 - `state.npy`: float32 `[L, S]`
 - `<camera>.<t:04d>.<jpg|png|webp>`: one compressed frame per step and camera; the
   extension per camera is `meta["image_exts"][camera]` (older shards: `meta["image_ext"]`)
@@ -33,6 +34,7 @@ from typing import Literal
 import numpy as np
 
 from vla_scale.data.errors import FormatError
+from vla_scale.data.spaces import Spaces
 from vla_scale.data.images import (  # noqa: F401 - the image codec is part of the format's public names
     IMAGE_ENCODINGS,
     IMAGE_EXTS,
@@ -101,6 +103,13 @@ class Manifest:
     extra: dict = field(default_factory=dict)
     # camera (VL: "image") -> how its frames are stored, e.g. "png", "jpg (source bytes)", "jpg q95 4:4:4"
     image_encoding: dict[str, str] = field(default_factory=dict)
+    # robot: the declared action/state spaces (`Spaces.to_json`); {} = legacy layout (last dims binary, mean/std)
+    spaces: dict = field(default_factory=dict)
+
+    @property
+    def robot_spaces(self) -> Spaces:
+        """The declared action and state spaces (the legacy layout when the manifest declares none)."""
+        return Spaces.from_json(self.spaces, self.action_dim, self.state_dim, "manifest.json: spaces")
 
     @property
     def num_samples(self) -> int:
@@ -131,9 +140,15 @@ class Manifest:
             )
         try:
             data["shards"] = [ShardInfo(**s) for s in data["shards"]]
-            return cls(**data)
+            manifest = cls(**data)
         except (KeyError, TypeError) as err:
             raise FormatError(f"{path}: not a dataset manifest ({err}); re-convert the dataset") from err
+        if manifest.kind == "robot":
+            try:
+                manifest.robot_spaces  # noqa: B018 - checked on read: a bad declaration fails here, not in the ranks
+            except FormatError as err:
+                raise FormatError(f"{path}: {err}; fix the declaration or re-convert the dataset") from err
+        return manifest
 
 
 def load_stats(folder: str | Path) -> dict[str, dict[str, np.ndarray]]:

@@ -1,22 +1,24 @@
-"""Action and state normalisation from a dataset's stats.json.
+"""Action and state normalisation from a dataset's stats.json and its declared spaces (`vla_scale.data.spaces`).
 
-Arm action (and state) dimensions are z-scored with the dataset mean/std so every dimension has
-a comparable loss scale; the last action dimension is the gripper and becomes a
-binary target in {0, 1} (closed when > 0.5) for the BCE head. The policy uses
-`unnormalize_action` to give users actions in their robot's units again.
+Regressed dimensions are scaled so every dimension has a comparable loss scale: `mean_std` z-scores them,
+`min_max` maps [min, max] and `q01_q99` maps [q01, q99] to [-1, 1] (q01_q99 clips outliers to it). Binary
+dimensions become 0/1 targets (1 when above the declared threshold) for the BCE head and are not scaled.
+The normalised array holds the regressed dimensions first, then the binary ones (`Space.order`); the policy
+uses `unnormalize_action` to give users actions in their robot's units and dimension order again.
 
-A dimension whose std is below `MIN_STD` is constant in the dataset: it is normalised with std 1
-(so it trains as `value - mean`, 0 on the data) instead of being divided by ~0, which would turn
-float noise or any unseen value into huge targets. `constant_dims` lists them; `vla-scale prepare`
-reports them before launch.
+A dimension whose spread (std, or half the range) is below `MIN_STD` is constant in the dataset: it is scaled
+by 1 (so it trains as `value - centre`, 0 on the data) instead of being divided by ~0, which would turn float
+noise or any unseen value into huge targets. `constant_dims` lists them; `vla-scale prepare` reports them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from vla_scale.data.spaces import Space, Spaces
+
 EPS = 1e-6
-MIN_STD = 1e-6  # std below this: the dimension is constant (float noise only); normalised with std 1
+MIN_STD = 1e-6  # spread below this: the dimension is constant (float noise only); scaled by 1
 
 
 def safe_std(std: np.ndarray) -> np.ndarray:
@@ -24,35 +26,79 @@ def safe_std(std: np.ndarray) -> np.ndarray:
     return np.where(std < MIN_STD, np.float32(1.0), std).astype(np.float32)
 
 
-def constant_dims(stats: dict[str, dict[str, np.ndarray]]) -> dict[str, list[int]]:
-    """Dimensions normalised with std 1 because they are constant, by array name; the gripper (last) dims excluded,
-    as they are binarised, not z-scored."""
-    return {name: [int(i) for i in np.flatnonzero(stats[name]["std"][:-1] < MIN_STD)] for name in ("action", "state")}
+def _centre_spread(stats: dict[str, np.ndarray], mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension (centre, spread) of a normalisation mode: x → (x - centre) / spread."""
+    if mode == "mean_std":
+        return stats["mean"], stats["std"]
+    low, high = (stats["min"], stats["max"]) if mode == "min_max" else (stats["q01"], stats["q99"])
+    return ((high + low) / 2).astype(np.float32), ((high - low) / 2).astype(np.float32)
+
+
+def constant_dims(stats: dict[str, dict[str, np.ndarray]], spaces: Spaces | None = None) -> dict[str, list[int]]:
+    """Regressed dimensions scaled by 1 because they are constant, by array name (binary dims are not scaled).
+    `spaces` None: the legacy layout (last dimensions binary, mean/std)."""
+    spaces = spaces or Spaces.legacy(len(stats["action"]["mean"]), len(stats["state"]["mean"]))
+    out = {}
+    for name in ("action", "state"):
+        regressed = list(getattr(spaces, name).regressed)
+        spread = _centre_spread(stats[name], spaces.normalization)[1][regressed]
+        out[name] = [regressed[int(i)] for i in np.flatnonzero(spread < MIN_STD)]
+    return out
+
+
+class ArrayNormalizer:
+    """One array's normalisation: regressed dims scaled, binary dims thresholded, reordered as `space.order`."""
+
+    def __init__(self, stats: dict[str, np.ndarray], space: Space, mode: str):
+        self.space = space
+        self.regressed = list(space.regressed)
+        self.binary = list(space.binary)
+        centre, spread = _centre_spread(stats, mode)
+        self.centre = centre[self.regressed]
+        self.scale = safe_std(spread[self.regressed]) + EPS
+        self.clip = mode == "q01_q99"
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """`[..., D]` raw, dataset order → `[..., D]` float32: regressed dims scaled, then binary dims in {0, 1}."""
+        out = np.empty(x.shape, dtype=np.float32)
+        r = len(self.regressed)
+        out[..., :r] = (x[..., self.regressed] - self.centre) / self.scale
+        if self.clip:
+            np.clip(out[..., :r], -1.0, 1.0, out=out[..., :r])
+        out[..., r:] = (x[..., self.binary] > self.space.threshold).astype(np.float32)
+        return out
+
+    def unnormalize(self, regressed: np.ndarray, binary: np.ndarray) -> np.ndarray:
+        """Normalised regressed dims `[..., R]` and binary probabilities `[..., G]` → raw `[..., D]`, dataset order."""
+        raw = regressed * self.scale + self.centre
+        out = np.empty((*raw.shape[:-1], self.space.dim), dtype=raw.dtype)
+        out[..., self.regressed] = raw
+        low, high = self.space.binary_values
+        out[..., self.binary] = np.where(binary > 0.5, high, low).astype(raw.dtype)
+        return out
 
 
 class Normalizer:
-    """Holds one dataset's action/state statistics."""
+    """Holds one dataset's action/state statistics and declared spaces (`spaces` None: the legacy layout)."""
 
-    def __init__(self, stats: dict[str, dict[str, np.ndarray]]):
-        self.action_mean = stats["action"]["mean"][:-1]
-        self.action_std = safe_std(stats["action"]["std"][:-1])
+    def __init__(self, stats: dict[str, dict[str, np.ndarray]], spaces: Spaces | None = None):
+        self.spaces = spaces or Spaces.legacy(len(stats["action"]["mean"]), len(stats["state"]["mean"]))
+        self.action = ArrayNormalizer(stats["action"], self.spaces.action, self.spaces.normalization)
+        self.state = ArrayNormalizer(stats["state"], self.spaces.state, self.spaces.normalization)
+        # The mean/std view older callers read (meaningful under mean_std): action over its regressed dims.
+        self.action_mean = stats["action"]["mean"][self.action.regressed]
+        self.action_std = safe_std(stats["action"]["std"][self.action.regressed])
         self.state_mean = stats["state"]["mean"]
         self.state_std = safe_std(stats["state"]["std"])
 
     def normalize_action(self, action: np.ndarray) -> np.ndarray:
-        """`[..., A]` raw → arm z-scored, gripper in {0, 1}."""
-        out = np.empty_like(action, dtype=np.float32)
-        out[..., :-1] = (action[..., :-1] - self.action_mean) / (self.action_std + EPS)
-        out[..., -1] = (action[..., -1] > 0.5).astype(np.float32)
-        return out
+        """`[..., A]` raw → regressed dims scaled, then the binary (gripper) dims in {0, 1}."""
+        return self.action.normalize(action)
 
     def unnormalize_action(self, arm: np.ndarray, gripper: np.ndarray) -> np.ndarray:
-        """Normalised arm `[..., A-1]` and gripper probability `[..., 1]` → raw `[..., A]`."""
-        raw_arm = arm * (self.action_std + EPS) + self.action_mean
-        return np.concatenate([raw_arm, (gripper > 0.5).astype(raw_arm.dtype)], axis=-1)
+        """Normalised regressed dims `[..., A-G]` and binary probabilities `[..., G]` → raw `[..., A]`."""
+        return self.action.unnormalize(arm, gripper)
 
     def normalize_state(self, state: np.ndarray) -> np.ndarray:
-        """`[..., S]` raw → arm dims z-scored, last (gripper) dim in {0, 1} like the action's."""
-        out = ((state - self.state_mean) / (self.state_std + EPS)).astype(np.float32)
-        out[..., -1] = (state[..., -1] > 0.5).astype(np.float32)
-        return out
+        """`[..., S]` raw → regressed dims scaled, then the binary dims in {0, 1}, like the action's."""
+        return self.state.normalize(state)

@@ -196,7 +196,8 @@ class SourceStream:
         self.bad_windows = bad_windows if bad_windows is not None else set()
         self.replay = False
         self.augment = augment if augment is not None else AugmentConfig()
-        self.normalizer = Normalizer(load_stats(self.folder)) if self.kind == "robot" else None
+        robot = self.kind == "robot"
+        self.normalizer = Normalizer(load_stats(self.folder), self.manifest.robot_spaces) if robot else None
         self.static_camera = self._static_camera()
         self.epoch = 0
         self.rng = np.random.default_rng([seed, reader.rank, reader.worker, 7919])
