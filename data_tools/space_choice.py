@@ -139,7 +139,9 @@ def add_space_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def space_choice(args: argparse.Namespace, action_names: tuple[str, ...] = (), state_names: tuple[str, ...] = ()) -> SpaceChoice:
+def space_choice(
+    args: argparse.Namespace, action_names: tuple[str, ...] = (), state_names: tuple[str, ...] = ()
+) -> SpaceChoice:
     """The `SpaceChoice` of parsed `add_space_args` flags."""
     binary = () if args.no_binary_gripper else args.binary_gripper_dims
     return SpaceChoice(

@@ -34,7 +34,6 @@ from typing import Literal
 import numpy as np
 
 from vla_scale.data.errors import FormatError
-from vla_scale.data.spaces import Spaces
 from vla_scale.data.images import (  # noqa: F401 - the image codec is part of the format's public names
     IMAGE_ENCODINGS,
     IMAGE_EXTS,
@@ -44,6 +43,7 @@ from vla_scale.data.images import (  # noqa: F401 - the image codec is part of t
     encode_image,
     image_format,
 )
+from vla_scale.data.spaces import Spaces
 
 SCHEMA_VERSION = 1
 STAT_KEYS = ("mean", "std", "min", "max", "q01", "q99")
