@@ -9,10 +9,11 @@ rarest BPE merges in practice; their text meaning is overwritten by fine-tuning.
 Decoding maps an id back to its bin centre, so encode → decode is off by at most half a
 bin width (`(max_action - min_action) / (2 n_bin)`) inside the range.
 
-Robot chunks (`encode_chunk` / `decode_chunk`) follow the Batch contract: the last dim is
-the gripper in {0, 1}. It is mapped to {min_action, max_action} before binning, so open and
-closed always land in the two extreme bins whatever `n_bin` and the range are; decoding
-maps back and thresholds at the middle of the range.
+Robot chunks (`encode_chunk` / `decode_chunk`) follow the Batch contract: the last `binary_dims`
+dims are binary grippers in {0, 1} (as many as the dataset declares: 0, 1 or more). They are mapped
+to {min_action, max_action} before binning, so open and closed always land in the two extreme bins
+whatever `n_bin` and the range are; decoding maps back and thresholds at the middle of the range.
+Every dim, binary or not, is one token.
 """
 
 from __future__ import annotations
@@ -63,16 +64,19 @@ class ActionTokenizer:
         bins = (ids.long() - self.first_id).clamp(0, self.n_bin - 1)
         return self.min_action + (bins.float() + 0.5) * self.bin_width
 
-    def encode_chunk(self, action: torch.Tensor) -> torch.Tensor:
-        """Batch-contract actions `[..., A]` (arm dims, gripper in {0, 1} last) → ids `[..., A]`."""
-        gripper = self.min_action + action[..., -1:].float() * (self.max_action - self.min_action)
-        return self.encode(torch.cat([action[..., :-1].float(), gripper], dim=-1))
+    def encode_chunk(self, action: torch.Tensor, binary_dims: int = 1) -> torch.Tensor:
+        """Batch-contract actions `[..., A]` (regressed dims, then `binary_dims` grippers in {0, 1}) → ids
+        `[..., A]`."""
+        regressed = action.shape[-1] - binary_dims
+        gripper = self.min_action + action[..., regressed:].float() * (self.max_action - self.min_action)
+        return self.encode(torch.cat([action[..., :regressed].float(), gripper], dim=-1))
 
-    def decode_chunk(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ids `[..., A]` → (arm bin centres `[..., A-1]`, gripper `[..., 1]` as 1.0 (closed) or 0.0).
+    def decode_chunk(self, ids: torch.Tensor, binary_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids `[..., A]` → (regressed bin centres `[..., A-G]`, grippers `[..., G]` as 1.0 (closed) or 0.0).
 
-        The gripper is a hard 0/1, not a probability: greedy decoding picks one bin.
+        A gripper is a hard 0/1, not a probability: greedy decoding picks one bin.
         """
         values = self.decode(ids)
-        gripper = (values[..., -1:] - self.min_action) / (self.max_action - self.min_action)
-        return values[..., :-1], (gripper > 0.5).float()
+        regressed = values.shape[-1] - binary_dims
+        gripper = (values[..., regressed:] - self.min_action) / (self.max_action - self.min_action)
+        return values[..., :regressed], (gripper > 0.5).float()

@@ -3,8 +3,9 @@
 `latent_num` copies of one learned `action_token` fill each action slot of the fused sequence
 (see `sequence.py`); their LM output states `[B, T', latent_num, D]` go through the action head
 (`mlp`, or a history head `lstm` / `gpt` that fuses the window's frames causally) to a normalised
-arm chunk `[B, T', N, A-1]` and gripper logits `[B, T', N, 1]`. Training: MSE or Huber on the arm
-dims, BCE on the gripper, both over unmasked chunk steps only.
+chunk of the regressed ("arm") dims `[B, T', N, A-G]` and logits of the G binary grippers `[B, T', N, G]`
+(G from the dataset's declared action space; 0, 1 or more). Training: MSE or Huber on the regressed dims,
+BCE on the grippers (`loss_gripper` / `acc_gripper` only when G > 0), over unmasked chunk steps only.
 
 The parameters (`action_token`, `action_head`) live on `RoboVLM` under those names, so checkpoints
 and the training stages' parameter groups keep their names; `ContinuousActions` holds only the
@@ -32,21 +33,22 @@ if TYPE_CHECKING:
 
 
 def build_continuous_modules(
-    cfg: ModelConfig, hidden: int, action_dim: int, chunk_size: int, dtype: torch.dtype
+    cfg: ModelConfig, hidden: int, action_dim: int, chunk_size: int, dtype: torch.dtype, binary_dims: int = 1
 ) -> tuple[nn.Parameter, nn.Module]:
     """The learned action token `[D]` and the action head (maps `[B, T, latent_num, D]` to `[B, T, N, ...]`)."""
     # Small normal, not zeros: the LM's first RMSNorm has a huge gradient at the zero vector.
     token = nn.Parameter((torch.randn(hidden) * 0.02).to(dtype))
-    head = build_action_head(cfg.head, hidden, action_dim, chunk_size, cfg.latent_num).to(dtype)
+    head = build_action_head(cfg.head, hidden, action_dim, chunk_size, cfg.latent_num, binary_dims).to(dtype)
     return token, head
 
 
 class ContinuousActions:
     """Losses and predictions of the continuous path; `model` is the RoboVLM holding the parameters."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, binary_dims: int = 1):
         self.cfg = cfg
         self.latent_num = cfg.latent_num
+        self.binary_dims = binary_dims
 
     def latents(self, model: RoboVLM, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
         """Learned action tokens' output states `[B, T', latent_num, D]` (T' = T, or 1 under `video`) and the
@@ -66,7 +68,7 @@ class ContinuousActions:
     def outputs(
         self, model: RoboVLM, obs: Observation
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Head outputs → (arm `[B, T', N, A-1]`, gripper logits `[B, T', N, 1]`, action-token hidden states
+        """Head outputs → (arm `[B, T', N, A-G]`, gripper logits `[B, T', N, G]`, action-token hidden states
         `[B*T', latent_num, D]`, number of attended LM positions). A history head (lstm / gpt) runs over the
         given window from a fresh state."""
         latents, num_tokens = self.latents(model, obs)
@@ -80,27 +82,24 @@ class ContinuousActions:
         # Zero the targets of masked steps first so NaN/inf padding cannot leak into loss or gradients.
         target = torch.where(mask.unsqueeze(-1), action.float(), 0.0)
         count = mask.sum().clamp(min=1)
+        regressed = arm.shape[-1]  # the batch contract: regressed dims first, then the binary ones
         if self.cfg.head.arm_loss == "huber":
-            arm_err = F.huber_loss(arm.float(), target[..., :-1], reduction="none", delta=1.0)
+            arm_err = F.huber_loss(arm.float(), target[..., :regressed], reduction="none", delta=1.0)
         else:
-            arm_err = F.mse_loss(arm.float(), target[..., :-1], reduction="none")
+            arm_err = F.mse_loss(arm.float(), target[..., :regressed], reduction="none")
         loss_arm = torch.where(mask, arm_err.mean(dim=-1), 0.0).sum() / count
-        grip_logit, grip_target = gripper.float()[..., 0], target[..., -1]
-        bce = F.binary_cross_entropy_with_logits(grip_logit, grip_target, reduction="none")
-        loss_gripper = torch.where(mask, bce, 0.0).sum() / count
-        correct = (grip_logit > 0) == (grip_target > 0.5)
-        acc_gripper = (correct & mask).sum().float().detach() / count
         weights = self.cfg.loss_weights
-        loss = weights.arm * loss_arm + weights.gripper * loss_gripper
+        out = {"loss": weights.arm * loss_arm, "loss_arm": loss_arm}
+        if self.binary_dims:  # no gripper terms for a space without a binary gripper
+            grip_logit, grip_target = gripper.float(), target[..., regressed:]
+            bce = F.binary_cross_entropy_with_logits(grip_logit, grip_target, reduction="none").mean(dim=-1)
+            out["loss_gripper"] = torch.where(mask, bce, 0.0).sum() / count
+            correct = ((grip_logit > 0) == (grip_target > 0.5)).float().mean(dim=-1)
+            out["acc_gripper"] = torch.where(mask, correct, 0.0).sum().detach() / count
+            out["loss"] = out["loss"] + weights.gripper * out["loss_gripper"]
         # lm_head is idle on continuous robot batches: keep it in the graph with one token (see zero_sync).
-        loss = loss + zero_touch(model.adapter.lm_head(action_hidden[:1, :1]))
-        out = {
-            "loss": loss,
-            "loss_arm": loss_arm,
-            "loss_gripper": loss_gripper,
-            "acc_gripper": acc_gripper,
-            "num_tokens": num_tokens,
-        }
+        out["loss"] = out["loss"] + zero_touch(model.adapter.lm_head(action_hidden[:1, :1]))
+        out["num_tokens"] = num_tokens
         return out, action_hidden, None
 
     def idle_outputs(self, model: RoboVLM) -> list[torch.Tensor]:
@@ -109,12 +108,12 @@ class ContinuousActions:
         return [arm, gripper]
 
     def predict(self, model: RoboVLM, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalised arm chunk `[B, T', N, A-1]`, gripper probability `[B, T', N, 1]`) over the window."""
+        """(normalised regressed chunk `[B, T', N, A-G]`, gripper probabilities `[B, T', N, G]`) over the window."""
         arm, gripper, _, _ = self.outputs(model, obs)
         return arm.float(), torch.sigmoid(gripper.float())
 
     def predict_step(self, model: RoboVLM, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
-        """One frame `[B, 1, ...]` through a history head's memory → (arm `[B, 1, N, A-1]`, gripper probability)."""
+        """One frame `[B, 1, ...]` through a history head's memory → (arm `[B, 1, N, A-G]`, gripper probabilities)."""
         head = model.action_head
         if not isinstance(head, HistoryHead):
             raise ValueError(f"stepwise prediction needs a history head (lstm / gpt), not {type(head).__name__}")

@@ -57,9 +57,12 @@ def build_action_tokenizer(cfg: ModelConfig, adapter: BackboneAdapter) -> Action
 class DiscreteActions:
     """Labels, loss and decoding of the discrete path; `model` is the RoboVLM whose LM predicts the ids."""
 
-    def __init__(self, cfg: ModelConfig, adapter: BackboneAdapter, action_dim: int, chunk_size: int):
+    def __init__(
+        self, cfg: ModelConfig, adapter: BackboneAdapter, action_dim: int, chunk_size: int, binary_dims: int = 1
+    ):
         self.cfg = cfg
         self.action_dim = action_dim
+        self.binary_dims = binary_dims  # the last ones of the batch's action dims (the Batch contract)
         self.chunk_size = chunk_size
         self.tokenizer = build_action_tokenizer(cfg, adapter)
 
@@ -69,7 +72,7 @@ class DiscreteActions:
         action, mask = chunk_targets(batch, self.cfg.history_type)
         # Masked steps hold any value (NaN past the episode end): give them a valid id, then ignore it.
         target = torch.where(mask.unsqueeze(-1), action.float(), 0.0)
-        ids = self.tokenizer.encode_chunk(target)
+        ids = self.tokenizer.encode_chunk(target, self.binary_dims)
         labels = torch.where(mask.unsqueeze(-1), ids, IGNORE_INDEX)
         flat = "b t n a -> (b t) (n a)" if self.cfg.history_type == "post" else "b t n a -> b t (n a)"
         return rearrange(ids, flat), rearrange(labels, flat)
@@ -134,8 +137,9 @@ class DiscreteActions:
         return rearrange(ids, "(b t) (n a) -> b t n a", b=b, t=t, a=self.action_dim)
 
     def predict(self, model: RoboVLM, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded chunks: (arm bin centres `[B, T', N, A-1]`, gripper 1.0 (closed bin) or 0.0 `[B, T', N, 1]`)."""
-        return self.tokenizer.decode_chunk(self.decode_ids(model, obs))
+        """Decoded chunks: (regressed bin centres `[B, T', N, A-G]`, grippers 1.0 (closed bin) or 0.0
+        `[B, T', N, G]`)."""
+        return self.tokenizer.decode_chunk(self.decode_ids(model, obs), self.binary_dims)
 
 
 # --- greedy decoding ----------------------------------------------------------------------------------------

@@ -14,21 +14,21 @@ from __future__ import annotations
 from collections import deque
 
 import torch
-from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vla_scale.config.schema import ActionHeadConfig
-from vla_scale.model.action_head import MLPActionHead
+from vla_scale.model.action_head import MLPActionHead, check_action_dims, chunk_outputs
 
 
 class HistoryHead(nn.Module):
     """Shared parts: pool + project per frame, a causal time model (subclass), chunk outputs, the frame memory."""
 
-    def __init__(self, in_dim: int, action_dim: int, chunk_size: int, hidden_size: int, max_history: int):
+    def __init__(
+        self, in_dim: int, action_dim: int, chunk_size: int, hidden_size: int, max_history: int, binary_dims: int = 1
+    ):
         super().__init__()
-        if action_dim < 2:
-            raise ValueError(f"action_dim must be >= 2 (arm dims then one gripper dim), got {action_dim}")
+        check_action_dims(action_dim, binary_dims)
         if max_history < 1:
             raise ValueError(
                 f"model.head.max_history must be >= 1 for a history head, got {max_history} "
@@ -37,8 +37,8 @@ class HistoryHead(nn.Module):
         self.chunk_size = chunk_size
         self.max_history = max_history
         self.proj = nn.Linear(in_dim, hidden_size)
-        self.arm = nn.Linear(hidden_size, chunk_size * (action_dim - 1))
-        self.gripper = nn.Linear(hidden_size, chunk_size)
+        self.arm = nn.Linear(hidden_size, chunk_size * (action_dim - binary_dims))
+        self.gripper = nn.Linear(hidden_size, chunk_size * binary_dims) if binary_dims else None
         self._frames: deque[torch.Tensor] = deque(maxlen=max_history)  # projected features [B, H], not weights
         # Recompute the time model's activations in backward (set with the backbone's gradient checkpointing).
         self.gradient_checkpointing = False
@@ -55,12 +55,10 @@ class HistoryHead(nn.Module):
         raise NotImplementedError
 
     def _outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        arm = rearrange(self.arm(h), "... (n a) -> ... n a", n=self.chunk_size)
-        gripper = rearrange(self.gripper(h), "... (n one) -> ... n one", one=1)
-        return arm, gripper
+        return chunk_outputs(h, self.arm, self.gripper, self.chunk_size)
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training / windowed: `[B, T, latent_num, D]` → (arm `[B, T, N, A-1]`, gripper logits `[B, T, N, 1]`)."""
+        """Training / windowed: `[B, T, latent_num, D]` → (arm `[B, T, N, A-G]`, gripper logits `[B, T, N, G]`)."""
         if latents.dim() != 4:
             raise ValueError(f"a history head takes [B, T, latent_num, D], got shape {tuple(latents.shape)}")
         if latents.shape[1] > self.max_history:
@@ -71,7 +69,7 @@ class HistoryHead(nn.Module):
         return self._outputs(self._time(self.proj(latents.mean(dim=2))))
 
     def step(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference, one frame: `[B, latent_num, D]` → (arm `[B, N, A-1]`, gripper logits `[B, N, 1]`)."""
+        """Inference, one frame: `[B, latent_num, D]` → (arm `[B, N, A-G]`, gripper logits `[B, N, G]`)."""
         if self._frames and self._frames[-1].shape[0] != latents.shape[0]:
             raise ValueError("batch size changed within an episode; call reset() between episodes")
         return self._outputs(self._time_step(self.proj(latents.mean(dim=1))))
@@ -84,8 +82,8 @@ class HistoryHead(nn.Module):
 class LSTMHistoryHead(HistoryHead):
     """A stacked LSTM over frames; at inference it carries its hidden state while the episode fits the window."""
 
-    def __init__(self, in_dim: int, action_dim: int, chunk_size: int, cfg: ActionHeadConfig):
-        super().__init__(in_dim, action_dim, chunk_size, cfg.hidden_size, cfg.max_history)
+    def __init__(self, in_dim: int, action_dim: int, chunk_size: int, cfg: ActionHeadConfig, binary_dims: int = 1):
+        super().__init__(in_dim, action_dim, chunk_size, cfg.hidden_size, cfg.max_history, binary_dims)
         self.rnn = nn.LSTM(cfg.hidden_size, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True)
         self._state: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -112,8 +110,8 @@ class GPTHistoryHead(HistoryHead):
     """A small causal transformer over frames with learned frame positions; at inference it reruns over a
     rolling buffer of the last `max_history` frame features (positions 0.. as in a training window)."""
 
-    def __init__(self, in_dim: int, action_dim: int, chunk_size: int, cfg: ActionHeadConfig):
-        super().__init__(in_dim, action_dim, chunk_size, cfg.hidden_size, cfg.max_history)
+    def __init__(self, in_dim: int, action_dim: int, chunk_size: int, cfg: ActionHeadConfig, binary_dims: int = 1):
+        super().__init__(in_dim, action_dim, chunk_size, cfg.hidden_size, cfg.max_history, binary_dims)
         h = cfg.hidden_size
         self.pos = nn.Parameter(torch.randn(cfg.max_history, h) * 0.02)
         layer = nn.TransformerEncoderLayer(
@@ -139,13 +137,16 @@ class GPTHistoryHead(HistoryHead):
 
 
 def build_action_head(
-    cfg: ActionHeadConfig, in_dim: int, action_dim: int, chunk_size: int, latent_num: int
+    cfg: ActionHeadConfig, in_dim: int, action_dim: int, chunk_size: int, latent_num: int, binary_dims: int = 1
 ) -> nn.Module:
-    """`model.head.type` → the head module; every head maps `[B, T, latent_num, D]` to `[B, T, N, ...]` chunks."""
+    """`model.head.type` → the head module; every head maps `[B, T, latent_num, D]` to `[B, T, N, ...]` chunks
+    (`binary_dims` of the `action_dim` dims get gripper logits, the rest are regressed)."""
     if cfg.type == "mlp":
-        return MLPActionHead(in_dim, action_dim, chunk_size, latent_num=latent_num, hidden_size=cfg.hidden_size)
+        return MLPActionHead(
+            in_dim, action_dim, chunk_size, latent_num=latent_num, hidden_size=cfg.hidden_size, binary_dims=binary_dims
+        )
     if cfg.type == "lstm":
-        return LSTMHistoryHead(in_dim, action_dim, chunk_size, cfg)
+        return LSTMHistoryHead(in_dim, action_dim, chunk_size, cfg, binary_dims)
     if cfg.type == "gpt":
-        return GPTHistoryHead(in_dim, action_dim, chunk_size, cfg)
+        return GPTHistoryHead(in_dim, action_dim, chunk_size, cfg, binary_dims)
     raise ValueError(f"model.head.type={cfg.type!r}; use 'mlp', 'lstm' or 'gpt'")

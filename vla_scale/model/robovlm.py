@@ -60,7 +60,11 @@ class RoboVLM(nn.Module):
         adapter: BackboneAdapter,
         chunk_size: int = 1,
         clip_teacher: ClipTextTeacher | None = None,
+        binary_dims: int = 1,
+        binary_state_dims: int = 1,
     ):
+        """`binary_dims` / `binary_state_dims`: how many of the action / state dims are binary grippers (the last
+        ones, by the Batch contract), from the dataset's declared spaces; 1 and 1 is the legacy layout."""
         super().__init__()
         if cfg.action_space not in ("continuous", "discrete"):
             raise ValueError(f"model.action_space={cfg.action_space!r}; use 'continuous' or 'discrete'")
@@ -72,6 +76,8 @@ class RoboVLM(nn.Module):
         self.cfg = cfg
         self.action_dim = action_dim
         self.state_dim = state_dim
+        self.binary_dims = binary_dims
+        self.binary_state_dims = binary_state_dims
         self.chunk_size = chunk_size
         self.latent_num = cfg.latent_num
         self.adapter = adapter
@@ -83,12 +89,14 @@ class RoboVLM(nn.Module):
         self.action_tokenizer: ActionTokenizer | None = None
         self.actions: ContinuousActions | DiscreteActions
         if cfg.action_space == "discrete":
-            self.actions = DiscreteActions(cfg, adapter, action_dim, chunk_size)
+            self.actions = DiscreteActions(cfg, adapter, action_dim, chunk_size, binary_dims)
             self.action_tokenizer = self.actions.tokenizer
         else:
-            self.actions = ContinuousActions(cfg)
-            self.action_token, self.action_head = build_continuous_modules(cfg, hidden, action_dim, chunk_size, dtype)
-        self.state_encoder = StateEncoder(state_dim, hidden).to(dtype) if cfg.use_state else None
+            self.actions = ContinuousActions(cfg, binary_dims)
+            self.action_token, self.action_head = build_continuous_modules(
+                cfg, hidden, action_dim, chunk_size, dtype, binary_dims
+            )
+        self.state_encoder = StateEncoder(state_dim, hidden, binary_state_dims).to(dtype) if cfg.use_state else None
         self.resampler: PerceiverResampler | None = None
         if cfg.resampler.enabled:
             self.resampler = PerceiverResampler.from_config(hidden, cfg.resampler).to(dtype)
@@ -154,7 +162,8 @@ class RoboVLM(nn.Module):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Named 0-dim loss terms and metrics plus the weighted `loss` (names are the wandb keys).
 
-        Robot batches: loss, loss_arm, loss_gripper, acc_gripper (continuous) or loss, loss_action_ce,
+        Robot batches: loss, loss_arm, and loss_gripper, acc_gripper when the action space has binary grippers
+        (continuous) or loss, loss_action_ce,
         acc_action_token (discrete: argmax over the whole vocabulary on supervised positions), plus loss_clip
         with the CLIP regulariser; VL batches: loss, loss_vl. All add `num_tokens` (LM positions attended,
         images included) for throughput, not a metric to average.
@@ -220,11 +229,11 @@ class RoboVLM(nn.Module):
     # --- inference ---------------------------------------------------------------------------
     @torch.no_grad()
     def predict_action(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images `[B, T, C, H, W]` → (normalised arm chunk `[B, T', N, A-1]`, gripper probability
-        `[B, T', N, 1]`): T' = T, one chunk per frame (`post`, `pre`), or T' = 1, the last frame's chunk
-        (`video`). `obs.state` `[B, T, S]` (normalised) is required when `model.use_state` is on. Head memory
-        is neither used nor changed: an lstm/gpt head runs over the given window as in training (from a fresh
-        state); `predict_action_step` is the stepwise path.
+        """uint8 images `[B, T, C, H, W]` → (normalised regressed chunk `[B, T', N, A-G]`, gripper probabilities
+        `[B, T', N, G]`, G = binary_dims): T' = T, one chunk per frame (`post`, `pre`), or T' = 1, the last
+        frame's chunk (`video`). `obs.state` `[B, T, S]` (normalised) is required when `model.use_state` is on.
+        Head memory is neither used nor changed: an lstm/gpt head runs over the given window as in training (from
+        a fresh state); `predict_action_step` is the stepwise path.
 
         Discrete: greedy KV-cached decoding of the A x N action ids; arm dims are bin centres and the
         gripper "probability" is hard, 1.0 when the decoded gripper bin is in the closed half, else 0.0.
@@ -253,7 +262,7 @@ class RoboVLM(nn.Module):
     @torch.no_grad()
     def predict_action_step(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
         """One control step with a history head: the current frame `[B, 1, C, H, W]` (state `[B, 1, S]`) →
-        (arm `[B, 1, N, A-1]`, gripper probability `[B, 1, N, 1]`), fused with the frames seen since `reset()`
+        (arm `[B, 1, N, A-G]`, gripper probabilities `[B, 1, N, G]`), fused with the frames seen since `reset()`
         (the last `head.max_history`); equals `predict_action`'s last frame over that window."""
         if not self.stepwise or not isinstance(self.actions, ContinuousActions):
             raise ValueError(
@@ -269,10 +278,13 @@ def build_model(
     chunk_size: int = 1,
     torch_dtype: torch.dtype | str | None = None,
     load_clip: bool = True,
+    binary_dims: int = 1,
+    binary_state_dims: int = 1,
 ) -> RoboVLM:
     """Load the configured backbone through the registry (writing the tiny one first if configured) and wrap it.
 
-    `chunk_size` is `data.fwd_pred_next_n`. Under ZeRO-3 create transformers' `HfDeepSpeedConfig`
+    `chunk_size` is `data.fwd_pred_next_n`; the dims come from the dataset's declared spaces
+    (`build_model(cfg, **manifest.robot_spaces.model_dims())`). Under ZeRO-3 create transformers' `HfDeepSpeedConfig`
     before calling this, so `from_pretrained` loads the backbone partitioned. With `model.clip_reg` on,
     the frozen CLIP text model is loaded whole (it is a training-only teacher); `load_clip=False` skips
     it for export and inference, where the regulariser's projection is kept only so weights load strictly.
@@ -288,7 +300,7 @@ def build_model(
         adapter.enable_gradient_checkpointing()
     if cfg.lora.enabled:
         apply_lora(adapter.decoder_layers, cfg.lora)
-    model = RoboVLM(cfg, action_dim, state_dim, adapter, chunk_size=chunk_size, clip_teacher=clip_teacher)
+    model = RoboVLM(cfg, action_dim, state_dim, adapter, chunk_size, clip_teacher, binary_dims, binary_state_dims)
     if backbone.gradient_checkpointing and hasattr(model.action_head, "gradient_checkpointing"):
         model.action_head.gradient_checkpointing = True  # history heads: recompute the time model too
     return model
