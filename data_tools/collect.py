@@ -25,8 +25,17 @@ import numpy as np
 
 from data_tools.convert.common import ConvertOptions, SkipSample, convert, report
 from vla_scale.data.format import Episode, Manifest, VLSample
+from vla_scale.data.spaces import Space, Spaces
 
 STATIC, WRIST = "rgb_static", "rgb_wrist"
+# Both suites act with [dx, dy, dz, gripper] deltas and observe [x, y, z, gripper]; the gripper is declared a
+# binary command at 0.5 in both arrays, the layout every policy trained on these suites has used.
+SPACES = Spaces(
+    Space(4, (3,), 0.5, names=("dx", "dy", "dz", "gripper")),
+    Space(4, (3,), 0.5, names=("x", "y", "z", "gripper")),
+    normalization="mean_std",
+    action_mode="relative",
+)
 GROUNDING_TURNS = 2  # questions per grounding image (distinct colours)
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
 _ENVS: dict[tuple, object] = {}  # one env per worker process and settings (MuJoCo models are slow to build)
@@ -205,7 +214,7 @@ def collect(
     opts = ConvertOptions(src=f"sim/{suite}", out=str(out / "robot"), **common)
     load = partial(rollout, suite=suite, image_size=image_size, wrist=wrist, action_noise=action_noise)
     try:
-        manifests = {"robot": convert(sources, load, opts, f"{suite}_expert", settings, extra)}
+        manifests = {"robot": convert(sources, load, opts, f"{suite}_expert", settings, extra, spaces=SPACES)}
         if grounding:
             manifests["vl"] = _collect_grounding(suite, suite_tasks, tasks, grounding, out, common, settings)
     finally:

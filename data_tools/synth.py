@@ -27,6 +27,15 @@ from tqdm import tqdm
 
 from data_tools.writer import ShardWriter
 from vla_scale.data.format import Episode, Manifest, VLSample, encode_episode, encode_vl
+from vla_scale.data.spaces import Space, Spaces
+
+# [dx, dy, dz, gripper] deltas and [x, y, z, gripper] states; the gripper is a 0 open / 1 closed command.
+SPACES = Spaces(
+    Space(4, (3,), 0.5, names=("dx", "dy", "dz", "gripper")),
+    Space(4, (3,), 0.5, names=("x", "y", "z", "gripper")),
+    normalization="mean_std",
+    action_mode="relative",
+)
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -329,7 +338,13 @@ def synth(
     jobs: list[tuple[ShardWriter, Callable[[int], dict], int, str]] = []
     if episodes > 0:
         writer = ShardWriter(
-            out / "robot", "synth_tabletop", "robot", max_samples=episodes_per_shard, extra=extra, **common
+            out / "robot",
+            "synth_tabletop",
+            "robot",
+            max_samples=episodes_per_shard,
+            extra=extra,
+            spaces=SPACES,
+            **common,
         )
         fn = partial(_encoded_episode, seed=seed, image_size=image_size, wrist=wrist, image_ext=image_ext)
         jobs.append((writer, fn, episodes, "episodes"))

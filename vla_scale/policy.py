@@ -24,6 +24,7 @@ from vla_scale.config.schema import ModelConfig
 from vla_scale.data.collate import collate_robot
 from vla_scale.data.format import load_stats
 from vla_scale.data.normalize import Normalizer
+from vla_scale.data.spaces import Spaces
 from vla_scale.data.window import Window
 from vla_scale.model import RoboVLM, build_model
 
@@ -94,15 +95,16 @@ class Policy:
         model_cfg: ModelConfig = config_section(ModelConfig, spec["model"], "model")
         model_cfg.backbone.pretrained = str(folder / model_cfg.backbone.pretrained)
         data = spec["data"]
+        # An export from before declared spaces has none: the legacy layout it was trained with.
+        spaces = Spaces.from_json(data.get("spaces"), data["action_dim"], data["state_dim"], "vla_config.yaml")
         model = build_model(
             model_cfg,
-            action_dim=data["action_dim"],
-            state_dim=data["state_dim"],
+            **spaces.model_dims(),
             chunk_size=data["fwd_pred_next_n"],
             load_clip=False,  # the CLIP regulariser's text model only teaches during training
         )
         model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-        return cls(model, Normalizer(load_stats(folder)), spec, device)
+        return cls(model, Normalizer(load_stats(folder), spaces), spec, device)
 
     def reset(self) -> None:
         """Start a new episode: forget the frame/state history and the head's memory (lstm / gpt heads)."""
@@ -124,7 +126,8 @@ class Policy:
         self, image: np.ndarray | dict[str, np.ndarray], instruction: str, state: np.ndarray | None = None
     ) -> np.ndarray:
         """One control step: uint8 frame `[H, W, 3]` (or `{camera: frame}`), instruction, raw state `[S]`
-        → action chunk `[N, A]` in the robot's units (gripper 0 open / 1 closed) for the current step.
+        → action chunk `[N, A]` in the robot's units and dimension order for the current step (binary gripper
+        dims as the dataset declares them, by default 0 open / 1 closed).
 
         The frame and state join the episode history (last `window_size` steps); call `reset()` between episodes.
         """

@@ -22,6 +22,7 @@ import numpy as np
 
 from data_tools.convert.common import ConvertOptions, add_common_args, convert, parse_cameras, report
 from vla_scale.data.format import Episode, FormatError
+from vla_scale.data.spaces import Space, Spaces
 
 ANNOTATIONS = "lang_annotations/auto_lang_ann.npy"
 DEFAULT_CAMERAS = {"rgb_static": "rgb_static", "rgb_wrist": "rgb_gripper"}
@@ -105,6 +106,20 @@ def resolve_keys(frame: dict[str, np.ndarray], args: argparse.Namespace, where: 
     return Keys(tuple(cameras.items()), state, args.action_key, args.gripper == "vla_scale")
 
 
+def calvin_spaces(keys: Keys, action_dim: int, state_dim: int) -> Spaces:
+    """CALVIN's declared spaces: the last action dim is the binary gripper command (and the last state dim when the
+    state ends with robot_obs, whose last entry repeats it); 1 closed / 0 open with `--gripper vla_scale`, else
+    CALVIN's +1 open / -1 close (threshold 0). rel_actions are relative, actions absolute."""
+    threshold, values = (0.5, (0.0, 1.0)) if keys.remap_gripper else (0.0, (-1.0, 1.0))
+    state_binary = (state_dim - 1,) if keys.state and keys.state[-1] == "robot_obs" else ()
+    return Spaces(
+        Space(action_dim, (action_dim - 1,), threshold, values),
+        Space(state_dim, state_binary, threshold, values),
+        normalization="mean_std",
+        action_mode="relative" if keys.action == "rel_actions" else "absolute",
+    )
+
+
 def to_closed_is_one(gripper: np.ndarray) -> np.ndarray:
     """CALVIN's gripper action is +1 open / -1 close; vla_scale's is 1 closed / 0 open."""
     return (gripper < 0).astype(np.float32)
@@ -179,7 +194,10 @@ def run(args: argparse.Namespace) -> int:
     ]
     if not sources:
         raise FormatError(f"{root / args.annotations} lists no segments")
-    keys = resolve_keys(read_frame(root, sources[0].start), args, frame_path(root, sources[0].start))
+    first = read_frame(root, sources[0].start)
+    keys = resolve_keys(first, args, frame_path(root, sources[0].start))
+    state_dim = sum(np.ravel(first[k]).size for k in keys.state)
+    spaces = calvin_spaces(keys, np.ravel(first[keys.action]).size, state_dim)
     settings = {
         "format": "calvin",
         "annotations": args.annotations,
@@ -189,6 +207,6 @@ def run(args: argparse.Namespace) -> int:
         "gripper": args.gripper,
     }
     name = f"calvin_{root.resolve().parent.name}_{root.resolve().name}"
-    manifest = convert(sources, partial(load_episode, keys=keys), opts, name, settings)
+    manifest = convert(sources, partial(load_episode, keys=keys), opts, name, settings, spaces=spaces)
     report(manifest, opts.out)
     return 0

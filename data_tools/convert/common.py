@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
+from data_tools.space_choice import SpaceChoice
 from data_tools.writer import ShardWriter
 from vla_scale.data.format import (
     IMAGE_ENCODINGS,
@@ -35,6 +36,7 @@ from vla_scale.data.format import (
     Episode,
     Manifest,
     ShardInfo,
+    Spaces,
     VLSample,
     encode_episode,
     encode_vl,
@@ -210,13 +212,15 @@ def convert(
     settings: dict,
     extra: dict | None = None,
     kind: Literal["robot", "vl"] = "robot",
+    spaces: Spaces | SpaceChoice | None = None,
 ) -> Manifest:
     """Write the samples `load(s)` for `s` in `sources` into `opts.out`; returns the manifest.
 
     `load` must be picklable (a module-level function or a `functools.partial` of one);
     it returns Episodes for `kind="robot"` and VLSamples for `kind="vl"`.
     `settings` (JSON-able: the format and its key/camera options) goes into the progress
-    file, so `--resume` refuses to continue a run made with other settings.
+    file, so `--resume` refuses to continue a run made with other settings. `spaces` (robot) declares the action
+    and state spaces, checked on every episode by the writer (see `data_tools.space_choice`).
     """
     if opts.workers < 1:
         raise ValueError(f"--workers must be >= 1, not {opts.workers}")
@@ -236,6 +240,7 @@ def convert(
         "episodes_per_shard": opts.episodes_per_shard,
         "max_bytes": max_bytes,
         "settings": settings,
+        "spaces": None if spaces is None else spaces.to_json(),
     }
     fingerprint = json.loads(json.dumps(fingerprint))
 
@@ -262,6 +267,7 @@ def convert(
         extra={"source_format": settings.get("format", ""), "source": str(opts.src), **(extra or {})},
         overwrite=opts.overwrite,
         resume=kept,
+        spaces=spaces,
     )
     fn = partial(_encoded, load=load, image_ext=opts.image_ext, quality=opts.jpeg_quality)
     todo = sources[start:]
@@ -301,6 +307,7 @@ def report(manifest: Manifest, out: str) -> None:
     if manifest.kind == "robot":
         frames = sum(s.frames for s in manifest.shards)
         print(f"{out}: {manifest.num_samples} episodes, {frames} frames in {len(manifest.shards)} shards")
+        print("\n".join(manifest.robot_spaces.describe()))
     else:
         print(f"{out}: {manifest.num_samples} samples in {len(manifest.shards)} shards")
     skipped = manifest.extra.get("skipped")

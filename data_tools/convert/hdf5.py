@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from data_tools.convert.common import ConvertOptions, add_common_args, convert, parse_cameras, report
+from data_tools.space_choice import add_space_args, space_choice
 from vla_scale.data.format import Episode, FormatError, decode_image, image_format
 
 LAYOUTS = ("robomimic", "aloha")
@@ -312,6 +313,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--flip-images", action="store_true", help="rotate frames by 180° (robosuite / LIBERO render upside down)"
     )
+    add_space_args(p)
     p.set_defaults(func=run)
 
 
@@ -336,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
         "filter_key": args.filter_key,
     }
     name = safe_key(src.stem if src.is_file() else src.resolve().name)
-    manifest = convert(sources, partial(load_episode, keys=keys, layout=layout), opts, name, settings)
+    load = partial(load_episode, keys=keys, layout=layout)
+    manifest = convert(sources, load, opts, name, settings, spaces=space_choice(args))
     report(manifest, opts.out)
     return 0

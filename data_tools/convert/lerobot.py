@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_tools.convert.common import ConvertOptions, add_common_args, convert, parse_cameras, report
+from data_tools.space_choice import add_space_args, space_choice
 from vla_scale.data.format import Episode, FormatError
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
@@ -272,7 +273,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_common_args(p)
     p.add_argument("--state-key", default="observation.state", help="(default: %(default)s)")
     p.add_argument("--action-key", default="action", help="(default: %(default)s)")
+    add_space_args(p)
     p.set_defaults(func=run)
+
+
+def feature_names(feature: dict) -> tuple[str, ...]:
+    """Per-dimension names from info.json (a list, or {"motors": [...]}-style), or none when not one per dim."""
+    names = feature.get("names")
+    if isinstance(names, dict) and len(names) == 1:
+        names = next(iter(names.values()))
+    shape = feature.get("shape") or [0]
+    if (
+        isinstance(names, list)
+        and len(shape) == 1
+        and len(names) == shape[0]
+        and all(isinstance(n, str) for n in names)
+    ):
+        return tuple(names)
+    return ()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -283,6 +301,9 @@ def run(args: argparse.Namespace) -> int:
     sources = list_sources(root, cameras, args.state_key, args.action_key)
     settings = {"format": "lerobot", "cameras": cameras, "state_key": args.state_key, "action_key": args.action_key}
     name = str(info.get("repo_id") or root.resolve().name)
-    manifest = convert(sources, load_episode, opts, name, settings, extra={"lerobot_version": info["codebase_version"]})
+    features = info.get("features", {})
+    spaces = space_choice(args, feature_names(features[args.action_key]), feature_names(features[args.state_key]))
+    extra = {"lerobot_version": info["codebase_version"]}
+    manifest = convert(sources, load_episode, opts, name, settings, extra=extra, spaces=spaces)
     report(manifest, opts.out)
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.convert.common import ConvertOptions, add_common_args, convert, parse_cameras, report
+from data_tools.space_choice import add_space_args, space_choice
 from data_tools.tfrecord import Value, parse_example, read_record, record_offsets
 from vla_scale.data.format import Episode, FormatError
 
@@ -175,6 +176,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--action-key", default="steps/action", help="comma-separated to concatenate (default: %(default)s)")
     p.add_argument("--instruction-key", default="steps/language_instruction", help="'' for none (default: %(default)s)")
+    add_space_args(p)
     p.set_defaults(func=run)
 
 
@@ -200,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         "action": list(keys.action),
         "instruction": keys.instruction,
     }
-    manifest = convert(sources, partial(load_episode, keys=keys, split=args.split), opts, name, settings)
+    load = partial(load_episode, keys=keys, split=args.split)
+    manifest = convert(sources, load, opts, name, settings, spaces=space_choice(args))
     report(manifest, opts.out)
     return 0

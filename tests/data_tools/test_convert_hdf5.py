@@ -33,8 +33,10 @@ def read_episodes(out: Path) -> list:
     return [decode_episode(s) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
 
 
-def convert(src: Path, out: Path, *extra: str) -> int:
-    return main(["convert", "hdf5", str(src), str(out), "--image-ext", "png", "--episodes-per-shard", "2", *extra])
+def convert(src: Path, out: Path, *extra: str, space: tuple[str, ...] = ("--no-binary-gripper",)) -> int:
+    """The fixtures' actions are continuous in every dimension unless a test says otherwise (`space`)."""
+    args = ["--image-ext", "png", "--episodes-per-shard", "2", *space, *extra]
+    return main(["convert", "hdf5", str(src), str(out), *args])
 
 
 def check_manifest(out: Path, episodes: int, frames_total: int, dims: tuple[int, int]) -> None:

@@ -22,7 +22,9 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def convert(src: Path, out: Path, *extra: str) -> int:
-    return main(["convert", "rlds", str(src), str(out), "--image-ext", "png", "--episodes-per-shard", "2", *extra])
+    """The fixture's actions are continuous in every dimension (no binary gripper): declared so."""
+    args = ["--image-ext", "png", "--episodes-per-shard", "2", "--no-binary-gripper", *extra]
+    return main(["convert", "rlds", str(src), str(out), *args])
 
 
 def read_episodes(out: Path) -> list:

@@ -80,7 +80,7 @@ def test_rlds_jpeg_bytes_copied_png_kept(tmp_path: Path) -> None:
     for mode, wrist_encoding in (("auto", "png"), ("jpg", "jpg q90 4:4:4")):
         out = tmp_path / mode
         extra = [] if mode == "auto" else ["--image-ext", "jpg", "--jpeg-quality", "90"]
-        assert main(["convert", "rlds", str(src), str(out), *extra]) == 0
+        assert main(["convert", "rlds", str(src), str(out), "--no-binary-gripper", *extra]) == 0
         manifest = Manifest.load(out)
         assert manifest.image_encoding == {"rgb_static": "jpg (source bytes)", "rgb_wrist": wrist_encoding}
         stored = members(out)
@@ -111,7 +111,9 @@ def test_lerobot_png_images_round_trip_exactly(tmp_path: Path) -> None:
 def test_aloha_jpeg_rows_copied_without_padding(tmp_path: Path) -> None:
     src = hdf5_src.make_aloha(tmp_path / "aloha", compress=True)
     out = tmp_path / "out"
-    assert main(["convert", "hdf5", str(src), str(out), "--instruction", "transfer the cube"]) == 0
+    assert (
+        main(["convert", "hdf5", str(src), str(out), "--instruction", "transfer the cube", "--no-binary-gripper"]) == 0
+    )
     manifest = Manifest.load(out)
     assert set(manifest.image_encoding.values()) == {"jpg (source bytes)"}
     stored = members(out)
@@ -125,7 +127,10 @@ def test_aloha_jpeg_rows_copied_without_padding(tmp_path: Path) -> None:
 def test_png_mode_decodes_source_jpeg_once(tmp_path: Path) -> None:
     src = hdf5_src.make_aloha(tmp_path / "aloha", compress=True)
     out = tmp_path / "out"
-    assert main(["convert", "hdf5", str(src), str(out), "--instruction", "x", "--image-ext", "png"]) == 0
+    assert (
+        main(["convert", "hdf5", str(src), str(out), "--instruction", "x", "--image-ext", "png", "--no-binary-gripper"])
+        == 0
+    )
     stored = members(out)
     want = decode_image(hdf5_src.jpeg(hdf5_src.frame(0, 0, 0)))
     np.testing.assert_array_equal(decode_image(stored["episode_0.rgb_static.0000.png"]), want)

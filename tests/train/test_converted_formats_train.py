@@ -33,12 +33,12 @@ def _lerobot(work: Path) -> list[str]:
 
 
 def _rlds(work: Path) -> list[str]:
-    return ["rlds", str(make_rlds(work))]
+    return ["rlds", str(make_rlds(work)), "--no-binary-gripper"]  # continuous actions: no binary gripper
 
 
 def _hdf5(work: Path) -> list[str]:
     work.mkdir(parents=True, exist_ok=True)
-    return ["hdf5", str(make_robomimic(work / "image.hdf5")), "--instruction", "lift the cube"]
+    return ["hdf5", str(make_robomimic(work / "image.hdf5")), "--instruction", "lift the cube", "--no-binary-gripper"]
 
 
 def _calvin(work: Path) -> list[str]:

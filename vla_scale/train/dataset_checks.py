@@ -70,6 +70,6 @@ def _check_stats(key: str, path: str, manifest: Manifest) -> list[str]:
     return [
         f"{key} ({path}): {name} dimension(s) {dims} are constant in stats.json (std < {MIN_STD:g}); they are "
         "normalised with std 1 (to 0 on this data) instead of being divided by ~0"
-        for name, dims in constant_dims(stats).items()
+        for name, dims in constant_dims(stats, manifest.robot_spaces).items()
         if dims
     ]

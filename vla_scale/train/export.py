@@ -8,7 +8,8 @@ export folder then needs nothing from the run or the original backbone path:
 - `backbone/` — the backbone adapter's `save_pretrained`: HF config, tokenizer, image processor
   (and the fine-tuned VLM weights, so the folder is also a plain HF checkpoint of the VLM);
 - `vla_config.yaml` — the model section plus the data settings inference needs;
-- `stats.json` — the robot dataset's action/state normalisation statistics.
+- `stats.json` — the robot dataset's action/state normalisation statistics (with its declared spaces,
+  `data.spaces` in `vla_config.yaml`: binary gripper dims, normalisation mode).
 
 A LoRA run is exported merged by default (the adapters folded into plain layers; the folder
 then needs no peft); with `merge_lora=False` the adapters stay separate: `model.safetensors`
@@ -102,11 +103,7 @@ def build_run_model(run_dir: str | Path, tag: str | None = None) -> tuple[RoboVL
     state = load_fp32_state_dict(run_dir, tag)
     # The CLIP regulariser's frozen text model is a training-only teacher: not in the weights, not needed here.
     model = build_model(
-        cfg.model,
-        action_dim=manifest.action_dim,
-        state_dim=manifest.state_dim,
-        chunk_size=cfg.data.fwd_pred_next_n,
-        load_clip=False,
+        cfg.model, **manifest.robot_spaces.model_dims(), chunk_size=cfg.data.fwd_pred_next_n, load_clip=False
     )
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg
@@ -139,6 +136,8 @@ def policy_spec(cfg: Config, manifest: Manifest, tag: str, lora_merged: bool = F
             "max_text_len": cfg.data.max_text_len,
             "action_dim": manifest.action_dim,
             "state_dim": manifest.state_dim,
+            # the declared spaces the stats.json below normalise with ({} = legacy layout); read by the Policy
+            "spaces": manifest.robot_spaces.to_json(),
             "cameras": list(manifest.cameras),
             "static_camera": static[0] if static else None,
             "wrist_camera": WRIST_CAMERA if WRIST_CAMERA in manifest.cameras else None,

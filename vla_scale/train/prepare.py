@@ -41,7 +41,24 @@ def check_datasets(cfg: Config) -> list[Manifest]:
     dims = {(m.action_dim, m.state_dim) for m in robot}
     if len(dims) > 1:
         raise ConfigError(f"data.sources: robot datasets disagree on (action_dim, state_dim): {sorted(dims)}")
+    check_same_spaces(cfg, manifests)
     return manifests
+
+
+def check_same_spaces(cfg: Config, manifests: list[Manifest]) -> None:
+    """One model trains on every robot source, so their declared action/state spaces must agree (same binary
+    gripper dims, dimension names where both declare them, normalisation and action mode)."""
+    robot = [(i, m) for i, m in enumerate(manifests) if m.kind == "robot"]
+    first, base = robot[0]
+    for i, m in robot[1:]:
+        diff = base.robot_spaces.difference(m.robot_spaces)
+        if diff:
+            raise ConfigError(
+                f"data.sources: robot datasets {cfg.data.sources[first].path} ({base.name}) and "
+                f"{cfg.data.sources[i].path} ({m.name}) declare different action/state spaces ({diff}); one model "
+                "trains on both, so convert them to one layout (the converters' --binary-gripper-dims, "
+                "--normalization, --action-mode; see README 'Datasets') or train on them separately"
+            )
 
 
 def check_discrete_vocabulary(cfg: Config) -> None:

@@ -22,6 +22,7 @@ from vla_scale.compat import keep_hf_deepspeed_config
 from vla_scale.config import Config, ConfigError, config_hash, load_config
 from vla_scale.data import StreamSpec, StreamTracker, build_dataloader
 from vla_scale.data.format import Manifest
+from vla_scale.data.spaces import Spaces
 from vla_scale.model import build_model
 from vla_scale.train import checkpoint
 from vla_scale.train.ds_config import build_ds_config
@@ -46,10 +47,17 @@ def run_dataloader(cfg: Config, rank: int, world: int, tokenizer: Any, resume: d
 
 def robot_dims(cfg: Config) -> tuple[int, int]:
     """(action_dim, state_dim) of the first robot dataset; prepare checked that every robot dataset agrees."""
+    spaces = robot_spaces(cfg)
+    return spaces.action.dim, spaces.state.dim
+
+
+def robot_spaces(cfg: Config) -> Spaces:
+    """The declared action/state spaces of the first robot dataset; prepare checked that every robot dataset
+    agrees. `build_model(cfg.model, **robot_spaces(cfg).model_dims(), ...)` builds the matching model."""
     for src in cfg.data.sources:
         m = Manifest.load(src.path)
         if m.kind == "robot":
-            return m.action_dim, m.state_dim
+            return m.robot_spaces
     raise ConfigError("data.sources: no robot dataset")
 
 
@@ -131,10 +139,10 @@ def setup(run_dir: str | Path) -> RunState:
     check_same_run(run_dir, cfg, world, prepared=True)
     ds_config = build_ds_config(cfg, world)
     seed_everything(cfg.run.seed)
-    action_dim, state_dim = robot_dims(cfg)
+    dims = robot_spaces(cfg).model_dims()
     # Under ZeRO-3 the backbone is created partitioned (deepspeed.zero.Init) instead of whole on every rank.
     hf_ds_config = keep_hf_deepspeed_config(ds_config) if cfg.train.zero_stage == 3 else None
-    model = build_model(cfg.model, action_dim=action_dim, state_dim=state_dim, chunk_size=cfg.data.fwd_pred_next_n)
+    model = build_model(cfg.model, **dims, chunk_size=cfg.data.fwd_pred_next_n)
     if hf_ds_config is not None and rank == 0:
         partitioned = all(hasattr(p, "ds_id") for p in model.adapter.model.parameters())
         print(f"[vla_scale] ZeRO-3: backbone loaded partitioned by deepspeed.zero.Init: {partitioned}", flush=True)
