@@ -77,6 +77,7 @@ def summary(s: Survey) -> str:
             f"frames:      {sum(sh.frames for sh in m.shards)}",
             f"cameras:     {', '.join(m.cameras) or '-'}",
             f"dims:        action {m.action_dim}, state {m.state_dim}",
+            *m.robot_spaces.describe(),
             f"ep. length:  min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}",
             f"instructions ({len(s.instructions)}{'+' if len(s.instructions) >= 1000 else ''} distinct), e.g.:",
         ]

@@ -45,6 +45,8 @@ class SpaceCheck:
 
     choice: SpaceChoice | Spaces
     values: dict[str, set[float]] = field(default_factory=lambda: {"action": set(), "state": set()})
+    # guessed layout: the values of the other action dims while they look binary too (dim -> values; None: not)
+    others: dict[int, set[float] | None] = field(default_factory=dict)
 
     def binary_dims(self, name: str, dim: int) -> tuple[int, ...]:
         if isinstance(self.choice, Spaces):
@@ -68,10 +70,22 @@ class SpaceCheck:
                     f"not only 0/1 or -1/1, so it is not a binary gripper command; declare the action space with "
                     f"{FLAGS} (a continuous gripper is then regressed like the other joints)"
                 )
+            if guessed:
+                self._track_others(arr[:, :-1])
             if near.all():
                 self.values[name].update(np.unique(np.round(values)).tolist())
             else:
                 self.values[name].add(0.5)  # not two-valued: keep the 0/1 convention and the threshold given
+
+    def _track_others(self, action: np.ndarray) -> None:
+        for d in range(action.shape[1]):
+            seen = self.others.get(d, set())
+            if seen is None:
+                continue
+            col = action[:, d]
+            rounded = np.round(col)
+            binary = np.abs(col - rounded).max(initial=0) <= BINARY_TOLERANCE and np.isin(rounded, (-1, 0, 1)).all()
+            self.others[d] = seen | set(np.unique(rounded).tolist()) if binary else None
 
     def resolve(self, action_dim: int, state_dim: int) -> Spaces:
         """The declaration for the manifest, once every episode passed `check`."""
@@ -86,8 +100,17 @@ class SpaceCheck:
         spaces = {}
         for name, dim, names in (("action", action_dim, choice.action_names), ("state", state_dim, choice.state_names)):
             dims, seen = self.binary_dims(name, dim), self.values[name]
-            if name == "action" and choice.action_binary is None and {-1.0, 0.0} <= seen:
-                raise FormatError(f"the last action dimension takes the values {sorted(seen)}; declare it with {FLAGS}")
+            if name == "action" and choice.action_binary is None:
+                if {-1.0, 0.0} <= seen:
+                    raise FormatError(
+                        f"the last action dimension takes the values {sorted(seen)}; declare it with {FLAGS}"
+                    )
+                also = [d for d, v in sorted(self.others.items()) if v is not None and len(v) == 2]
+                if also:
+                    raise FormatError(
+                        f"action dimensions {also} also switch between two values like a binary gripper (two arms?), "
+                        f"so guessing only the last one could be wrong; declare them with {FLAGS}"
+                    )
             signed = bool(dims) and seen <= {-1.0, 1.0}
             threshold = choice.threshold if choice.threshold is not None else (0.0 if signed else 0.5)
             spaces[name] = Space(dim, dims, threshold, (-1.0, 1.0) if signed else (0.0, 1.0), names)

@@ -66,6 +66,7 @@ class Report:
     shards: list[ShardReport] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
+    spaces: list[str] = field(default_factory=list)  # robot: the declared action/state spaces, described
 
     @property
     def ok(self) -> bool:
@@ -239,6 +240,7 @@ def verify(folder: str | Path, workers: int = 1) -> Report:
     report.problems += _stray_shards(folder, manifest)
     if manifest.kind == "robot":
         report.problems += _check_stats(folder, manifest)
+        report.spaces = manifest.robot_spaces.describe()
     report.seconds = time.perf_counter() - start
     return report
 
@@ -266,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
         f"{report.folder} ({report.kind}): {len(report.shards)} shards, {samples} samples{extra}, "
         f"{images} images read in {report.seconds:.1f} s"
     )
+    if report.spaces:
+        print("\n".join(report.spaces))
     if report.ok:
         print("OK: no problems found")
         return 0

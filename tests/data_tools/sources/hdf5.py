@@ -71,11 +71,22 @@ def robomimic_state(n: int, length: int) -> np.ndarray:
 
 
 ALOHA_LENGTHS = (3, 4)
+
+
+def aloha_action(ep: int, length: int, binary_grippers: bool = False) -> np.ndarray:
+    action = series(ep, length, 14, 0.3)
+    if binary_grippers:
+        t = np.arange(length)
+        action[:, 6], action[:, 13] = t % 2, (t + ep) // 2 % 2
+    return action
+
+
 ALOHA_CAMS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
 
 
-def make_aloha(folder: Path, compress: bool) -> Path:
-    """episode_0/1.hdf5; compressed: cam_high as zero-padded JPEG rows, cam_left_wrist as variable-length rows."""
+def make_aloha(folder: Path, compress: bool, binary_grippers: bool = False) -> Path:
+    """episode_0/1.hdf5; compressed: cam_high as zero-padded JPEG rows, cam_left_wrist as variable-length rows.
+    `binary_grippers`: action dims 6 and 13 (each arm's gripper) are 0/1 open/close commands."""
     folder.mkdir(parents=True)
     for ep, length in enumerate(ALOHA_LENGTHS):
         with h5py.File(folder / f"episode_{ep}.hdf5", "w") as f:
@@ -98,5 +109,5 @@ def make_aloha(folder: Path, compress: bool) -> Path:
                     f[f"observations/images/{name}"] = padded
             f["observations/qpos"] = series(ep, length, 14, 0.1)
             f["observations/qvel"] = series(ep, length, 14, 0.2)
-            f["action"] = series(ep, length, 14, 0.3)
+            f["action"] = aloha_action(ep, length, binary_grippers)
     return folder

@@ -34,8 +34,10 @@ def state(ep: int, t: int) -> list[float]:
     return [ep * 100 + t + 0.25 * d for d in range(4)]
 
 
-def action(ep: int, t: int) -> list[float]:
-    return [ep - t * 0.5, 0.125 * t, float(t % 2)]
+def action(ep: int, t: int, continuous_gripper: bool = False) -> list[float]:
+    """The last dim is a binary gripper command (0/1), or a continuous gripper joint in -0.54..1.0 (SO-100 style)."""
+    gripper = -0.54 + 1.54 * ((ep * 7 + t) % 11) / 10 if continuous_gripper else float(t % 2)
+    return [ep - t * 0.5, 0.125 * t, gripper]
 
 
 def png(img: np.ndarray) -> bytes:
@@ -55,14 +57,14 @@ def write_mp4(path: Path, frames: list[np.ndarray], codec: str) -> None:
         container.mux(stream.encode())
 
 
-def frame_table(eps: list[int], start_index: int) -> pa.Table:
+def frame_table(eps: list[int], start_index: int, continuous_gripper: bool = False) -> pa.Table:
     """Data rows of these episodes: state, action, a PNG image column (the wrist camera) and indices."""
     rows = [(ep, t) for ep in eps for t in range(LENGTHS[ep])]
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     return pa.table(
         {
             "observation.state": pa.array([state(e, t) for e, t in rows], pa.list_(pa.float32(), 4)),
-            "action": pa.array([action(e, t) for e, t in rows], pa.list_(pa.float32(), 3)),
+            "action": pa.array([action(e, t, continuous_gripper) for e, t in rows], pa.list_(pa.float32(), 3)),
             "observation.images.wrist": pa.array(
                 [{"bytes": png(frame(e, t, 1)), "path": f"frame_{t:06d}.png"} for e, t in rows], image_type
             ),
@@ -89,7 +91,7 @@ def features() -> dict:
     }
 
 
-def make_v3(root: Path, codec: str = "libsvtav1") -> Path:
+def make_v3(root: Path, codec: str = "libsvtav1", continuous_gripper: bool = False) -> Path:
     """Episodes 0, 1 share data/video file 000 (episode 1 starts mid-file); episode 2 is in file 001."""
     files = {0: [0, 1], 1: [2]}
     info = {
@@ -105,7 +107,7 @@ def make_v3(root: Path, codec: str = "libsvtav1") -> Path:
     rows, index = [], 0
     for f, eps in files.items():
         (root / "data" / "chunk-000").mkdir(parents=True, exist_ok=True)
-        table = frame_table(eps, index)
+        table = frame_table(eps, index, continuous_gripper)
         pq.write_table(table, root / "data" / "chunk-000" / f"file-{f:03d}.parquet")
         write_mp4(
             root / "videos" / "observation.images.top" / "chunk-000" / f"file-{f:03d}.mp4",
