@@ -211,3 +211,23 @@ def test_run_dir_files_are_replaced_atomically_a_kill_mid_write_leaves_the_old_o
     assert len(stray) == 1 and stray.pop().startswith(".ds_config.json."), "the kill leaves one stray temp file"
     _prepare(tmp_path, data, "train.max_steps=9")  # and the run directory still prepares, leaving no temp file
     assert len(list(run_dir.glob(".*.tmp"))) == 1
+
+
+def test_robot_sources_with_different_declared_spaces_are_refused(tmp_path, data):
+    """One model trains on every robot source: a set whose gripper is regressed cannot join one where it is binary."""
+    robot = _copy_dataset(data, tmp_path)
+    manifest = json.loads((robot / "manifest.json").read_text())
+    manifest["spaces"]["action"]["binary"] = []
+    (robot / "manifest.json").write_text(json.dumps(manifest))
+    sources = f"data.sources=[{{path: {data / 'robot'}}}, {{path: {robot}}}, {{path: {data / 'vl'}}}]"
+    with pytest.raises(
+        ConfigError,
+        match=rf"robot datasets {data / 'robot'} \(synth_tabletop\) and {robot} \(synth_tabletop\) declare different "
+        r"action/state spaces \(action binary dims \[3\] vs \[\]\).*--binary-gripper-dims",
+    ):
+        _prepare(tmp_path, data, sources)
+    assert not (tmp_path / "runs").exists()
+    # The same layout declared or not (a legacy manifest) trains together.
+    del manifest["spaces"]
+    (robot / "manifest.json").write_text(json.dumps(manifest))
+    _prepare(tmp_path, data, sources)

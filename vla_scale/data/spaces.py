@@ -174,7 +174,8 @@ class Spaces:
         ]
 
     def difference(self, other: Spaces) -> str:
-        """'' when datasets with these spaces can train one model together, else what differs."""
+        """'' when datasets with these spaces can train one model together, else what differs (names and the
+        action mode count only where both datasets declare them)."""
         diffs = []
         for name in ("action", "state"):
             a, b = getattr(self, name), getattr(other, name)
@@ -186,6 +187,6 @@ class Spaces:
                 diffs.append(f"{name} names {list(a.names)} vs {list(b.names)}")
         if self.normalization != other.normalization:
             diffs.append(f"normalization {self.normalization} vs {other.normalization}")
-        if self.action_mode != other.action_mode:
+        if "unspecified" not in (self.action_mode, other.action_mode) and self.action_mode != other.action_mode:
             diffs.append(f"action_mode {self.action_mode} vs {other.action_mode}")
         return "; ".join(diffs)
