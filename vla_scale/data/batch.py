@@ -1,8 +1,13 @@
 """The batch contract between the data stream and the model: names and shapes, in one place.
 
 B = batch, T = window (frames of history), N = action chunk length
-(`fwd_pred_next_n`), A = action dims (arm dims then one gripper dim), S = state dims,
-L = text tokens, C/H/W = image channels/height/width.
+(`fwd_pred_next_n`), A = action dims, S = state dims, L = text tokens, C/H/W = image channels/height/width.
+
+Action and state dims come in the order of the dataset's declared spaces (`vla_scale.data.spaces`), reordered
+by the normaliser: first the regressed dims (normalised: mean/std, min/max or q01/q99), then the G binary
+gripper dims as 0/1 targets (G = 0, 1 or more; the legacy layout is A-1 regressed + 1 binary). The model is
+built with (A, G) and (S, G_state) from the same declaration; `Normalizer.unnormalize_action` restores the
+dataset's order and units.
 
 | field          | dtype   | shape            | robot batch                         | VL batch                   |
 |----------------|---------|------------------|-------------------------------------|----------------------------|
@@ -12,8 +17,8 @@ L = text tokens, C/H/W = image channels/height/width.
 | text_ids       | int64   | [B, L]           | instruction tokens (right-padded)   | conversation tokens        |
 | text_mask      | bool    | [B, L]           | True on real tokens                 | True on real tokens        |
 | text_labels    | int64   | [B, L]           | all -100                            | assistant-turn ids, else -100 |
-| state          | float32 | [B, T, S]        | proprioceptive state per frame      | None                       |
-| action         | float32 | [B, T, N, A]     | normalised arm dims, gripper in {0,1} | None                     |
+| state          | float32 | [B, T, S]        | state per frame: regressed, binary  | None                       |
+| action         | float32 | [B, T, N, A]     | regressed dims, then binary in {0,1} | None                      |
 | action_mask    | bool    | [B, T, N]        | False past the episode end          | None                       |
 
 Images stay uint8 until the model: the backbone adapter resizes and normalises them
