@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from data_tools.synth import SPACES
 from tests.train.jobs import run_ranks
 from tests.train.nodes import MAX_STEPS
 from tests.train.policy_check import first_episode, reference_actions
@@ -50,7 +51,9 @@ def test_export_folder_is_self_contained(run):
         "cameras": ["rgb_static"],
         "static_camera": "rgb_static",
         "wrist_camera": None,
+        "spaces": SPACES.to_json(),  # what the synthetic set declares: binary gripper last, mean/std
     }
+    assert spec["data"]["spaces"]["action"]["binary"] == [3]
     assert spec["model"]["backbone"]["pretrained"] == "backbone" and spec["source"]["tag"] == f"step_{MAX_STEPS:08d}"
     stats = (run["data"] / "robot" / "stats.json").read_text()
     assert (export / "stats.json").read_text() == stats
