@@ -206,12 +206,13 @@ class SourceStream:
         assert ep is not None and self.static_camera is not None
         frames = range(entry.start, entry.start + self.window_size)
         key, size = str(ep.raw.get("__key__")), self.manifest.image_size
+        sized = self.manifest.cameras[:1]  # the writer measures image_size on the first camera only
         images = np.stack([decode_frame(ep.raw, ep.meta, self.static_camera, t) for t in frames])
-        check_frame_size(key, self.static_camera, size, images.shape)
+        check_frame_size(key, self.static_camera, size if self.static_camera in sized else [], images.shape)
         wrist = None
         if WRIST_CAMERA in ep.meta.get("cameras", []):
             wrist = np.stack([decode_frame(ep.raw, ep.meta, WRIST_CAMERA, t) for t in frames])
-            check_frame_size(key, WRIST_CAMERA, size, wrist.shape)
+            check_frame_size(key, WRIST_CAMERA, size if WRIST_CAMERA in sized else [], wrist.shape)
         if self.augment.enabled:
             rng = window_rng(self.seed, entry.epoch, entry.key)  # one draw per camera, shared by the frames
             images = augment_frames(images, self.augment, rng)
