@@ -54,6 +54,9 @@ class DataConfig:
     shard_shuffle: bool = True
     max_text_len: int = 48  # token budget for instructions and VL conversations
     bad_sample_policy: Literal["skip", "fail"] = "skip"
+    # skip policy: stop the run once a source's reader meets this many bad samples/windows in a row (all of a
+    # source unusable would otherwise never end); far above one broken episode's windows
+    max_bad_in_a_row: int = 10_000
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, prefix: str = "data") -> None:
@@ -64,6 +67,8 @@ class DataConfig:
             src.validate(f"{prefix}.sources.{i}")
         if sum(s.weight for s in self.sources) <= 0:
             raise ConfigError(f"{prefix}.sources: at least one weight must be > 0")
-        check_at_least(self, prefix, ("window_size", "fwd_pred_next_n", "max_text_len", "shuffle_buffer"), 1)
+        check_at_least(
+            self, prefix, ("window_size", "fwd_pred_next_n", "max_text_len", "shuffle_buffer", "max_bad_in_a_row"), 1
+        )
         self.augment.validate(f"{prefix}.augment")
         check_at_least(self, prefix, ("num_workers",), 0)

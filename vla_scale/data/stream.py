@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from vla_scale.config.schema import AugmentConfig
 from vla_scale.data.augment import augment_frames, window_rng
@@ -34,6 +33,7 @@ from vla_scale.data.format import (
     load_stats,
 )
 from vla_scale.data.normalize import Normalizer
+from vla_scale.data.shard_read import SampleReader, check_frame_size, check_robot_dims
 from vla_scale.data.window import Window, chunk_actions
 
 log = logging.getLogger(__name__)
@@ -86,46 +86,17 @@ class BadSamples:
     policy: str = "skip"
     counts: Counter = field(default_factory=Counter)
 
-    def report(self, source: str, where: str, err: Exception | None) -> None:
-        """Count a bad sample; log it (or raise under `fail`). `err=None`: a replayed, already-logged one."""
+    def report(self, source: str, where: str, err: Exception | None, n: int = 1) -> None:
+        """Count `n` bad samples; log them (or raise under `fail`). `err=None`: a replayed, already-logged one."""
         if err is None:
-            self.counts[source] += 1
+            self.counts[source] += n
             return
         reason = type(err).__name__
         message = f"bad sample in source {source!r} at {where}: {err}"
         if self.policy == "fail":
             raise DataError(message + " (set data.bad_sample_policy=skip to count and skip such samples)") from err
-        self.counts[source] += 1
+        self.counts[source] += n
         log.warning("skipped %s [%s]", message, reason)
-
-
-def iter_raw_samples(
-    paths: list[str], stride: int | None, count: int, on_error: Callable[[str, Exception], None]
-) -> Iterator[dict]:
-    """Raw webdataset samples (bytes per member) from `paths`, optionally every `count`-th one.
-
-    A shard that reads cleanly but holds no sample at all (e.g. emptied by a failed copy) is
-    reported through `on_error` too, so it is counted instead of silently contributing nothing.
-    """
-    position = 0
-    for path in paths:
-        failed = False
-
-        def handler(exn: Exception, path: str = path) -> bool:
-            nonlocal failed
-            failed = True
-            on_error(path, exn)
-            return True
-
-        found = 0
-        for sample in wds.tariterators.tarfile_samples(iter([{"url": path}]), handler=handler):
-            found += 1
-            keep = stride is None or position % count == stride
-            position += 1
-            if keep:
-                yield sample
-        if found == 0 and not failed:
-            on_error(path, FormatError("shard holds no samples; re-convert the dataset or restore the shard"))
 
 
 @dataclass
@@ -179,6 +150,7 @@ class SourceStream:
         bad: BadSamples,
         bad_windows: set[str] | None = None,
         augment: AugmentConfig | None = None,
+        max_bad_in_a_row: int = 10_000,
     ):
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)
@@ -196,6 +168,7 @@ class SourceStream:
         self.bad_windows = bad_windows if bad_windows is not None else set()
         self.replay = False
         self.augment = augment if augment is not None else AugmentConfig()
+        self.max_bad_in_a_row = max_bad_in_a_row
         robot = self.kind == "robot"
         self.normalizer = Normalizer(load_stats(self.folder), self.manifest.robot_spaces) if robot else None
         self.static_camera = self._static_camera()
@@ -217,6 +190,9 @@ class SourceStream:
             return [_Entry(key=where, epoch=self.epoch, raw=sample)]
         assert self.normalizer is not None
         meta, action, state = decode_episode_arrays(sample)
+        check_robot_dims(
+            str(sample.get("__key__")), self.manifest.action_dim, self.manifest.state_dim, action.shape, state.shape
+        )
         if self.static_camera not in meta.get("cameras", []):
             raise FormatError(f"sample {sample.get('__key__')}: no camera {self.static_camera!r}")
         chunks, chunk_mask = chunk_actions(self.normalizer.normalize_action(action), self.chunk)
@@ -229,10 +205,14 @@ class SourceStream:
         ep, sl = entry.episode, slice(entry.start, entry.start + self.window_size)
         assert ep is not None and self.static_camera is not None
         frames = range(entry.start, entry.start + self.window_size)
+        key, size = str(ep.raw.get("__key__")), self.manifest.image_size
+        sized = self.manifest.cameras[:1]  # the writer measures image_size on the first camera only
         images = np.stack([decode_frame(ep.raw, ep.meta, self.static_camera, t) for t in frames])
+        check_frame_size(key, self.static_camera, size if self.static_camera in sized else [], images.shape)
         wrist = None
         if WRIST_CAMERA in ep.meta.get("cameras", []):
             wrist = np.stack([decode_frame(ep.raw, ep.meta, WRIST_CAMERA, t) for t in frames])
+            check_frame_size(key, WRIST_CAMERA, size if WRIST_CAMERA in sized else [], wrist.shape)
         if self.augment.enabled:
             rng = window_rng(self.seed, entry.epoch, entry.key)  # one draw per camera, shared by the frames
             images = augment_frames(images, self.augment, rng)
@@ -262,22 +242,19 @@ class SourceStream:
             return None
 
     def _epoch_entries(self) -> Iterator[_Entry]:
-        paths, stride = epoch_assignment(
-            [str(self.folder / s.path) for s in self.manifest.shards],
-            self.epoch,
-            self.seed,
-            self.reader,
-            self.shard_shuffle,
-        )
+        listed = {str(self.folder / s.path): s.samples for s in self.manifest.shards}
+        paths, stride = epoch_assignment(list(listed), self.epoch, self.seed, self.reader, self.shard_shuffle)
 
-        def on_error(path: str, exn: Exception) -> None:
-            self.bad.report(self.name, path, exn)
+        def on_bad(where: str, err: Exception, n: int) -> None:
+            self.bad.report(self.name, where, err, n)
 
-        for sample in iter_raw_samples(paths, stride, self.reader.count, on_error):
-            try:
-                yield from self._ingest(sample)
-            except (FormatError, KeyError, ValueError) as err:
-                self.bad.report(self.name, f"{sample.get('__url__')}:{sample.get('__key__')}", err)
+        reader = SampleReader(stride, self.reader.count, on_bad)
+        for path in paths:
+            for sample in reader.shard(path, listed[path]):
+                try:
+                    yield from self._ingest(sample)
+                except (FormatError, KeyError, ValueError) as err:
+                    self.bad.report(self.name, f"{sample.get('__url__')}:{sample.get('__key__')}", err)
 
     def _epoch_items(self) -> Iterator[Window | VLSample]:
         """The current epoch's usable items in reading order (no shuffle buffer); for tools and tests."""
@@ -288,6 +265,7 @@ class SourceStream:
 
     def __iter__(self) -> Iterator[Window | VLSample | Replayed]:
         buffer: list[_Entry] = []
+        bad_in_a_row = 0
         while True:
             produced = 0
             for entry in self._epoch_entries():
@@ -299,7 +277,17 @@ class SourceStream:
                 buffer[idx], entry = entry, buffer[idx]
                 item = self._emit(entry)
                 if item is not None:
+                    bad_in_a_row = 0
                     yield item
+                    continue
+                bad_in_a_row += 1
+                if bad_in_a_row >= self.max_bad_in_a_row:
+                    raise DataError(
+                        f"source {self.name!r} ({self.folder}) yielded no valid sample in {bad_in_a_row} attempts in "
+                        f"a row for reader {self.reader.index}/{self.reader.count} ({self.bad.counts[self.name]} "
+                        "samples skipped so far): its shards look unusable; check the bad-sample log above, run "
+                        "`python -m data_tools verify` on the dataset, or raise data.max_bad_in_a_row"
+                    )
             if produced == 0:
                 raise DataError(
                     f"source {self.name!r} ({self.folder}) produced no usable samples in epoch {self.epoch} "

@@ -50,21 +50,28 @@ class LogWindow:
         """Values to average over the window (loss terms, grad norm, memory reports)."""
         self.meters.add(values)
 
-    def close(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Collective: (means of every key over all ranks, throughput); starts the next window."""
+    def close(self, skipped_samples: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+        """Collective: (means of every key over all ranks, throughput and totals); starts the next window.
+
+        `skipped_samples` is this rank's running count of bad samples; it is summed over ranks here
+        (in the same all-reduce) because each rank reads different shards and logs only its own.
+        """
         values = self.meters.reduce()
         elapsed = time.perf_counter() - self.start
         totals = torch.tensor(
-            [self.samples, float(self.tokens), self.data_wait, elapsed], dtype=torch.float64, device=collective_device()
+            [self.samples, float(self.tokens), self.data_wait, elapsed, skipped_samples],
+            dtype=torch.float64,
+            device=collective_device(),
         )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
-        samples, tokens, data_wait, rank_seconds = totals.tolist()
+        samples, tokens, data_wait, rank_seconds, skipped = totals.tolist()
         wall = rank_seconds / self.world_size
         rates = {
             "samples_per_s": samples / wall,
             "tokens_per_s": tokens / wall,
             "data_wait_frac": data_wait / max(rank_seconds, 1e-9),
+            "skipped_samples": int(skipped),
         }
         self._reset()
         return values, rates

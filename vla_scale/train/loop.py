@@ -92,13 +92,12 @@ class Trainer:
     def log(self) -> dict[str, float]:
         """Collective: close the log window and write its values to every sink (rank 0)."""
         run = self.run
-        means, rates = self.window.close()
+        means, rates = self.window.close(sum(run.stream.skipped().values()))  # summed over ranks there
         values = {
             **means,
             "lr": self.lr,
             "stage": run.staged.stage.index,
             **rates,
-            "skipped_samples": sum(run.stream.skipped().values()),
             "skipped_steps": self.guard.skipped_total,
             **{f"mix/{name}": share for name, share in run.stream.mix().items()},
             "peak_mem_gb": peak_memory_gb(),
