@@ -1,5 +1,5 @@
-"""`model.action_space: parallel` trains on 2 ranks under ZeRO-2 (configs/debug.yaml) and its export decodes the
-whole chunk as a Policy, equal to the checkpoint's model."""
+"""`model.action_space: parallel` (+ FiLM, as configs/debug_parallel.yaml) trains on 2 ranks under ZeRO-2 and its
+export decodes the whole chunk as a Policy, equal to the checkpoint's model."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def test_parallel_decoder_trains_on_two_ranks_and_exports(tmp_path: Path, toy_da
         tmp_path,
         toy_data,
         "model.action_space=parallel",
+        "model.film=true",
         "train.zero_stage=2",
         "train.max_steps=2",
         "train.ckpt_every=2",
