@@ -21,10 +21,10 @@ from vla_scale.config.errors import ConfigError
 from vla_scale.config.load import config_section
 from vla_scale.config.schema import ModelConfig, TinyBackboneConfig
 from vla_scale.model import RoboVLM, build_model
-from vla_scale.model.backbones import build_tiny_backbone
+from vla_scale.model.backbones import available_backbones, build_tiny_backbone
 from vla_scale.model.parallel import parallel_allowed, parallel_attention_bias
 
-FAMILIES = ["llava", "qwen2_vl", "paligemma", "idefics3"]
+FAMILIES = [f for f in available_backbones() if f != "kosmos2"]  # Kosmos-2 is refused (test below)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,11 @@ def test_mask_follows_the_rules_on_two_slots_and_padding():
 def test_single_pass_equals_position_by_position_reference(folders, history_type):
     model = _model(folders["llava"], history_type=history_type).eval()
     batch = robot_batch(model, extra_pad=2)
+    calls = []
+    hook = model.adapter.language_model.register_forward_hook(lambda *_: calls.append(1))
     arm, grip = model.predict_action(batch.observation)
+    hook.remove()
+    assert len(calls) == 1  # the whole window's chunks from one LM pass
     with torch.no_grad():
         embeds, real, action = _parallel_inputs(model, batch)
         lm = model.adapter.language_model
@@ -213,3 +217,18 @@ def test_config_refuses_what_cannot_work(extra, message):
     cfg = config_section(ModelConfig, spec, "model")
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+def test_kosmos2_is_refused_by_the_model_and_its_adapter(tmp_path):
+    folder = tmp_path / "kosmos2"
+    adapter = build_tiny_backbone("kosmos2", TinyBackboneConfig(), folder, seed=0)
+    embeds = torch.zeros(1, 3, adapter.hidden_size)
+    real = torch.ones(1, 3, dtype=torch.bool)
+    bias = parallel_attention_bias(real, torch.tensor([[False, True, True]]), embeds.dtype)
+    with pytest.raises(ValueError, match="custom 4-D attention mask"):
+        adapter.lm_forward(embeds, real, attention_bias=bias)
+    cfg = config_section(
+        ModelConfig, {"backbone": {"family": "kosmos2", "pretrained": str(folder)}, "action_space": "parallel"}, "model"
+    )
+    with pytest.raises(ConfigError, match="custom 4-D attention mask"):  # built without load_config's validation
+        build_model(cfg, action_dim=A, state_dim=S, chunk_size=N)
