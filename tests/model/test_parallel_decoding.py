@@ -19,9 +19,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from tests.model.batches import A, N, S, robot_batch, vl_batch
 from vla_scale.config.errors import ConfigError
 from vla_scale.config.load import config_section
-from vla_scale.config.schema import ModelConfig, TinyBackboneConfig
+from vla_scale.config.schema import ModelConfig, TinyBackboneConfig, TinyClipConfig
 from vla_scale.model import RoboVLM, build_model
 from vla_scale.model.backbones import available_backbones, build_tiny_backbone
+from vla_scale.model.clip_regularizer import build_tiny_clip
 from vla_scale.model.parallel import parallel_allowed, parallel_attention_bias
 
 FAMILIES = [f for f in available_backbones() if f != "kosmos2"]  # Kosmos-2 is refused (test below)
@@ -34,6 +35,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for family in FAMILIES:
         out[family] = root / family
         build_tiny_backbone(family, TinyBackboneConfig(), out[family], seed=0)
+    out["clip"] = root / "clip"
+    build_tiny_clip(TinyClipConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), 16, out["clip"])
     return out
 
 
@@ -171,15 +174,18 @@ def test_prefix_is_blind_to_actions_and_actions_see_each_other(folders, family):
 @pytest.mark.parametrize(
     "family, extra",
     [
-        ("llava", {"history_type": "post", "lora": {"enabled": True, "r": 2, "alpha": 4}}),
+        ("llava", {"history_type": "post", "lora": {"enabled": True, "r": 2, "alpha": 4}, "clip_reg": True}),
         ("qwen2_vl", {"history_type": "pre", "film": True, "use_state": True}),
         ("paligemma", {"history_type": "video", "resampler": {"enabled": True, "num_latents": 3, "depth": 1}}),
     ],
 )
 def test_forward_backward_on_families(folders, family, extra):
+    if extra.get("clip_reg"):
+        extra = {**extra, "clip_reg": {"enabled": True, "pretrained": str(folders["clip"]), "embed_dim": 16}}
     model = _model(folders[family], family, **extra).train()
     robot = model(robot_batch(model))
     assert {"loss", "loss_arm", "loss_gripper", "acc_gripper"} <= set(robot) and torch.isfinite(robot["loss"])
+    assert ("loss_clip" in robot) == bool(extra.get("clip_reg"))
     vl = model(vl_batch(model))
     (robot["loss"] + vl["loss"]).backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -170,7 +170,7 @@ class RoboVLM(nn.Module):
         """Named 0-dim loss terms and metrics plus the weighted `loss` (names are the wandb keys).
 
         Robot batches: loss, loss_arm, and loss_gripper, acc_gripper when the action space has binary grippers
-        (continuous) or loss, loss_action_ce,
+        (continuous, parallel) or loss, loss_action_ce,
         acc_action_token (discrete: argmax over the whole vocabulary on supervised positions), plus loss_clip
         with the CLIP regulariser; VL batches: loss, loss_vl. All add `num_tokens` (LM positions attended,
         images included) for throughput, not a metric to average.
