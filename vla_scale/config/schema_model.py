@@ -20,6 +20,7 @@ from vla_scale.config.schema_mechanisms import (
 
 __all__ = [
     "HISTORY_HEADS",
+    "NO_CUSTOM_MASK_FAMILIES",
     "ActionHeadConfig",
     "BackboneConfig",
     "ClipRegConfig",
@@ -32,9 +33,12 @@ __all__ = [
     "TinyClipConfig",
     "check_history_window",
     "validate_history",
+    "validate_parallel",
 ]
 
 HISTORY_HEADS = ("lstm", "gpt")  # heads that fuse the window over time themselves
+# Families whose LM cannot take a prepared 4-D attention mask (adapter `custom_mask = False`): no parallel decoding.
+NO_CUSTOM_MASK_FAMILIES = ("kosmos2",)
 
 
 @dataclass
@@ -104,8 +108,10 @@ class ModelConfig:
     """RoboVLM: the backbone plus fusion, action tokens and heads."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    # continuous: learnable action tokens + regression head; discrete: action ids + next-token loss
-    action_space: Literal["continuous", "discrete"] = "continuous"
+    # continuous: learnable action tokens + regression head; discrete: action ids + next-token loss;
+    # parallel: one learned position per chunk step, the chunk decoded in one pass (bidirectional among the
+    # action positions), a linear layer per position, L1 + gripper BCE (OpenVLA-OFT style, model/parallel.py)
+    action_space: Literal["continuous", "discrete", "parallel"] = "continuous"
     # post: one frame per VLM sequence (window folded into the batch), history fused by the head (lstm / gpt);
     # pre: the window's frames interleaved in one sequence, action tokens after each frame;
     # video: the window's frames in one sequence, one set of action tokens for the last frame
@@ -147,6 +153,7 @@ class ModelConfig:
                 f"{prefix}.keypoints reads positions off the image-token grid, which {prefix}.resampler replaces by "
                 f"latents: turn one of them off"
             )
+        validate_parallel(self, prefix)
         self.backbone.validate(f"{prefix}.backbone")
         self.discrete.validate(f"{prefix}.discrete")
         validate_history(self, prefix=prefix)
@@ -184,6 +191,29 @@ def validate_history(m: ModelConfig, window_size: int | None = None, prefix: str
         )
     if window_size is not None:
         check_history_window(m, window_size, prefix)
+
+
+def validate_parallel(m: ModelConfig, prefix: str = "model") -> None:
+    """`action_space: parallel` combinations (also called by `RoboVLM`): one position per chunk step, no history
+    head, and an LM that takes a custom 4-D attention mask."""
+    if m.action_space != "parallel":
+        return
+    if m.latent_num != 1:
+        raise ConfigError(
+            f"{prefix}.action_space: parallel puts one action position per chunk step (data.fwd_pred_next_n of "
+            f"them); {prefix}.latent_num={m.latent_num} has no meaning there: leave it at 1"
+        )
+    if m.head.type != "mlp":
+        raise ConfigError(
+            f"{prefix}.head.type={m.head.type} is a head over learned action tokens; {prefix}.action_space: parallel "
+            f"maps each position with a linear layer itself: set {prefix}.head.type: mlp"
+        )
+    if m.backbone.family in NO_CUSTOM_MASK_FAMILIES:
+        raise ConfigError(
+            f"{prefix}.action_space: parallel needs bidirectional attention among the action positions (a custom "
+            f"4-D attention mask), which {prefix}.backbone.family={m.backbone.family} cannot take; use another "
+            "family or action_space continuous / discrete"
+        )
 
 
 def check_history_window(m: ModelConfig, window_size: int, prefix: str = "model") -> None:

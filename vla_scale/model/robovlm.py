@@ -7,6 +7,7 @@ One model, three roles in their own modules:
 - `continuous.py` (`model.action_space: continuous`): learned action tokens and an action head
   (mlp, or an lstm / gpt history head with per-episode memory) regressing the action chunk.
 - `discrete.py` (`discrete`): the chunk as reserved vocabulary ids, next-token CE, greedy decoding.
+- `parallel.py` (`parallel`): one learned position per chunk step, the chunk decoded in one pass (OFT style).
 
 `RoboVLM` owns the parameters (names unchanged: `adapter`, `action_token`, `action_head`,
 `state_encoder`, `resampler`, `clip_reg`, `film`, `keypoints`), encodes observations, dispatches a batch to the robot
@@ -25,6 +26,7 @@ from torch import nn
 
 from vla_scale.config.load import validate_history
 from vla_scale.config.schema import ModelConfig
+from vla_scale.config.schema_model import validate_parallel
 from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.data.observation import Observation
 from vla_scale.model.action_tokenizer import ActionTokenizer
@@ -42,6 +44,7 @@ from vla_scale.model.film import InstructionFiLM
 from vla_scale.model.history_heads import HistoryHead
 from vla_scale.model.keypoints import SpatialKeypoints
 from vla_scale.model.lora import apply_lora
+from vla_scale.model.parallel import ParallelActions, build_parallel_modules
 from vla_scale.model.resampler import PerceiverResampler
 from vla_scale.model.sequence import FusedSequence, SequenceBuilder, embed_text
 from vla_scale.model.state_encoder import StateEncoder
@@ -66,11 +69,12 @@ class RoboVLM(nn.Module):
         """`binary_dims` / `binary_state_dims`: how many of the action / state dims are binary grippers (the last
         ones, by the Batch contract), from the dataset's declared spaces; 1 and 1 is the legacy layout."""
         super().__init__()
-        if cfg.action_space not in ("continuous", "discrete"):
-            raise ValueError(f"model.action_space={cfg.action_space!r}; use 'continuous' or 'discrete'")
+        if cfg.action_space not in ("continuous", "discrete", "parallel"):
+            raise ValueError(f"model.action_space={cfg.action_space!r}; use 'continuous', 'discrete' or 'parallel'")
         if cfg.history_type not in ("post", "pre", "video"):
             raise ValueError(f"model.history_type={cfg.history_type!r}; use 'post', 'pre' or 'video'")
         validate_history(cfg)
+        validate_parallel(cfg)
         if cfg.latent_num < 1:
             raise ValueError(f"model.latent_num must be >= 1, got {cfg.latent_num}")
         self.cfg = cfg
@@ -87,10 +91,13 @@ class RoboVLM(nn.Module):
         self.action_token: nn.Parameter | None = None
         self.action_head: nn.Module | None = None  # maps [B, T, latent_num, D] to [B, T, N, ...] chunks
         self.action_tokenizer: ActionTokenizer | None = None
-        self.actions: ContinuousActions | DiscreteActions
+        self.actions: ContinuousActions | DiscreteActions | ParallelActions
         if cfg.action_space == "discrete":
             self.actions = DiscreteActions(cfg, adapter, action_dim, chunk_size, binary_dims)
             self.action_tokenizer = self.actions.tokenizer
+        elif cfg.action_space == "parallel":
+            self.actions = ParallelActions(cfg, chunk_size, binary_dims)
+            self.action_token, self.action_head = build_parallel_modules(hidden, action_dim, chunk_size, dtype)
         else:
             self.actions = ContinuousActions(cfg, binary_dims)
             self.action_token, self.action_head = build_continuous_modules(
@@ -163,7 +170,7 @@ class RoboVLM(nn.Module):
         """Named 0-dim loss terms and metrics plus the weighted `loss` (names are the wandb keys).
 
         Robot batches: loss, loss_arm, and loss_gripper, acc_gripper when the action space has binary grippers
-        (continuous) or loss, loss_action_ce,
+        (continuous, parallel) or loss, loss_action_ce,
         acc_action_token (discrete: argmax over the whole vocabulary on supervised positions), plus loss_clip
         with the CLIP regulariser; VL batches: loss, loss_vl. All add `num_tokens` (LM positions attended,
         images included) for throughput, not a metric to average.

@@ -144,13 +144,19 @@ class HFBackboneAdapter(BackboneAdapter):
         return None
 
     def run_decoder(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past_key_values: Any, use_cache: bool
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: Any,
+        use_cache: bool,
+        attention_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """The decoder stack is called directly: the families' top-level forwards insist on image placeholder ids."""
+        """The decoder stack is called directly: the families' top-level forwards insist on image placeholder ids.
+        A 4-D `attention_bias` goes to the decoder as is (transformers' mask builders pass 4-D masks through)."""
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         out = self.language_model(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask.long(),
+            attention_mask=attention_mask.long() if attention_bias is None else attention_bias,
             position_ids=self.lm_position_ids(inputs_embeds, attention_mask, past),
             cache=past_key_values,
             use_cache=use_cache,

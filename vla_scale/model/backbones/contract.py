@@ -31,6 +31,7 @@ class BackboneAdapter(nn.Module, ABC):
     # Set by RoboVLM when a resampler replaces the tower's tokens by latents that have no patch grid:
     # families whose positions follow the grid (Qwen's multimodal RoPE) then give them 1D positions.
     images_resampled: bool = False
+    custom_mask: bool = True  # the LM takes a prepared 4-D attention mask (`lm_forward(attention_bias=...)`)
     model: nn.Module
     tokenizer: Any
     image_processor: Any
@@ -112,19 +113,29 @@ class BackboneAdapter(nn.Module, ABC):
         past_key_values: Any = None,
         use_cache: bool = False,
         return_logits: bool = True,
+        attention_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
         """Causal LM on `inputs_embeds` `[B, L, D]` with `attention_mask` `[B, L]` (or `[B, past + L]` with a cache)
         → (hidden `[B, L, D]` after the final norm, logits `[B, L, V]` or None, cache or None).
 
         Implemented once here on `run_decoder` + `compute_logits`; `return_logits=False` skips the vocabulary
-        projection (robot batches do not need it)."""
-        hidden, cache = self.run_decoder(inputs_embeds, attention_mask, past_key_values, use_cache)
+        projection (robot batches do not need it). `attention_bias` `[B, 1, L, L]` (additive, 0 or the dtype's min)
+        replaces the causal mask in attention while positions still follow `attention_mask` (the parallel action
+        decoder's bidirectional action block); families with `custom_mask = False` refuse it."""
+        if attention_bias is not None and not self.custom_mask:
+            raise ValueError(f"backbone family {self.family!r} cannot run the LM with a custom 4-D attention mask")
+        hidden, cache = self.run_decoder(inputs_embeds, attention_mask, past_key_values, use_cache, attention_bias)
         logits = self.compute_logits(hidden) if return_logits else None
         return hidden, logits, cache
 
     @abstractmethod
     def run_decoder(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past_key_values: Any, use_cache: bool
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: Any,
+        use_cache: bool,
+        attention_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """The decoder stack under `lm_forward` → (hidden `[B, L, D]` after the final norm, cache or None)."""
 

@@ -51,6 +51,7 @@ class Kosmos2Adapter(HFBackboneAdapter):
     """Kosmos-2: image tokens = the resampler's `latent_query_num` outputs; LM = `text_model.model`."""
 
     family = "kosmos2"
+    custom_mask = False  # its text transformer expands a 2-D mask itself (no 4-D pass-through)
     model_class = Kosmos2ForConditionalGeneration
     language_model_path = "text_model.model"
     vision_path = "vision_model"
