@@ -160,16 +160,19 @@ def test_predict_is_seeded_and_shaped(tiny_path):
 
 
 @pytest.fixture(scope="module")
-def qwen_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_qwen2_vl")
-    build_tiny_backbone("qwen2_vl", TinyBackboneConfig(), path, seed=0)
-    return path
+def family_paths(tiny_path, tmp_path_factory):
+    """Tiny checkpoints of three decoder kinds: LLaVA (Llama), Qwen2-VL (M-RoPE), PaliGemma (Gemma, prefix-LM)."""
+    paths = {"llava": tiny_path}
+    for family in ("qwen2_vl", "paligemma"):
+        paths[family] = tmp_path_factory.mktemp(f"tiny_{family}")
+        build_tiny_backbone(family, TinyBackboneConfig(), paths[family], seed=0)
+    return paths
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma"])
 @pytest.mark.parametrize("stop", [False, True])
-def test_families_train_robot_and_vl(tiny_path, qwen_path, family, stop):
-    path = tiny_path if family == "llava" else qwen_path
+def test_families_train_robot_and_vl(family_paths, family, stop):
+    path = family_paths[family]
     torch.manual_seed(0)
     model = build_model(_cfg(path, family, stop_gradient_to_vlm=stop), action_dim=A, state_dim=S, chunk_size=N)
     model.train()
