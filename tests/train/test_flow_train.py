@@ -1,5 +1,5 @@
-"""`model.action_space: flow` on 2 ranks under ZeRO-2 (robot + VL co-training, stop-gradient into the VLM), exported
-and loaded as a Policy whose sampled chunks are reproducible from a seed."""
+"""configs/debug_flow.yaml (`model.action_space: flow`) on 2 ranks under ZeRO-2 (robot + VL co-training, stop-gradient
+into the VLM), exported and loaded as a Policy whose sampled chunks are reproducible from a seed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from tests.train.jobs import run_ranks
+from tests.train.jobs import ROOT, run_ranks
 from tests.train.policy_check import first_episode
 from vla_scale.policy import Policy
 from vla_scale.train.export import export_policy
@@ -18,19 +18,15 @@ from vla_scale.train.metrics import read_metrics
 
 pytestmark = pytest.mark.integration
 
-FLOW = (
-    "model.action_space=flow",
-    "model.flow.width=32",
-    "model.flow.layers=1",
-    "model.flow.heads=2",
-    "model.flow.num_steps=3",
-    "model.flow.stop_gradient_to_vlm=true",
-)
+SMALLER = ("model.flow.width=32", "model.flow.layers=1", "model.flow.heads=2", "model.flow.num_steps=3")
 
 
 def test_flow_expert_trains_on_two_ranks_and_exports(tmp_path: Path, toy_data: Path) -> None:
-    run_ranks(tmp_path, toy_data, "train.max_steps=2", "train.ckpt_every=0", *FLOW)
-    run_dir = tmp_path / "runs" / "debug"
+    data = (f"data.sources.0.path={toy_data / 'robot'}", f"data.sources.1.path={toy_data / 'vl'}")
+    backbone = f"model.backbone.pretrained={tmp_path / 'backbone'}"
+    config = ROOT / "configs/debug_flow.yaml"
+    run_ranks(tmp_path, None, *data, backbone, "train.max_steps=2", "train.ckpt_every=0", *SMALLER, config=config)
+    run_dir = tmp_path / "runs" / "debug_flow"
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in records), records
