@@ -182,3 +182,19 @@ def test_families_train_robot_and_vl(family_paths, family, stop):
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"no gradient (ZeRO needs the same gradient set on every rank): {missing[:5]}"
     assert any(p.grad.abs().sum() > 0 for p in model.adapter.decoder_layers.parameters())  # VL trains the VLM
+
+
+@pytest.mark.parametrize("history", ["pre", "video"])
+def test_history_types_train_and_predict(tiny_path, history):
+    """`pre`: one chunk per frame from one interleaved sequence; `video`: one chunk, the last frame's."""
+    cfg = _cfg(tiny_path)
+    cfg.history_type = history
+    torch.manual_seed(0)
+    model = build_model(cfg, action_dim=A, state_dim=S, chunk_size=N).train()
+    batch = robot_batch(model)
+    out = model(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss_flow"]) and model.action_expert.out.weight.grad.abs().sum() > 0
+    arm, grip = model.eval().predict_action(batch.observation, torch.Generator().manual_seed(0))
+    frames = 2 if history == "pre" else 1
+    assert arm.shape == (2, frames, N, A - 1) and grip.shape == (2, frames, N, 1) and torch.isfinite(arm).all()
