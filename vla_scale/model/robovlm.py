@@ -54,7 +54,7 @@ from vla_scale.model.zero_sync import zero_touch
 
 
 class RoboVLM(nn.Module):
-    """Backbone adapter + action path (continuous or discrete); `forward(batch)` returns named losses."""
+    """Backbone adapter + action path (continuous, discrete or flow); `forward(batch)` returns named losses."""
 
     def __init__(
         self,
@@ -176,7 +176,8 @@ class RoboVLM(nn.Module):
 
         Robot batches: loss, loss_arm, and loss_gripper, acc_gripper when the action space has binary grippers
         (continuous) or loss, loss_action_ce,
-        acc_action_token (discrete: argmax over the whole vocabulary on supervised positions), plus loss_clip
+        acc_action_token (discrete: argmax over the whole vocabulary on supervised positions), or loss, loss_flow
+        (flow: the velocity MSE), plus loss_clip
         with the CLIP regulariser; VL batches: loss, loss_vl. All add `num_tokens` (LM positions attended,
         images included) for throughput, not a metric to average.
         """
