@@ -64,6 +64,7 @@ class Policy:
         self.static_camera: str | None = data.get("static_camera")
         self.wrist_camera: str | None = data.get("wrist_camera")
         self._history: deque[_Frame] = deque(maxlen=self.window_size)
+        self._generator: torch.Generator | None = None  # sampling noise (flow action space), seeded by reset
         self.model.reset()
 
     @classmethod
@@ -106,9 +107,11 @@ class Policy:
         model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
         return cls(model, Normalizer(load_stats(folder), spaces), spec, device)
 
-    def reset(self) -> None:
-        """Start a new episode: forget the frame/state history and the head's memory (lstm / gpt heads)."""
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new episode: forget the frame/state history and the head's memory (lstm / gpt heads). A `seed`
+        makes the episode's sampled chunks (flow action space) reproducible; None draws from torch's global RNG."""
         self._history.clear()
+        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.model.reset()
 
     def _frames(self, image: np.ndarray | dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -123,13 +126,19 @@ class Policy:
 
     @torch.no_grad()
     def predict(
-        self, image: np.ndarray | dict[str, np.ndarray], instruction: str, state: np.ndarray | None = None
+        self,
+        image: np.ndarray | dict[str, np.ndarray],
+        instruction: str,
+        state: np.ndarray | None = None,
+        seed: int | None = None,
     ) -> np.ndarray:
         """One control step: uint8 frame `[H, W, 3]` (or `{camera: frame}`), instruction, raw state `[S]`
         → action chunk `[N, A]` in the robot's units and dimension order for the current step (binary gripper
         dims as the dataset declares them, by default 0 open / 1 closed).
 
         The frame and state join the episode history (last `window_size` steps); call `reset()` between episodes.
+        Flow action space: the chunk is sampled from noise drawn with `seed` if given, else from the generator
+        `reset(seed)` seeded (advancing per call), else from torch's global RNG; other action spaces ignore it.
         """
         static, wrist = self._frames(image)
         if self.wrist_camera and wrist is None:
@@ -158,7 +167,11 @@ class Policy:
         )
         batch = collate_robot([window], self.model.tokenizer, self.max_text_len).to(self.device)
         predict = self.model.predict_action_step if self.model.stepwise else self.model.predict_action
-        arm, gripper = predict(batch.observation)
+        if self.model.stepwise:
+            arm, gripper = predict(batch.observation)
+        else:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else self._generator
+            arm, gripper = predict(batch.observation, generator)
         # One chunk per frame given ("post" mlp, "pre"), or one for the last frame ("video", stepwise heads):
         # the last is the current step's.
         return self.normalizer.unnormalize_action(arm[0, -1].cpu().numpy(), gripper[0, -1].cpu().numpy())

@@ -117,7 +117,7 @@ def test_every_shipped_config_loads_and_together_they_use_every_mechanism():
         build_ds_config(cfg, 8 if cfg.train.global_batch_size % (8 * cfg.train.micro_batch_size) == 0 else 1)
     models = [c.model for c in configs]
     assert {m.backbone.family for m in models} >= {"llava", "paligemma", "qwen2_5_vl", "kosmos2", "smolvlm"}
-    assert {m.action_space for m in models} == {"continuous", "discrete", "parallel"}
+    assert {m.action_space for m in models} == {"continuous", "discrete", "parallel", "flow"}
     assert {m.history_type for m in models} == {"post", "pre", "video"}
     assert {m.head.type for m in models} == {"mlp", "lstm", "gpt"}
     assert any(m.use_state for m in models) and any(m.instruction_first for m in models)

@@ -1,5 +1,5 @@
-"""`model.*` blocks for the optional mechanisms: discrete actions, LoRA, the Perceiver resampler and the
-CLIP regulariser. Each block checks its own sizes; `ModelConfig` decides when a block applies."""
+"""`model.*` blocks for the optional mechanisms: discrete actions, the flow-matching expert, LoRA, the Perceiver
+resampler and the CLIP regulariser. Each block checks its own sizes; `ModelConfig` decides when a block applies."""
 
 from __future__ import annotations
 
@@ -25,6 +25,25 @@ class DiscreteActionConfig:
             raise ConfigError(
                 f"{prefix}.min_action ({self.min_action}) must be < {prefix}.max_action ({self.max_action})"
             )
+
+
+@dataclass
+class FlowConfig:
+    """`action_space: flow`: a small transformer (the action expert) denoises the chunk by flow matching while
+    cross-attending to the VLM's action-token states (model/flow.py, model/flow_expert.py)."""
+
+    width: int = 64  # expert hidden size (the VLM states are projected to it)
+    layers: int = 2
+    heads: int = 4  # must divide width
+    num_steps: int = 10  # Euler steps at inference, from t=1 (noise) to t=0 (the chunk)
+    # Knowledge insulation: the expert reads detached VLM states, so its loss trains the expert only and the VLM
+    # learns through the other losses (VL co-training, the CLIP regulariser).
+    stop_gradient_to_vlm: bool = False
+
+    def validate(self, prefix: str = "model.flow") -> None:
+        check_at_least(self, prefix, ("width", "layers", "heads", "num_steps"), 1)
+        if self.width % self.heads:
+            raise ConfigError(f"{prefix}.heads ({self.heads}) must divide {prefix}.width ({self.width})")
 
 
 @dataclass

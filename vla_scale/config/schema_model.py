@@ -13,6 +13,7 @@ from vla_scale.config.errors import ConfigError, check_at_least
 from vla_scale.config.schema_mechanisms import (
     ClipRegConfig,
     DiscreteActionConfig,
+    FlowConfig,
     LoraConfig,
     ResamplerConfig,
     TinyClipConfig,
@@ -25,6 +26,7 @@ __all__ = [
     "BackboneConfig",
     "ClipRegConfig",
     "DiscreteActionConfig",
+    "FlowConfig",
     "LoraConfig",
     "LossWeightsConfig",
     "ModelConfig",
@@ -97,6 +99,7 @@ class LossWeightsConfig:
     gripper: float = 0.01
     vl: float = 1.0
     action_ce: float = 1.0  # discrete action tokens: next-token cross-entropy
+    flow: float = 1.0  # flow matching: velocity MSE (`action_space: flow`)
     clip: float = 1.0  # CLIP regulariser (`model.clip_reg`), robot batches only
 
     def validate(self, prefix: str = "model.loss_weights") -> None:
@@ -110,8 +113,9 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     # continuous: learnable action tokens + regression head; discrete: action ids + next-token loss;
     # parallel: one learned position per chunk step, the chunk decoded in one pass (bidirectional among the
-    # action positions), a linear layer per position, L1 + gripper BCE (OpenVLA-OFT style, model/parallel.py)
-    action_space: Literal["continuous", "discrete", "parallel"] = "continuous"
+    # action positions), a linear layer per position, L1 + gripper BCE (OpenVLA-OFT style, model/parallel.py);
+    # flow: learnable action tokens + a flow-matching action expert (`model.flow`)
+    action_space: Literal["continuous", "discrete", "parallel", "flow"] = "continuous"
     # post: one frame per VLM sequence (window folded into the batch), history fused by the head (lstm / gpt);
     # pre: the window's frames interleaved in one sequence, action tokens after each frame;
     # video: the window's frames in one sequence, one set of action tokens for the last frame
@@ -128,6 +132,7 @@ class ModelConfig:
     image_pool: int = 1
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
     discrete: DiscreteActionConfig = field(default_factory=DiscreteActionConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     clip_reg: ClipRegConfig = field(default_factory=ClipRegConfig)
@@ -156,6 +161,7 @@ class ModelConfig:
         validate_parallel(self, prefix)
         self.backbone.validate(f"{prefix}.backbone")
         self.discrete.validate(f"{prefix}.discrete")
+        self.flow.validate(f"{prefix}.flow")
         validate_history(self, prefix=prefix)
         self.resampler.validate(f"{prefix}.resampler")
         self.clip_reg.validate(f"{prefix}.clip_reg")
@@ -176,10 +182,10 @@ def validate_history(m: ModelConfig, window_size: int | None = None, prefix: str
                 f"{prefix}.history_type: post; with history_type {m.history_type} the VLM already sees the window: "
                 f"use {prefix}.head.type: mlp"
             )
-        if m.action_space == "discrete":
+        if m.action_space != "continuous":
             raise ConfigError(
-                f"{prefix}.head.type={head.type} needs {prefix}.action_space: continuous (the discrete action space "
-                f"predicts action ids with the LM and has no head); set {prefix}.head.type: mlp"
+                f"{prefix}.head.type={head.type} needs {prefix}.action_space: continuous (the {m.action_space} action "
+                f"space predicts with the LM or the flow expert, not a head); set {prefix}.head.type: mlp"
             )
         check_at_least(head, f"{prefix}.head", ("num_layers",), 1)
         if head.max_history < 0:

@@ -44,6 +44,7 @@ TRAINABLE_GROUPS = (
     "all",
     "heads",
     "action_head",
+    "action_expert",
     "action_token",
     "state_encoder",
     "resampler",

@@ -142,7 +142,7 @@ class PolicyAgent(Agent):
                 f"the policy was trained on state dim {self.policy.state_dim} / action dim {self.policy.action_dim}; "
                 f"suite {env.suite} has {env.state_dim} / {env.action_space.dim}"
             )
-        self.policy.reset()
+        self.policy.reset(seed)  # a flow policy's sampled chunks then depend on the episode's seed only
         self.executor.reset()
 
     def act(self, obs: EnvObservation) -> np.ndarray:

@@ -8,6 +8,8 @@ One model, three roles in their own modules:
   (mlp, or an lstm / gpt history head with per-episode memory) regressing the action chunk.
 - `discrete.py` (`discrete`): the chunk as reserved vocabulary ids, next-token CE, greedy decoding.
 - `parallel.py` (`parallel`): one learned position per chunk step, the chunk decoded in one pass (OFT style).
+- `flow.py` (`flow`): the continuous path's action-token states condition a flow-matching action expert
+  (`flow_expert.py`, parameter `action_expert`), sampled by Euler steps.
 
 `RoboVLM` owns the parameters (names unchanged: `adapter`, `action_token`, `action_head`,
 `state_encoder`, `resampler`, `clip_reg`, `film`, `keypoints`), encodes observations, dispatches a batch to the robot
@@ -41,6 +43,8 @@ from vla_scale.model.clip_regularizer import (
 from vla_scale.model.continuous import ContinuousActions, build_continuous_modules
 from vla_scale.model.discrete import DiscreteActions
 from vla_scale.model.film import InstructionFiLM
+from vla_scale.model.flow import FlowActions
+from vla_scale.model.flow_expert import FlowExpert
 from vla_scale.model.history_heads import HistoryHead
 from vla_scale.model.keypoints import SpatialKeypoints
 from vla_scale.model.lora import apply_lora
@@ -53,7 +57,7 @@ from vla_scale.model.zero_sync import zero_touch
 
 
 class RoboVLM(nn.Module):
-    """Backbone adapter + action path (continuous or discrete); `forward(batch)` returns named losses."""
+    """Backbone adapter + action path (continuous, discrete or flow); `forward(batch)` returns named losses."""
 
     def __init__(
         self,
@@ -69,8 +73,10 @@ class RoboVLM(nn.Module):
         """`binary_dims` / `binary_state_dims`: how many of the action / state dims are binary grippers (the last
         ones, by the Batch contract), from the dataset's declared spaces; 1 and 1 is the legacy layout."""
         super().__init__()
-        if cfg.action_space not in ("continuous", "discrete", "parallel"):
-            raise ValueError(f"model.action_space={cfg.action_space!r}; use 'continuous', 'discrete' or 'parallel'")
+        if cfg.action_space not in ("continuous", "discrete", "parallel", "flow"):
+            raise ValueError(
+                f"model.action_space={cfg.action_space!r}; use 'continuous', 'discrete', 'parallel' or 'flow'"
+            )
         if cfg.history_type not in ("post", "pre", "video"):
             raise ValueError(f"model.history_type={cfg.history_type!r}; use 'post', 'pre' or 'video'")
         validate_history(cfg)
@@ -91,13 +97,21 @@ class RoboVLM(nn.Module):
         self.action_token: nn.Parameter | None = None
         self.action_head: nn.Module | None = None  # maps [B, T, latent_num, D] to [B, T, N, ...] chunks
         self.action_tokenizer: ActionTokenizer | None = None
-        self.actions: ContinuousActions | DiscreteActions | ParallelActions
+        self.action_expert: FlowExpert | None = None
+        self.actions: ContinuousActions | DiscreteActions | ParallelActions | FlowActions
         if cfg.action_space == "discrete":
             self.actions = DiscreteActions(cfg, adapter, action_dim, chunk_size, binary_dims)
             self.action_tokenizer = self.actions.tokenizer
         elif cfg.action_space == "parallel":
             self.actions = ParallelActions(cfg, chunk_size, binary_dims)
             self.action_token, self.action_head = build_parallel_modules(hidden, action_dim, chunk_size, dtype)
+        elif cfg.action_space == "flow":
+            self.actions = FlowActions(cfg, action_dim, chunk_size, binary_dims)
+            self.action_token = nn.Parameter((torch.randn(hidden) * 0.02).to(dtype))
+            flow = cfg.flow
+            self.action_expert = FlowExpert(hidden, action_dim, chunk_size, flow.width, flow.layers, flow.heads).to(
+                dtype
+            )
         else:
             self.actions = ContinuousActions(cfg, binary_dims)
             self.action_token, self.action_head = build_continuous_modules(
@@ -171,7 +185,8 @@ class RoboVLM(nn.Module):
 
         Robot batches: loss, loss_arm, and loss_gripper, acc_gripper when the action space has binary grippers
         (continuous, parallel) or loss, loss_action_ce,
-        acc_action_token (discrete: argmax over the whole vocabulary on supervised positions), plus loss_clip
+        acc_action_token (discrete: argmax over the whole vocabulary on supervised positions), or loss, loss_flow
+        (flow: the velocity MSE), plus loss_clip
         with the CLIP regulariser; VL batches: loss, loss_vl. All add `num_tokens` (LM positions attended,
         images included) for throughput, not a metric to average.
         """
@@ -235,7 +250,9 @@ class RoboVLM(nn.Module):
 
     # --- inference ---------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_action(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_action(
+        self, obs: Observation, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images `[B, T, C, H, W]` → (normalised regressed chunk `[B, T', N, A-G]`, gripper probabilities
         `[B, T', N, G]`, G = binary_dims): T' = T, one chunk per frame (`post`, `pre`), or T' = 1, the last
         frame's chunk (`video`). `obs.state` `[B, T, S]` (normalised) is required when `model.use_state` is on.
@@ -244,7 +261,11 @@ class RoboVLM(nn.Module):
 
         Discrete: greedy KV-cached decoding of the A x N action ids; arm dims are bin centres and the
         gripper "probability" is hard, 1.0 when the decoded gripper bin is in the closed half, else 0.0.
+        Flow: Euler sampling from noise drawn on `generator` (a CPU generator; None: the global RNG), gripper
+        hard as for discrete; the other action spaces are deterministic and ignore it.
         """
+        if isinstance(self.actions, FlowActions):
+            return self.actions.predict(self, obs, generator)
         return self.actions.predict(self, obs)
 
     @torch.no_grad()

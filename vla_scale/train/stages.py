@@ -58,7 +58,7 @@ def group_parameters(model: nn.Module, group: str) -> set[str]:
         return set(names)
     if group == "heads":  # everything RoboVLM adds around the backbone
         return {n for n in names if not n.startswith(ADAPTER_PREFIX)}
-    if group in ("action_head", "action_token", "state_encoder", "resampler"):
+    if group in ("action_head", "action_expert", "action_token", "state_encoder", "resampler"):
         return {n for n in names if n == group or n.startswith(group + ".")}
     if group == "lora":
         return {n for n in names if LORA_MARK in n}
