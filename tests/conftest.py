@@ -1,11 +1,21 @@
 """Fixtures shared by every test folder; helpers that start training jobs live in tests/train/jobs.py."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_tools.synth import synth
 from tests.built_once import built_once
+
+# Under pytest-xdist every worker is one test process per core share: without this each worker's torch would
+# start a thread per core, and two workers' spinning OpenMP threads on 2 cores slowed the model tests ~5x.
+# Subprocesses inherit the variable (rank processes set their own per rank, as the launchers do).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
