@@ -25,10 +25,10 @@ from collections.abc import Callable
 
 import matplotlib.cbook
 import numpy as np
+from bench_common import command_line
 from PIL import Image
 
 from data_tools.synth import make_episode
-from tests.benchmarks.bench_common import command_line
 from vla_scale.data.format import decode_image, encode_image
 
 
