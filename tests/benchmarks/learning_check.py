@@ -235,7 +235,7 @@ def action_errors(
     sq_model, sq_base, count = 0.0, 0.0, 0
     windows = [w for ep in episodes for w in episode_windows(ep, norm, camera, window, chunk)]
     pred = predict_last(model, windows, norm, max_text_len, batch)
-    mean = norm.action_mean[:ARM_DIMS]
+    mean = norm.action.centre[:ARM_DIMS]
     row = 0
     for ep in episodes:
         target, mask = chunk_actions(ep.action[:, :ARM_DIMS], chunk)

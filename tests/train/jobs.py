@@ -33,6 +33,24 @@ from tests.train.rank_server import servers_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs/debug.yaml"
+FINETUNE = ROOT / "configs/finetune.yaml"
+# configs/finetune.yaml shrunk to a CPU smoke test: the tiny random-weight LLaVA instead of SmolVLM, fp32, 2 steps,
+# window and chunk short enough for the toy LeRobot episodes (5-7 frames).
+FINETUNE_SMOKE = (
+    "data.window_size=2",
+    "data.fwd_pred_next_n=2",
+    "data.num_workers=1",
+    "data.shuffle_buffer=16",
+    "data.max_text_len=32",
+    "train.bf16=false",
+    "train.max_steps=2",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.log_every=1",
+    "train.ckpt_every=2",
+    "optim.warmup_steps=0",
+    "wandb.mode=disabled",
+)
 PG_TIMEOUT_S = 120  # torch.distributed timeout in run_ranks jobs: a lost peer fails the job within this
 GRACE_S = 20.0  # after one rank fails on purpose (expect_fail), how long the others get to fail too
 
@@ -61,6 +79,20 @@ def free_port() -> int:
     with socket.socket() as s:  # not Linux, or an unusual range: let the kernel pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def finetune_smoke(work: Path, dataset: Path, gradient_checkpointing: bool | None = None) -> list[str]:
+    """Overrides that train configs/finetune.yaml on `dataset` as FINETUNE_SMOKE, with the tiny LLaVA built in
+    `work`/backbone; `gradient_checkpointing` None leaves the key out of the backbone mapping."""
+    checkpointing = ""
+    if gradient_checkpointing is not None:
+        checkpointing = f"gradient_checkpointing: {str(gradient_checkpointing).lower()}, "
+    tiny = (
+        "{hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, vision_hidden_size: 32, "
+        "vision_layers: 1, vision_heads: 2, image_size: 32, patch_size: 8}"
+    )
+    backbone = f"{{family: llava, pretrained: {work / 'backbone'}, {checkpointing}tiny: {tiny}}}"
+    return [f"data.sources.0.path={dataset}", f"model.backbone={backbone}", *FINETUNE_SMOKE]
 
 
 def debug_overrides(tmp_path: Path, data: Path, *extra: str) -> list[str]:

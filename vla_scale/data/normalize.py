@@ -85,11 +85,6 @@ class Normalizer:
         self.spaces = spaces or Spaces.legacy(len(stats["action"]["mean"]), len(stats["state"]["mean"]))
         self.action = ArrayNormalizer(stats["action"], self.spaces.action, self.spaces.normalization)
         self.state = ArrayNormalizer(stats["state"], self.spaces.state, self.spaces.normalization)
-        # The mean/std view older callers read (meaningful under mean_std): action over its regressed dims.
-        self.action_mean = stats["action"]["mean"][self.action.regressed]
-        self.action_std = safe_std(stats["action"]["std"][self.action.regressed])
-        self.state_mean = stats["state"]["mean"]
-        self.state_std = safe_std(stats["state"]["std"])
 
     def normalize_action(self, action: np.ndarray) -> np.ndarray:
         """`[..., A]` raw → regressed dims scaled, then the binary (gripper) dims in {0, 1}."""

@@ -14,6 +14,8 @@ config and takes the model in each call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from vla_scale.config.schema import ModelConfig
+from vla_scale.config.schema import LossWeightsConfig, ModelConfig
 from vla_scale.data.batch import Batch
 from vla_scale.data.observation import Observation
 from vla_scale.model.history_heads import HistoryHead, build_action_head
@@ -40,6 +42,39 @@ def build_continuous_modules(
     token = nn.Parameter((torch.randn(hidden) * 0.02).to(dtype))
     head = build_action_head(cfg.head, hidden, action_dim, chunk_size, cfg.latent_num, binary_dims).to(dtype)
     return token, head
+
+
+def chunk_loss_terms(
+    arm: torch.Tensor,
+    gripper: torch.Tensor,
+    action: torch.Tensor,
+    mask: torch.Tensor,
+    weights: LossWeightsConfig,
+    binary_dims: int,
+    arm_error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Loss terms of a predicted chunk: `arm_error` (elementwise, e.g. MSE, Huber or L1) on the regressed dims,
+    BCE on the binary grippers (`loss_gripper` / `acc_gripper` only when `binary_dims` > 0), over unmasked chunk
+    steps only, and their weighted sum `loss`.
+
+    arm `[..., N, A-G]`, gripper logits `[..., N, G]`, targets `[..., N, A]` (the batch contract: regressed dims
+    first, then the binary ones), mask `[..., N]`.
+    """
+    # Zero the targets of masked steps first so NaN/inf padding cannot leak into loss or gradients.
+    target = torch.where(mask.unsqueeze(-1), action.float(), 0.0)
+    count = mask.sum().clamp(min=1)
+    regressed = arm.shape[-1]
+    arm_err = arm_error(arm.float(), target[..., :regressed])
+    loss_arm = torch.where(mask, arm_err.mean(dim=-1), 0.0).sum() / count
+    out = {"loss": weights.arm * loss_arm, "loss_arm": loss_arm}
+    if binary_dims:  # no gripper terms for a space without a binary gripper
+        grip_logit, grip_target = gripper.float(), target[..., regressed:]
+        bce = F.binary_cross_entropy_with_logits(grip_logit, grip_target, reduction="none").mean(dim=-1)
+        out["loss_gripper"] = torch.where(mask, bce, 0.0).sum() / count
+        correct = ((grip_logit > 0) == (grip_target > 0.5)).float().mean(dim=-1)
+        out["acc_gripper"] = torch.where(mask, correct, 0.0).sum().detach() / count
+        out["loss"] = out["loss"] + weights.gripper * out["loss_gripper"]
+    return out
 
 
 class ContinuousActions:
@@ -79,24 +114,11 @@ class ContinuousActions:
         """(loss terms, action-token states `[B*T', latent_num, D]` for the CLIP regulariser, their mask: all)."""
         arm, gripper, action_hidden, num_tokens = self.outputs(model, batch.observation)
         action, mask = chunk_targets(batch, self.cfg.history_type)
-        # Zero the targets of masked steps first so NaN/inf padding cannot leak into loss or gradients.
-        target = torch.where(mask.unsqueeze(-1), action.float(), 0.0)
-        count = mask.sum().clamp(min=1)
-        regressed = arm.shape[-1]  # the batch contract: regressed dims first, then the binary ones
         if self.cfg.head.arm_loss == "huber":
-            arm_err = F.huber_loss(arm.float(), target[..., :regressed], reduction="none", delta=1.0)
+            arm_error = partial(F.huber_loss, reduction="none", delta=1.0)
         else:
-            arm_err = F.mse_loss(arm.float(), target[..., :regressed], reduction="none")
-        loss_arm = torch.where(mask, arm_err.mean(dim=-1), 0.0).sum() / count
-        weights = self.cfg.loss_weights
-        out = {"loss": weights.arm * loss_arm, "loss_arm": loss_arm}
-        if self.binary_dims:  # no gripper terms for a space without a binary gripper
-            grip_logit, grip_target = gripper.float(), target[..., regressed:]
-            bce = F.binary_cross_entropy_with_logits(grip_logit, grip_target, reduction="none").mean(dim=-1)
-            out["loss_gripper"] = torch.where(mask, bce, 0.0).sum() / count
-            correct = ((grip_logit > 0) == (grip_target > 0.5)).float().mean(dim=-1)
-            out["acc_gripper"] = torch.where(mask, correct, 0.0).sum().detach() / count
-            out["loss"] = out["loss"] + weights.gripper * out["loss_gripper"]
+            arm_error = partial(F.mse_loss, reduction="none")
+        out = chunk_loss_terms(arm, gripper, action, mask, self.cfg.loss_weights, self.binary_dims, arm_error)
         # lm_head is idle on continuous robot batches: keep it in the graph with one token (see zero_sync).
         out["loss"] = out["loss"] + zero_touch(model.adapter.lm_head(action_hidden[:1, :1]))
         out["num_tokens"] = num_tokens

@@ -18,6 +18,7 @@ refused by `validate_parallel`.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from vla_scale.config.schema import ModelConfig
 from vla_scale.data.batch import Batch
 from vla_scale.data.observation import Observation
+from vla_scale.model.continuous import chunk_loss_terms
 from vla_scale.model.sequence import chunk_targets, predicted_frames
 from vla_scale.model.zero_sync import zero_touch
 
@@ -106,20 +108,8 @@ class ParallelActions:
         """(loss terms, action states `[B*T', N, D]` for the CLIP regulariser, their mask: all). `loss_arm` is L1."""
         arm, gripper, action_hidden, num_tokens = self.outputs(model, batch.observation)
         action, mask = chunk_targets(batch, self.cfg.history_type)
-        target = torch.where(mask.unsqueeze(-1), action.float(), 0.0)  # NaN padding cannot leak
-        count = mask.sum().clamp(min=1)
-        regressed = arm.shape[-1]
-        arm_err = F.l1_loss(arm.float(), target[..., :regressed], reduction="none").mean(dim=-1)
-        loss_arm = torch.where(mask, arm_err, 0.0).sum() / count
-        weights = self.cfg.loss_weights
-        out = {"loss": weights.arm * loss_arm, "loss_arm": loss_arm}
-        if self.binary_dims:
-            grip_logit, grip_target = gripper.float(), target[..., regressed:]
-            bce = F.binary_cross_entropy_with_logits(grip_logit, grip_target, reduction="none").mean(dim=-1)
-            out["loss_gripper"] = torch.where(mask, bce, 0.0).sum() / count
-            correct = ((grip_logit > 0) == (grip_target > 0.5)).float().mean(dim=-1)
-            out["acc_gripper"] = torch.where(mask, correct, 0.0).sum().detach() / count
-            out["loss"] = out["loss"] + weights.gripper * out["loss_gripper"]
+        l1 = partial(F.l1_loss, reduction="none")
+        out = chunk_loss_terms(arm, gripper, action, mask, self.cfg.loss_weights, self.binary_dims, l1)
         # lm_head is idle on robot batches here too: keep it in the graph with one token (see zero_sync).
         out["loss"] = out["loss"] + zero_touch(model.adapter.lm_head(action_hidden[:1, :1]))
         out["num_tokens"] = num_tokens
