@@ -50,11 +50,11 @@ demo: $(STAMP) $(DEMO_DATA)/robot/manifest.json
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # Unit tier for the edit loop: everything except the real multi-process jobs.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not integration"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder -m "not integration"
 
 # Refresh the lock after changing pyproject.toml (UPGRADE=1 also moves pinned versions forward).
 lock: | $(PY)
