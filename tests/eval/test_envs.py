@@ -30,13 +30,17 @@ def metaworld() -> Env:
     env.close()
 
 
-def run_expert(env: Env, task: str, seed: int) -> tuple[bool, int]:
-    env.reset(task, seed)
-    for t in range(1, env.max_steps + 1):
-        result = env.step(env.expert_action())
-        if result.done:
-            return result.success, t
-    return False, env.max_steps
+def run_expert(env: Env, task: str, seed: int, images: bool = True) -> tuple[bool, int]:
+    env.observe_images = images
+    try:
+        env.reset(task, seed)
+        for t in range(1, env.max_steps + 1):
+            result = env.step(env.expert_action())
+            if result.done:
+                return result.success, t
+        return False, env.max_steps
+    finally:
+        env.observe_images = True
 
 
 def check_observation(env: Env, obs: EnvObservation, size: int = 64) -> None:
@@ -137,7 +141,7 @@ def test_instruct_reset_is_reproducible_and_seeds_differ(instruct: Env):
 def test_instruct_expert_succeeds(instruct: Env):
     results = {}
     for ti, task in enumerate(instruct.tasks):
-        runs = [run_expert(instruct, task, eval_seed(ti, e)) for e in range(8)]
+        runs = [run_expert(instruct, task, eval_seed(ti, e), images=False) for e in range(8)]
         results[task] = (sum(ok for ok, _ in runs), max(n for _, n in runs))
     total = sum(ok for ok, _ in results.values())
     assert total >= 0.95 * 8 * len(instruct.tasks), results
@@ -200,6 +204,31 @@ def test_metaworld_contract_and_reproducible_reset(metaworld: Env):
         metaworld.success("push-v3")
 
 
+@pytest.mark.parametrize("suite", ["instruct", "metaworld"])
+def test_rendering_off_leaves_the_rollout_unchanged(suite: str, request: pytest.FixtureRequest):
+    """`observe_images = False` only drops the frames: the same seed gives the same states and outcome."""
+    env: Env = request.getfixturevalue(suite)
+    task = env.tasks[0]
+
+    def rollout(images: bool) -> tuple[list[np.ndarray], bool]:
+        env.observe_images = images
+        try:
+            obs = env.reset(task, eval_seed(0, 3))
+            assert (obs.image is not None) == images and obs.wrist_image is None
+            states, result = [obs.state], None
+            for _ in range(15):
+                result = env.step(env.expert_action())
+                assert (result.observation.image is not None) == images
+                states.append(result.observation.state)
+            return states, result.success
+        finally:
+            env.observe_images = True
+
+    with_frames, without = rollout(True), rollout(False)
+    np.testing.assert_array_equal(np.stack(with_frames[0]), np.stack(without[0]))
+    assert with_frames[1] == without[1]
+
+
 def test_metaworld_expert_reaches(metaworld: Env):
     ok, steps = run_expert(metaworld, "reach-v3", eval_seed(0, 0))
     assert ok and steps < metaworld.max_steps
@@ -208,7 +237,8 @@ def test_metaworld_expert_reaches(metaworld: Env):
 @pytest.mark.integration
 @pytest.mark.parametrize("task", ["button-press-topdown-v3", "drawer-close-v3"])
 def test_metaworld_expert_success_rate(metaworld: Env, task: str):
-    runs = [run_expert(metaworld, task, eval_seed(metaworld.tasks.index(task), e))[0] for e in range(10)]
+    seeds = [eval_seed(metaworld.tasks.index(task), e) for e in range(10)]
+    runs = [run_expert(metaworld, task, seed, images=False)[0] for seed in seeds]  # the expert never looks
     assert sum(runs) >= 10, runs  # >= 95% of 10 episodes
 
 

@@ -69,6 +69,7 @@ class Agent(abc.ABC):
     """Chooses one action per step of an episode."""
 
     name = "agent"
+    needs_images = True  # False: the runner turns the env's rendering off (`Env.observe_images`) unless filming
 
     def reset(self, env: Env, seed: int) -> None:  # noqa: B027 - optional hook
         """Called after `env.reset`, before the episode's first `act`."""
@@ -86,6 +87,7 @@ class RandomAgent(Agent):
     actions depend on its seed only (not on which worker ran it or what it ran before)."""
 
     name = "random"
+    needs_images = False
 
     def __init__(self) -> None:
         self._rng = np.random.default_rng(0)
@@ -103,6 +105,7 @@ class ExpertAgent(Agent):
     """The env's scripted expert (an upper reference for success rates)."""
 
     name = "expert"
+    needs_images = False
 
     def __init__(self) -> None:
         self._env: Env | None = None

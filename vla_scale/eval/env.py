@@ -18,7 +18,7 @@ import numpy as np
 class EnvObservation:
     """What a policy sees at one step."""
 
-    image: np.ndarray  # uint8 [H, W, 3] static camera, upright
+    image: np.ndarray | None  # uint8 [H, W, 3] static camera, upright; None while `Env.observe_images` is off
     wrist_image: np.ndarray | None  # uint8 [H, W, 3] or None
     state: np.ndarray  # float32 [S] proprioception only (hand xyz + gripper)
     instruction: str
@@ -65,6 +65,9 @@ class Env(abc.ABC):
     action_space: ActionSpace
     state_dim: int
     shared_scene: bool
+    # False: observations carry no camera frames (image and wrist_image None). Rendering is most of a simulated
+    # step's cost (Meta-World: ~97%), and the scripted expert and random baselines never look at the frames.
+    observe_images: bool = True
 
     @abc.abstractmethod
     def instruction(self, task: str) -> str:

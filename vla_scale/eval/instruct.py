@@ -151,8 +151,8 @@ class InstructEnv(Env):
         return np.array([*behind, SAFE_Z]), 1.0  # travel above the blocks to behind the target
 
     def _observe(self) -> EnvObservation:
-        image = self._renderer.render(self.data, self.camera)
-        wrist = self._renderer.render(self.data, sc.WRIST_CAMERA) if self.wrist else None
+        image = self._renderer.render(self.data, self.camera) if self.observe_images else None
+        wrist = self._renderer.render(self.data, sc.WRIST_CAMERA) if self.wrist and self.observe_images else None
         state = np.array([*self.hand, 0.0], dtype=np.float32)
         return EnvObservation(image=image, wrist_image=wrist, state=state, instruction=self._instruction)
 

@@ -160,8 +160,8 @@ class MetaWorldEnv(Env):
 
     def _observe(self) -> EnvObservation:
         env, renderer, _ = self._get(self._task)
-        image = renderer.render(env.data, self.camera)
-        wrist = renderer.render(env.data, WRIST_CAMERA) if self.wrist else None
+        image = renderer.render(env.data, self.camera) if self.observe_images else None
+        wrist = renderer.render(env.data, WRIST_CAMERA) if self.wrist and self.observe_images else None
         state = np.asarray(self._obs[:4], dtype=np.float32)
         return EnvObservation(image=image, wrist_image=wrist, state=state, instruction=self._instruction)
 

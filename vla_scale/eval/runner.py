@@ -111,6 +111,7 @@ def run_episode(env: Any, agent: Agent, job: EpisodeJob) -> dict:
     seed alone), so its own success flag is the named task's; the original task is scored with
     `env.success`. The episode stops at the first success of either, at `done`, or after `max_steps`.
     """
+    env.observe_images = agent.needs_images or job.video is not None
     obs = env.reset(job.named_task, job.seed)
     agent.reset(env, job.seed)
     swap = job.named_task != job.task
