@@ -28,7 +28,7 @@ EVAL = (
     f"eval.tasks=[{','.join(TASKS)}]",
     "eval.every_steps=2",
     "eval.episodes=1",
-    "eval.workers=1",
+    "eval.workers=0",  # episodes in the evaluation job itself: the worker pool is tested in tests/eval
     "eval.final_wait_s=240",
 )
 
