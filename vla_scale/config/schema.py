@@ -32,7 +32,9 @@ from vla_scale.config.schema_model import (
     ResamplerConfig,
     TinyBackboneConfig,
     TinyClipConfig,
+    check_fast_tokenizer,
     check_history_window,
+    default_fast_path,
 )
 from vla_scale.config.schema_train import TRAINABLE_GROUPS, OptimConfig, StageConfig, TrainConfig, WandbConfig
 
@@ -93,6 +95,8 @@ class Config:
         head = self.model.head
         if head.type in HISTORY_HEADS and head.max_history == 0:
             head.max_history = self.data.window_size
+        if self.model.discrete.tokenizer == "fast" and not self.model.discrete.fast_path:
+            self.model.discrete.fast_path = default_fast_path([s.path for s in self.data.sources])
 
     def validate(self, world_size: int | None = None) -> None:
         """Reject combinations that cannot run; `world_size` adds the checks that need the job's size."""
@@ -101,6 +105,7 @@ class Config:
             if check is not None:
                 check(f.name)
         check_history_window(self.model, self.data.window_size)
+        check_fast_tokenizer(self.model, self.data.fwd_pred_next_n)
         for i, stage in enumerate(self.train.stages):
             if "lora" in stage.trainable and not self.model.lora.enabled:
                 raise ConfigError(f"train.stages.{i}.trainable names 'lora' but model.lora.enabled is false")
