@@ -53,6 +53,12 @@ class FastActions(DiscreteActions):
                 f"({got[2]} binary); this model predicts {chunk_size} x {action_dim} ({binary_dims} binary): refit it "
                 "with `python -m data_tools fit-fast`"
             )
+        base = int(adapter.tokenizer.vocab_size)
+        if self.fast.vocab_size >= base:
+            raise ValueError(
+                f"the FAST tokenizer {cfg.discrete.fast_path} has {self.fast.vocab_size} tokens, not fewer than the "
+                f"LM's {base}-token base vocabulary whose last ids they take: refit with a smaller --vocab-size / scale"
+            )
         self.tokenizer = ActionTokenizer(adapter.tokenizer, self.fast.vocab_size)
         what = f"the FAST tokenizer's {self.fast.vocab_size} tokens"
         check_action_ids(adapter, self.tokenizer, what, "refit it with a smaller --vocab-size")
