@@ -140,12 +140,16 @@ FAST = ["model.action_space=discrete", "model.discrete.tokenizer=fast"]
 def test_config_errors_name_the_key(fast_file: Path, tmp_path: Path) -> None:
     debug = ROOT / "configs/debug.yaml"
     missing = tmp_path / "nowhere" / "fast_tokenizer.json"
+    # The file is checked for a job (like its datasets), not when a config is merely loaded.
+    cfg = load_config(debug, [*FAST, f"model.discrete.fast_path={missing}"])
     with pytest.raises(ConfigError, match=r"model\.discrete\.fast_path \(.*nowhere.*\) does not exist.*fit-fast"):
-        load_config(debug, [*FAST, f"model.discrete.fast_path={missing}"])
+        cfg.validate(world_size=2)
+    cfg = load_config(debug, [*FAST, "data.sources.0.path=data/synth/robot"])  # the default: beside the dataset
     with pytest.raises(ConfigError, match=r"data/synth/robot/fast_tokenizer\.json.*does not exist"):
-        load_config(debug, [*FAST, "data.sources.0.path=data/synth/robot"])  # the default: beside the dataset
+        cfg.validate(world_size=2)
+    cfg = load_config(debug, [*FAST, f"model.discrete.fast_path={fast_file}", "data.fwd_pred_next_n=4"])
     with pytest.raises(ConfigError, match=r"fitted on chunks of 2 steps.*fwd_pred_next_n is 4"):
-        load_config(debug, [*FAST, f"model.discrete.fast_path={fast_file}", "data.fwd_pred_next_n=4"])
+        cfg.validate(world_size=2)
     with pytest.raises(ConfigError, match=r"model\.discrete\.tokenizer: fast.*history_type: pre"):
         load_config(debug, [*FAST, f"model.discrete.fast_path={fast_file}", "model.history_type=pre"])
     with pytest.raises(ConfigError, match=r"model\.discrete\.tokenizer: fast.*action_space: discrete"):
@@ -153,4 +157,5 @@ def test_config_errors_name_the_key(fast_file: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model\.discrete\.tokenizer.*'bins'.*'fast'"):
         load_config(debug, ["model.action_space=discrete", "model.discrete.tokenizer=fats"])
     cfg = load_config(debug, [*FAST, f"model.discrete.fast_path={fast_file}"])
+    cfg.validate(world_size=2)
     assert cfg.model.discrete.tokenizer == "fast" and cfg.model.discrete.fast_path == str(fast_file)

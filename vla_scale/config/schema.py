@@ -99,18 +99,19 @@ class Config:
             self.model.discrete.fast_path = default_fast_path([s.path for s in self.data.sources])
 
     def validate(self, world_size: int | None = None) -> None:
-        """Reject combinations that cannot run; `world_size` adds the checks that need the job's size."""
+        """Reject combinations that cannot run; `world_size` adds the checks of a job about to run (its size, the
+        FAST tokenizer file it reads)."""
         for f in fields(self):
             check = getattr(getattr(self, f.name), "validate", None)
             if check is not None:
                 check(f.name)
         check_history_window(self.model, self.data.window_size)
-        check_fast_tokenizer(self.model, self.data.fwd_pred_next_n)
         for i, stage in enumerate(self.train.stages):
             if "lora" in stage.trainable and not self.model.lora.enabled:
                 raise ConfigError(f"train.stages.{i}.trainable names 'lora' but model.lora.enabled is false")
         check_eval_cadence(self.eval, self.train.ckpt_every)
         if world_size is not None:
+            check_fast_tokenizer(self.model, self.data.fwd_pred_next_n)  # a file, like the data: checked for a job
             self.train.grad_accum(world_size)
             self.debug.check_world_size(world_size)
 
