@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from tests.model.batches import DISCRETE_A, DISCRETE_N, discrete_batch
 from vla_scale.config import ConfigError, load_config
-from vla_scale.config.schema import BackboneConfig, DiscreteActionConfig, ModelConfig
-from vla_scale.data.batch import IGNORE_INDEX
+from vla_scale.config.schema import BackboneConfig, DiscreteActionConfig, ModelConfig, TinyBackboneConfig
+from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.data.observation import Observation
 from vla_scale.model import RoboVLM, build_model
+from vla_scale.model.backbones import build_tiny_backbone
 from vla_scale.model.fast_tokenizer import FastTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,9 +35,9 @@ def fast_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tok.save(tmp_path_factory.mktemp("fast") / "fast_tokenizer.json")
 
 
-def make_fast(tiny_path: Path, fast_file: Path, history_type: str = "post") -> RoboVLM:
+def make_fast(tiny_path: Path, fast_file: Path, history_type: str = "post", family: str = "llava") -> RoboVLM:
     torch.manual_seed(0)
-    backbone = BackboneConfig(family="llava", pretrained=str(tiny_path), gradient_checkpointing=False)
+    backbone = BackboneConfig(family=family, pretrained=str(tiny_path), gradient_checkpointing=False)
     discrete = DiscreteActionConfig(tokenizer="fast", fast_path=str(fast_file))
     cfg = ModelConfig(backbone=backbone, action_space="discrete", discrete=discrete, history_type=history_type)
     return build_model(cfg, action_dim=A, state_dim=S, chunk_size=N).train()
@@ -132,6 +133,43 @@ def test_model_refuses_a_tokenizer_for_other_chunks(tiny_path: Path, tmp_path: P
     big = FastTokenizer.fit(wide, binary_dims=1, vocab_size=256)
     with pytest.raises(ValueError, match=r"has \d+ tokens, not fewer than the LM's 512-token.*--vocab-size"):
         make_fast(tiny_path, big.save(tmp_path / "big.json"))
+
+
+@pytest.mark.parametrize(("family", "history", "frames"), [("qwen2_5_vl", "video", 2), ("kosmos2", "post", 2)])
+def test_other_families_train_and_decode_fast_tokens(
+    tmp_path: Path, fast_file: Path, family: str, history: str, frames: int
+) -> None:
+    """Multimodal RoPE (Qwen2.5-VL, `video`: one slot after two frames) and Kosmos-2 (`post`: a slot per frame)."""
+    build_tiny_backbone(family, TinyBackboneConfig(num_layers=1, vision_layers=1), tmp_path / family, seed=0)
+    model = make_fast(tmp_path / family, fast_file, history, family)
+    g = torch.Generator().manual_seed(0)
+    texts = ["pick up the red cube", "push the blue block to the left side"]
+    rows = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    action = torch.rand(2, frames, N, A, generator=g) * 1.8 - 0.9
+    action[..., -1] = (action[..., -1] > 0).float()
+    batch = Batch(
+        data_source="robot",
+        images=torch.randint(0, 256, (2, frames, 3, 64, 64), dtype=torch.uint8, generator=g),
+        text_ids=ids,
+        text_mask=torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows]),
+        text_labels=torch.full_like(ids, IGNORE_INDEX),
+        action=action,
+        action_mask=torch.ones(2, frames, N, dtype=torch.bool),
+    )
+    out = model(batch)
+    assert torch.isfinite(out["loss_action_ce"]) and out["loss_action_ce"] > 0
+    out["loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    model.eval()
+    with torch.no_grad():
+        model.adapter.lm_head.weight[model.action_tokenizer.first_id :] *= 30
+    cached = model.decode_action_ids(batch.observation)
+    assert cached.shape[:2] == (2, 1 if history == "video" else frames)
+    assert torch.equal(cached, model.decode_action_ids(batch.observation, use_cache=False))
+    arm, gripper = model.predict_action(batch.observation)
+    assert arm.shape == (*cached.shape[:2], N, A - 1) and gripper.shape == (*cached.shape[:2], N, 1)
 
 
 FAST = ["model.action_space=discrete", "model.discrete.tokenizer=fast"]
