@@ -95,6 +95,8 @@ class Policy:
             )
         model_cfg: ModelConfig = config_section(ModelConfig, spec["model"], "model")
         model_cfg.backbone.pretrained = str(folder / model_cfg.backbone.pretrained)
+        if model_cfg.discrete.tokenizer == "fast":
+            model_cfg.discrete.fast_path = str(folder / model_cfg.discrete.fast_path)
         data = spec["data"]
         # An export from before declared spaces has none: the legacy layout it was trained with.
         spaces = Spaces.from_json(data.get("spaces"), data["action_dim"], data["state_dim"], "vla_config.yaml")

@@ -32,7 +32,9 @@ from vla_scale.config.schema_model import (
     ResamplerConfig,
     TinyBackboneConfig,
     TinyClipConfig,
+    check_fast_tokenizer,
     check_history_window,
+    default_fast_path,
 )
 from vla_scale.config.schema_train import TRAINABLE_GROUPS, OptimConfig, StageConfig, TrainConfig, WandbConfig
 
@@ -93,9 +95,12 @@ class Config:
         head = self.model.head
         if head.type in HISTORY_HEADS and head.max_history == 0:
             head.max_history = self.data.window_size
+        if self.model.discrete.tokenizer == "fast" and not self.model.discrete.fast_path:
+            self.model.discrete.fast_path = default_fast_path([s.path for s in self.data.sources])
 
     def validate(self, world_size: int | None = None) -> None:
-        """Reject combinations that cannot run; `world_size` adds the checks that need the job's size."""
+        """Reject combinations that cannot run; `world_size` adds the checks of a job about to run (its size, the
+        FAST tokenizer file it reads)."""
         for f in fields(self):
             check = getattr(getattr(self, f.name), "validate", None)
             if check is not None:
@@ -106,6 +111,7 @@ class Config:
                 raise ConfigError(f"train.stages.{i}.trainable names 'lora' but model.lora.enabled is false")
         check_eval_cadence(self.eval, self.train.ckpt_every)
         if world_size is not None:
+            check_fast_tokenizer(self.model, self.data.fwd_pred_next_n)  # a file, like the data: checked for a job
             self.train.grad_accum(world_size)
             self.debug.check_world_size(world_size)
 

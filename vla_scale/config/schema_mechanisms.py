@@ -17,9 +17,17 @@ class DiscreteActionConfig:
     min_action: float = -1.0  # bins cover [min_action, max_action]; values outside are clipped
     max_action: float = 1.0
     supervise_eos: bool = False  # append EOS after the action ids and train the LM to emit it
+    # bins: one id per dim per step (n_bin / min_action / max_action); fast: the chunk as FAST tokens (DCT + BPE,
+    # model/fast_tokenizer.py) on the LM's last ids, a variable number per chunk, always ended by a supervised EOS
+    tokenizer: Literal["bins", "fast"] = "bins"
+    # fast: the fitted tokenizer (`python -m data_tools fit-fast`); "" = fast_tokenizer.json of the first data
+    # source that has a stats.json (the robot dataset), filled in when the config is loaded
+    fast_path: str = ""
 
     def validate(self, prefix: str = "model.discrete") -> None:
         # n_bin < vocabulary size is checked when the model is built (the vocabulary is the backbone's).
+        if self.tokenizer not in ("bins", "fast"):
+            raise ConfigError(f"{prefix}.tokenizer must be 'bins' or 'fast', got {self.tokenizer!r}")
         check_at_least(self, prefix, ("n_bin",), 2)
         if not self.min_action < self.max_action:
             raise ConfigError(

@@ -6,7 +6,9 @@ The optional mechanisms (discrete actions, LoRA, resampler, CLIP regulariser) li
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 from vla_scale.config.errors import ConfigError, check_at_least
@@ -33,7 +35,9 @@ __all__ = [
     "ResamplerConfig",
     "TinyBackboneConfig",
     "TinyClipConfig",
+    "check_fast_tokenizer",
     "check_history_window",
+    "default_fast_path",
     "validate_history",
     "validate_parallel",
 ]
@@ -159,6 +163,7 @@ class ModelConfig:
                 f"latents: turn one of them off"
             )
         validate_parallel(self, prefix)
+        validate_fast(self, prefix)
         self.backbone.validate(f"{prefix}.backbone")
         self.discrete.validate(f"{prefix}.discrete")
         self.flow.validate(f"{prefix}.flow")
@@ -230,4 +235,57 @@ def check_history_window(m: ModelConfig, window_size: int, prefix: str = "model"
             f"{prefix}.head.max_history ({head.max_history}) must equal data.window_size ({window_size}) for "
             f"{prefix}.head.type={head.type}: the head trains on windows of window_size frames and keeps as many at "
             "inference; set it to 0 to follow data.window_size"
+        )
+
+
+FAST_FILE = "fast_tokenizer.json"  # as vla_scale.model.fast_tokenizer.FILE_NAME (config code imports no tokenizers)
+
+
+def validate_fast(m: ModelConfig, prefix: str = "model") -> None:
+    """`model.discrete.tokenizer: fast` combinations: the discrete action space, one action slot per sequence."""
+    if m.discrete.tokenizer != "fast":
+        return
+    if m.action_space != "discrete":
+        raise ConfigError(
+            f"{prefix}.discrete.tokenizer: fast tokenises the chunk for {prefix}.action_space: discrete; with "
+            f"action_space {m.action_space} set {prefix}.discrete.tokenizer: bins (or action_space: discrete)"
+        )
+    if m.history_type == "pre":
+        raise ConfigError(
+            f"{prefix}.discrete.tokenizer: fast puts a variable number of tokens in one action slot per sequence; "
+            f"{prefix}.history_type: pre has one slot per frame: use history_type post or video"
+        )
+
+
+def default_fast_path(source_paths: list[str]) -> str:
+    """fast_tokenizer.json beside the stats.json of the first source that has one (the robot dataset), else
+    beside the first source (validation then names it as missing)."""
+    for path in source_paths:
+        if (Path(path) / "stats.json").is_file():
+            return str(Path(path) / FAST_FILE)
+    return str(Path(source_paths[0]) / FAST_FILE) if source_paths else FAST_FILE
+
+
+def check_fast_tokenizer(m: ModelConfig, chunk_size: int, prefix: str = "model") -> None:
+    """Cross-section: a FAST run needs a fitted tokenizer file for the chunks it trains (`data.fwd_pred_next_n`)."""
+    if m.discrete.tokenizer != "fast":
+        return
+    path = Path(m.discrete.fast_path)
+    fit = f"`python -m data_tools fit-fast DATASET --chunk {chunk_size}`"
+    if not path.is_file():
+        raise ConfigError(
+            f"{prefix}.discrete.tokenizer: fast needs a fitted FAST tokenizer, and {prefix}.discrete.fast_path "
+            f"({path}) does not exist: fit it with {fit} (it writes DATASET/{FAST_FILE})"
+        )
+    try:
+        header = json.loads(path.read_text())
+        fitted = int(header["chunk_size"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"{prefix}.discrete.fast_path ({path}) is not a FAST tokenizer file ({err}); refit: {fit}"
+        ) from err
+    if fitted != chunk_size:
+        raise ConfigError(
+            f"{prefix}.discrete.fast_path ({path}) was fitted on chunks of {fitted} steps but data.fwd_pred_next_n is "
+            f"{chunk_size}: refit with {fit}"
         )

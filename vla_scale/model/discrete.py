@@ -38,20 +38,25 @@ def build_action_tokenizer(cfg: ModelConfig, adapter: BackboneAdapter) -> Action
     """Bins on the last `n_bin` ids of the backbone's base vocabulary, checked against its special tokens."""
     d = cfg.discrete
     tokenizer = ActionTokenizer(adapter.tokenizer, d.n_bin, d.min_action, d.max_action)
-    rows = adapter.model.get_input_embeddings().num_embeddings
-    if tokenizer.vocab_size > rows:
-        raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the LM's {rows} embedding rows")
-    specials = {adapter.bos_id, adapter.eos_id, adapter.pad_id, adapter.image_start_id, adapter.image_end_id}
-    specials |= set(getattr(adapter.tokenizer, "all_special_ids", []))
-    clash = sorted(i for i in specials if i is not None and i >= tokenizer.first_id)
-    if clash:
-        raise ValueError(
-            f"model.discrete.n_bin={d.n_bin} would turn special token ids {clash} into action bins "
-            f"(action ids start at {tokenizer.first_id}); lower n_bin"
-        )
+    check_action_ids(adapter, tokenizer, f"model.discrete.n_bin={d.n_bin}", "lower n_bin")
     if d.supervise_eos and adapter.eos_id is None:
         raise ValueError("model.discrete.supervise_eos is on but the backbone's tokenizer has no EOS token")
     return tokenizer
+
+
+def check_action_ids(adapter: BackboneAdapter, ids: ActionTokenizer, what: str, fix: str) -> None:
+    """The reserved ids `range(ids.first_id, ids.vocab_size)` must fit the LM's embedding rows and hold no special
+    token (bins and FAST tokens both take the last ids of the base vocabulary)."""
+    rows = adapter.model.get_input_embeddings().num_embeddings
+    if ids.vocab_size > rows:
+        raise ValueError(f"tokenizer vocabulary ({ids.vocab_size}) exceeds the LM's {rows} embedding rows")
+    specials = {adapter.bos_id, adapter.eos_id, adapter.pad_id, adapter.image_start_id, adapter.image_end_id}
+    specials |= set(getattr(adapter.tokenizer, "all_special_ids", []))
+    clash = sorted(i for i in specials if i is not None and i >= ids.first_id)
+    if clash:
+        raise ValueError(
+            f"{what} would turn special token ids {clash} into action ids (action ids start at {ids.first_id}); {fix}"
+        )
 
 
 class DiscreteActions:
@@ -65,6 +70,7 @@ class DiscreteActions:
         self.binary_dims = binary_dims  # the last ones of the batch's action dims (the Batch contract)
         self.chunk_size = chunk_size
         self.tokenizer = build_action_tokenizer(cfg, adapter)
+        self.append_eos = cfg.discrete.supervise_eos  # FAST chunks always end with a supervised EOS
 
     def labels(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Action chunks → (ids chunk-major, labels: the ids, -100 on masked chunk steps): `[B*T, N*A]` under `post`
@@ -87,7 +93,7 @@ class DiscreteActions:
             batch.observation,
             action_ids=ids,
             action_labels=labels,
-            append_eos=self.cfg.discrete.supervise_eos,
+            append_eos=self.append_eos,
             eos_label=True,
         )
         hidden, _, _ = model.adapter.lm_forward(fused.embeds, fused.attention_mask, return_logits=False)
@@ -149,11 +155,27 @@ def left_align(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return torch.take_along_dim(embeds, order.unsqueeze(-1), dim=1), torch.take_along_dim(mask, order, dim=1)
 
 
-def _pick(adapter: BackboneAdapter, last_hidden: torch.Tensor, id_range: tuple[int, int]) -> torch.Tensor:
-    """Argmax over the action ids only: `[B, D]` → ids `[B]`."""
+def _pick(
+    adapter: BackboneAdapter, last_hidden: torch.Tensor, id_range: tuple[int, int], stop_id: int | None = None
+) -> torch.Tensor:
+    """Argmax over the action ids (and `stop_id` if given) only: `[B, D]` → ids `[B]`."""
     lo, hi = id_range
     logits = adapter.compute_logits(last_hidden).float()
-    return logits[:, lo:hi].argmax(dim=-1) + lo
+    if stop_id is None:
+        return logits[:, lo:hi].argmax(dim=-1) + lo
+    best = torch.cat([logits[:, lo:hi], logits[:, stop_id : stop_id + 1]], dim=1).argmax(dim=-1)
+    return torch.where(best == hi - lo, stop_id, best + lo)
+
+
+def _after_stop(prev: torch.Tensor, new: torch.Tensor, stop_id: int | None) -> torch.Tensor:
+    """A row whose earlier ids `[B, k]` hold `stop_id` keeps emitting it (its later choices are padding)."""
+    if stop_id is None or prev.shape[1] == 0:
+        return new
+    return torch.where(prev.eq(stop_id).any(dim=1), stop_id, new)
+
+
+def _all_stopped(ids: torch.Tensor, stop_id: int | None) -> bool:
+    return stop_id is not None and bool(ids.eq(stop_id).any(dim=1).all())
 
 
 def _embed(adapter: BackboneAdapter, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -161,33 +183,51 @@ def _embed(adapter: BackboneAdapter, ids: torch.Tensor, like: torch.Tensor) -> t
 
 
 def greedy_decode(
-    adapter: BackboneAdapter, embeds: torch.Tensor, mask: torch.Tensor, n_tokens: int, id_range: tuple[int, int]
+    adapter: BackboneAdapter,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    n_tokens: int,
+    id_range: tuple[int, int],
+    stop_id: int | None = None,
 ) -> torch.Tensor:
     """Prompt `[B, L, D]` + mask `[B, L]` → `n_tokens` greedy ids `[B, n_tokens]`: one pass over the prompt that
-    fills the KV cache, then one token per step, feeding the embedding of the id just chosen."""
+    fills the KV cache, then one token per step, feeding the embedding of the id just chosen.
+
+    With `stop_id` (FAST: EOS) that id competes too, a row repeats it once emitted, and decoding ends early,
+    after `K <= n_tokens` steps (`[B, K]`), when every row has emitted it."""
     embeds, mask = left_align(embeds, mask.bool())
     hidden, _, cache = adapter.lm_forward(embeds, mask, use_cache=True, return_logits=False)
     if cache is None:
         raise RuntimeError("the backbone returned no KV cache; call predict_action under model.eval()")
-    ids = [_pick(adapter, hidden[:, -1], id_range)]
+    ids = [_pick(adapter, hidden[:, -1], id_range, stop_id)]
     ones = torch.ones_like(mask[:, :1])
     for _ in range(n_tokens - 1):
+        if _all_stopped(torch.stack(ids, dim=1), stop_id):
+            break
         mask = torch.cat([mask, ones], dim=1)
         step = _embed(adapter, ids[-1][:, None], embeds)
         hidden, _, cache = adapter.lm_forward(step, mask, past_key_values=cache, use_cache=True, return_logits=False)
-        ids.append(_pick(adapter, hidden[:, -1], id_range))
+        ids.append(_after_stop(torch.stack(ids, dim=1), _pick(adapter, hidden[:, -1], id_range, stop_id), stop_id))
     return torch.stack(ids, dim=1)
 
 
 def greedy_decode_uncached(
-    adapter: BackboneAdapter, embeds: torch.Tensor, mask: torch.Tensor, n_tokens: int, id_range: tuple[int, int]
+    adapter: BackboneAdapter,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    n_tokens: int,
+    id_range: tuple[int, int],
+    stop_id: int | None = None,
 ) -> torch.Tensor:
     """Reference for `greedy_decode`: the whole sequence re-run at every step (quadratic; tests only)."""
     embeds, mask = left_align(embeds, mask.bool())
     ids = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
     for _ in range(n_tokens):
+        if ids.shape[1] and _all_stopped(ids, stop_id):
+            break
         seq = torch.cat([embeds, _embed(adapter, ids, embeds)], dim=1)
         seq_mask = torch.cat([mask, torch.ones_like(ids, dtype=torch.bool)], dim=1)
         hidden, _, _ = adapter.lm_forward(seq, seq_mask, return_logits=False)
-        ids = torch.cat([ids, _pick(adapter, hidden[:, -1], id_range)[:, None]], dim=1)
+        new = _after_stop(ids, _pick(adapter, hidden[:, -1], id_range, stop_id), stop_id)
+        ids = torch.cat([ids, new[:, None]], dim=1)
     return ids

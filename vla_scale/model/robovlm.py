@@ -42,6 +42,7 @@ from vla_scale.model.clip_regularizer import (
 )
 from vla_scale.model.continuous import ContinuousActions, build_continuous_modules
 from vla_scale.model.discrete import DiscreteActions
+from vla_scale.model.fast_actions import FastActions
 from vla_scale.model.film import InstructionFiLM
 from vla_scale.model.flow import FlowActions
 from vla_scale.model.flow_expert import FlowExpert
@@ -100,7 +101,8 @@ class RoboVLM(nn.Module):
         self.action_expert: FlowExpert | None = None
         self.actions: ContinuousActions | DiscreteActions | ParallelActions | FlowActions
         if cfg.action_space == "discrete":
-            self.actions = DiscreteActions(cfg, adapter, action_dim, chunk_size, binary_dims)
+            discrete = FastActions if cfg.discrete.tokenizer == "fast" else DiscreteActions
+            self.actions = discrete(cfg, adapter, action_dim, chunk_size, binary_dims)
             self.action_tokenizer = self.actions.tokenizer
         elif cfg.action_space == "parallel":
             self.actions = ParallelActions(cfg, chunk_size, binary_dims)
@@ -271,7 +273,8 @@ class RoboVLM(nn.Module):
     @torch.no_grad()
     def decode_action_ids(self, obs: Observation, use_cache: bool = True) -> torch.Tensor:
         """Discrete action space: greedy action ids `[B, T', N, A]`, T' as in `predict_action` (`use_cache=False`
-        is the slow reference); `pre` decodes frame by frame (T decodes)."""
+        is the slow reference); `pre` decodes frame by frame (T decodes). FAST tokens: `[B, T', K]`, K <= N x A,
+        EOS after each row's tokens."""
         if not isinstance(self.actions, DiscreteActions):
             raise ValueError("decode_action_ids needs model.action_space: discrete")
         return self.actions.decode_ids(self, obs, use_cache)

@@ -180,7 +180,8 @@ class SequenceBuilder:
         `[B', F, D]`. Action slots follow every frame (`action_frames="each"`, history `pre`) or the last one
         only (`"last"`, `video`). A slot holds `n_action` copies of the learned `action_token` `[D]`, or the
         embeddings of discrete `action_ids` `[B', K]` (one slot) or `[B', S, K]` labelled with `action_labels`;
-        S ids fill the first S slots, so a decoding prompt can leave the current frame's slot empty.
+        S ids fill the first S slots, so a decoding prompt can leave the current frame's slot empty; negative ids
+        pad a slot shorter than K and are dropped like text padding (a following EOS moves up to the last id).
         `eos_label` labels the appended EOS with its own id.
         """
         if n_action and action_ids is not None:
@@ -216,8 +217,9 @@ class SequenceBuilder:
             if n_action:
                 parts.add(repeat(action_token, "d -> b n d", b=rows, n=n_action), action=True)
             if action_ids is not None and slot < action_ids.shape[1]:
-                labels = None if action_labels is None else action_labels[:, slot]
-                parts.add(adapter.embed_tokens(action_ids[:, slot]), labels=labels, action=True)
+                ids = action_ids[:, slot]  # ids < 0 pad a variable-length slot (FAST): dropped at compaction
+                labels = None if action_labels is None else torch.where(ids >= 0, action_labels[:, slot], IGNORE_INDEX)
+                parts.add(adapter.embed_tokens(ids.clamp(min=0)), keep=ids >= 0, labels=labels, action=True)
         if append_eos:
             parts.add_special(adapter.eos_id, labelled=eos_label)
         return parts.compact()

@@ -10,6 +10,7 @@ export folder then needs nothing from the run or the original backbone path:
 - `vla_config.yaml` — the model section plus the data settings inference needs;
 - `stats.json` — the robot dataset's action/state normalisation statistics (with its declared spaces,
   `data.spaces` in `vla_config.yaml`: binary gripper dims, normalisation mode).
+- `fast_tokenizer.json` — with `model.discrete.tokenizer: fast`, the FAST tokenizer the run trained with.
 
 A LoRA run is exported merged by default (the adapters folded into plain layers; the folder
 then needs no peft); with `merge_lora=False` the adapters stay separate: `model.safetensors`
@@ -39,6 +40,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "vla_config.yaml"
 STATS_FILE = "stats.json"
 BACKBONE_DIR = "backbone"
+FAST_FILE = "fast_tokenizer.json"  # `model.discrete.tokenizer: fast`: the fitted FAST tokenizer
 
 
 class ExportError(RuntimeError):
@@ -126,6 +128,8 @@ def policy_spec(cfg: Config, manifest: Manifest, tag: str, lora_merged: bool = F
     model["backbone"].update(pretrained=BACKBONE_DIR, tiny=None, gradient_checkpointing=False)
     if lora_merged:
         model["lora"]["enabled"] = False
+    if model["discrete"]["tokenizer"] == "fast":
+        model["discrete"]["fast_path"] = FAST_FILE  # copied into the export, resolved against it by the Policy
     static = [c for c in manifest.cameras if c != WRIST_CAMERA]
     return {
         "format_version": EXPORT_FORMAT_VERSION,
@@ -179,6 +183,8 @@ def export_policy(
         spec = policy_spec(cfg, manifest, tag, lora_merged=merged)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
         shutil.copyfile(data_dir / STATS_FILE, tmp / STATS_FILE)
+        if cfg.model.discrete.tokenizer == "fast":
+            shutil.copyfile(cfg.model.discrete.fast_path, tmp / FAST_FILE)
         tmp.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
         if out_dir.exists():
             out_dir.rmdir()
