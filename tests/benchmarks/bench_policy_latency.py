@@ -59,20 +59,22 @@ def make_policy(config: str, overrides: list[str], backbone_dir: Path) -> Policy
     return Policy(model, Normalizer(stats), {"data": data}, device="cpu")
 
 
-def time_policy(policy: Policy, warmup: int, calls: int) -> list[float]:
-    """Milliseconds per `predict` call, each on a fresh random frame and state (episode history kept)."""
+def time_policy(policy: Policy, warmup: int, calls: int, image_size: int | None = None) -> list[float]:
+    """Milliseconds per `predict` call, each on a fresh random frame and state (episode history kept).
+
+    `image_size`: the frames' side (default: the tiny backbone's; an export records no tiny sizes)."""
     rng = np.random.default_rng(0)
-    size = policy.model.cfg.backbone.tiny.image_size
+    size = image_size or policy.model.cfg.backbone.tiny.image_size
     times = []
     for i in range(warmup + calls):
         frame = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        state = rng.standard_normal(STATE_DIM).astype(np.float32)
+        state = rng.standard_normal(policy.state_dim).astype(np.float32)
         state[-1] = float(i % 2)
         start = time.perf_counter()
         chunk = policy.predict(frame, INSTRUCTION, state)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
-    assert chunk.shape == (policy.chunk_size, ACTION_DIM), chunk.shape
+    assert chunk.shape == (policy.chunk_size, policy.action_dim), chunk.shape
     return times
 
 

@@ -126,6 +126,25 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vla_scale.cli", *args]
 
 
+def collect_command(suite: str, recipe: Recipe, data: Path, episodes: int, grounding: int, workers: int) -> list[str]:
+    """`python -m data_tools collect` of the recipe's demonstrations (`episodes` per task) into `data`."""
+    tasks = ["--tasks", ",".join(recipe.tasks)] if recipe.tasks else []
+    cmd = [sys.executable, "-m", "data_tools", "collect", suite, str(data), *tasks, "--overwrite"]
+    cmd += ["--episodes", str(episodes), "--workers", str(workers)]
+    cmd += (["--grounding", str(grounding)] if grounding else []) + (["--paired-scenes"] if recipe.paired else [])
+    cmd += ["--action-noise", str(recipe.action_noise)] if recipe.action_noise else []
+    return cmd
+
+
+def eval_command(
+    suite: str, recipe: Recipe, extra: list[str], episodes: int, workers: int, image_size: int, label: str, dest: Path
+) -> list[str]:
+    """`vla-scale eval` on the recipe's tasks (`extra`: the export or agent and options) writing to `dest`."""
+    tasks = ["--tasks", ",".join(recipe.tasks)] if recipe.tasks else []
+    cmd = cli("eval", *extra, "--suite", suite, *tasks, "--episodes", str(episodes), "--workers", str(workers))
+    return cmd + ["--image-size", str(image_size), "--label", label, "--out", str(dest)]
+
+
 def load_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -140,13 +159,9 @@ def run_suite(suite: str, args: argparse.Namespace, out: Path, env: dict[str, st
     grounding = min(recipe.grounding, SMOKE["grounding"]) if smoke else recipe.grounding
     logs, data = out / "logs" / suite, out / "data" / suite
     run_dir, export = out / "runs" / suite, out / "exports" / suite
-    tasks = ["--tasks", ",".join(recipe.tasks)] if recipe.tasks else []
     walls: dict[str, float] = {}
 
-    cmd = [sys.executable, "-m", "data_tools", "collect", suite, str(data), *tasks, "--overwrite"]
-    cmd += ["--episodes", str(collect_episodes), "--workers", str(args.workers)]
-    cmd += (["--grounding", str(grounding)] if grounding else []) + (["--paired-scenes"] if recipe.paired else [])
-    cmd += ["--action-noise", str(recipe.action_noise)] if recipe.action_noise else []
+    cmd = collect_command(suite, recipe, data, collect_episodes, grounding, args.workers)
     walls["collect"] = run_phase(f"{suite} collect", cmd, logs / "collect.log", args.phase_timeout, env)
     manifest = load_json(data / "robot" / "manifest.json")
     image_size = int(manifest["image_size"][0])
@@ -177,8 +192,7 @@ def run_suite(suite: str, args: argparse.Namespace, out: Path, env: dict[str, st
         dest = out / "eval" / suite / name
         shutil.rmtree(dest, ignore_errors=True)
         workers = 1 if name.endswith("_w1") else args.workers
-        cmd = cli("eval", *extra, "--suite", suite, *tasks, "--episodes", str(episodes), "--workers", str(workers))
-        cmd += ["--image-size", str(image_size), "--label", f"{suite}/{name}", "--out", str(dest)]
+        cmd = eval_command(suite, recipe, extra, episodes, workers, image_size, f"{suite}/{name}", dest)
         log = logs / f"eval_{name}.log"
         walls[f"eval {name}"] = run_phase(f"{suite} eval {name}", cmd, log, args.phase_timeout, env)
         results[name] = load_json(dest / "results.json")

@@ -231,24 +231,46 @@ def run_ranks(
     else:
         args = [f"run.output_dir={tmp_path / 'runs'}", timeout_override, *overrides]
     run_dir = prepare_run(config, args, world_size)
+    codes = run_module_ranks(
+        tmp_path, "vla_scale.train.main", ["--run_dir", str(run_dir)], world_size, timeout, expect_fail
+    )
+    return RanksResult(codes, rank_logs(tmp_path), run_dir)
+
+
+def run_module_ranks(
+    tmp_path: Path,
+    module: str,
+    argv: list[str],
+    world_size: int = 2,
+    timeout: float = 420,
+    expect_fail: bool = False,
+    cwd: Path | None = None,
+) -> list[int]:
+    """Run `python -m module *argv` as `world_size` ranks (environment, warm servers, deadline and kill rules as
+    in `run_ranks`, logs under `tmp_path/rank_logs`) in `cwd` (default `tmp_path`) until all exit; returns their
+    exit codes.
+
+    For rank scripts of tests that drive the training code themselves (e.g. tests/train/heads_rank.py, started
+    with `cwd=ROOT` so that `python -m tests.train...` finds it whether or not the repo is on PYTHONPATH).
+    """
+    cwd = cwd or tmp_path
     logs = tmp_path / "rank_logs"
     logs.mkdir(exist_ok=True)
     port = free_port()
     envs = [rank_env(rank, world_size, port) for rank in range(world_size)]
     servers = servers_for(envs)  # warm interpreters to fork the ranks from (tests/train/rank_server.py)
-    argv = ["--run_dir", str(run_dir)]
     procs = []
     try:
         for rank in range(world_size):
             log_path = logs / f"rank{rank}.log"
             if servers is not None:
-                procs.append(servers[rank].start("vla_scale.train.main", argv, envs[rank], tmp_path, log_path))
+                procs.append(servers[rank].start(module, argv, envs[rank], cwd, log_path))
                 continue
             with open(log_path, "a") as log:
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "vla_scale.train.main", *argv],
-                        cwd=tmp_path,
+                        [sys.executable, "-m", module, *argv],
+                        cwd=cwd,
                         env=envs[rank],
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -276,4 +298,4 @@ def run_ranks(
     codes = [p.returncode for p in procs]
     if any(c != 0 for c in codes) != expect_fail:
         pytest.fail(f"rank exit codes {codes} (expect_fail={expect_fail})\n{rank_logs(tmp_path)}")
-    return RanksResult(codes, rank_logs(tmp_path), run_dir)
+    return codes
