@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
+from data_tools.__main__ import main as data_tools
 from tests.train.jobs import PG_TIMEOUT_S, ROOT, rank_logs, run_module_ranks
 from tests.train.policy_check import first_episode
 from vla_scale.train.prepare import prepare_run
@@ -33,8 +35,7 @@ HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
     "discrete": ("debug.yaml", ("model.action_space=discrete", "model.discrete.n_bin=32")),
     "parallel": ("debug_parallel.yaml", ()),
     "flow": ("debug_flow.yaml", FLOW_SMALL),
-    # FAST tokenizer head (issue 13 item 2), once `model.discrete.tokenizer: fast` exists: uncomment (one line).
-    # "fast": ("debug.yaml", ("model.action_space=discrete", "model.discrete.tokenizer=fast")),
+    "fast": ("debug.yaml", ("model.action_space=discrete", "model.discrete.tokenizer=fast")),  # + fitted file
 }
 # Two families per head, every family used; parallel never on kosmos2 (refused: no custom attention mask). The
 # first family of each head is the one exported.
@@ -67,6 +68,11 @@ SMALL_RUN = (
 )
 
 
+def fast_file(tmp_path: Path) -> Path:
+    """Where the FAST head's tokenizer is fitted (`data_tools fit-fast`); moved away before the export check."""
+    return tmp_path / "fitted" / "fast_tokenizer.json"
+
+
 def _prepare(tmp_path: Path, data: Path, head: str, family: str, name: str, *extra: str) -> Path:
     config, overrides = HEADS[head]
     return prepare_run(
@@ -79,6 +85,7 @@ def _prepare(tmp_path: Path, data: Path, head: str, family: str, name: str, *ext
             f"model.backbone.family={family}",
             f"model.backbone.pretrained={tmp_path / 'backbones' / family}",
             *overrides,
+            *((f"model.discrete.fast_path={fast_file(tmp_path)}",) if head == "fast" else ()),
             *SMALL_RUN,
             *extra,
         ],
@@ -111,6 +118,9 @@ def _fresh_process(args: list[str], timeout: float) -> subprocess.CompletedProce
 def heads_job(tmp_path_factory: pytest.TempPathFactory, toy_data: Path) -> tuple[dict, dict]:
     """The prepared plan and what the ranks recorded per run name."""
     tmp = tmp_path_factory.mktemp("heads_zero")
+    fast_file(tmp).parent.mkdir()
+    chunk = yaml.safe_load((ROOT / "configs" / HEADS["fast"][0]).read_text())["data"]["fwd_pred_next_n"]
+    assert data_tools(["fit-fast", str(toy_data / "robot"), "--chunk", str(chunk), "--out", str(fast_file(tmp))]) == 0
     runs = []
     for head in HEADS:
         for i, family in enumerate(FAMILIES[head]):
@@ -146,7 +156,7 @@ def test_head_trains_on_two_families_under_zero2(heads_job, head: str) -> None:
         assert step["changed"], f"{head} on {family}: the step changed no parameter"
         assert not set(step["changed"]) - set(step["trainable"])
         assert not step["differ_across_ranks"], f"{head} on {family}: ranks diverged in {step['differ_across_ranks']}"
-        head_prefix = {"discrete": "adapter."}.get(head, "action_")
+        head_prefix = {"discrete": "adapter.", "fast": "adapter."}.get(head, "action_")  # token heads train the LM
         assert any(n.startswith(head_prefix) for n in step["changed"]), (head, family, step["changed"][:5])
 
 
@@ -173,6 +183,10 @@ def test_every_head_exports_to_a_policy_in_a_fresh_process(heads_job) -> None:
     """Each head's checkpoint → `export_policy` → `Policy.from_pretrained` in a process that never trained: two
     steps of an episode equal what the trained model predicted in its rank."""
     plan, _ = heads_job
+    fitted = fast_file(Path(plan["path"]).parent)
+    fitted.rename(fitted.with_name("moved.json"))  # the FAST export must carry its own tokenizer
+    fast_export = next(Path(r["export"]) for r in plan["runs"] if r.get("export") and Path(r["export"]).name == "fast")
+    assert (fast_export / "fast_tokenizer.json").read_bytes() == fitted.with_name("moved.json").read_bytes()
     done = _fresh_process(["--check-exports", str(plan["path"])], timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
