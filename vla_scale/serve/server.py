@@ -169,10 +169,10 @@ class PolicyServer:
             self._ready.set()
             await self._stop_event.wait()
             self._stopping = True
-            server.close(close_connections=False)  # stop accepting; open connections may still get replies
+            server.server.close()  # stop accepting; open connections still get their replies
             if self._inflight:
                 await asyncio.wait(set(self._inflight), timeout=SHUTDOWN_GRACE_S)
-            server.close(close_connections=True)
+            server.close(close_connections=True)  # idempotent: this is the only call that closes connections
             await server.wait_closed()
         self._worker.shutdown(wait=True)
         if announce:
