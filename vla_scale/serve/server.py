@@ -230,6 +230,8 @@ class PolicyServer:
             return proto.error_reply(err.field, err.message, request_id)
         except (ValueError, KeyError) as err:  # refused by the policy itself
             return proto.error_reply("obs", str(err), request_id)
+        except Exception as err:  # noqa: BLE001 - the model failed: tell this client, keep serving the others
+            return proto.error_reply("server", f"inference failed: {type(err).__name__}: {err}", request_id)
 
     def _health(self, request_id: Any) -> dict:
         return {
