@@ -1,5 +1,5 @@
 """`vla-scale` command line: prepare a run and resolve its directory (used by the launchers), summarise, plot
-and export one."""
+and export one; evaluate and serve a policy."""
 
 from __future__ import annotations
 
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     from vla_scale.eval.cli import add_parsers as add_eval_parsers  # eval, eval-report
 
     add_eval_parsers(sub)
+    from vla_scale.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

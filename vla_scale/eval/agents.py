@@ -169,13 +169,19 @@ def make_agent(
     exec_steps: int = 1,
     ensemble: bool = False,
     device: str = "cpu",
+    server: str | None = None,
 ) -> Agent:
-    """An agent by name (what `EvalConfig`'s agent factory calls in each worker)."""
+    """An agent by name (what `EvalConfig`'s agent factory calls in each worker); a policy agent with `server`
+    (ws://host:port of `vla-scale serve`) queries the served policy instead of loading `path`."""
     if kind == "random":
         return RandomAgent()
     if kind == "expert":
         return ExpertAgent()
     if kind == "policy":
+        if server is not None:
+            from vla_scale.serve.agent import ServerPolicyAgent
+
+            return ServerPolicyAgent(server, exec_steps=exec_steps, ensemble=ensemble)
         if path is None:
             raise ValueError("the policy agent needs the path of an export folder")
         return PolicyAgent(path, exec_steps=exec_steps, ensemble=ensemble, device=device)

@@ -36,6 +36,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--video-format", choices=("mp4", "gif"), default="mp4")
     p.add_argument("--seed-offset", type=int, default=0, help="first held-out episode index (default: 0)")
     p.add_argument("--image-size", type=int, default=64, help="rendered frame size; match the training data")
+    p.add_argument("--server", default=None, metavar="URL", help="query a running `vla-scale serve` (ws://host:port)")
     p.add_argument("--device", default="cpu", help="torch device of the policy in each worker (default: cpu)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a worker may take for one episode")
     p.add_argument("--label", default="", help="name of this run in eval-report tables (default: the --out folder)")
@@ -51,9 +52,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from vla_scale.eval.report import format_results
     from vla_scale.eval.runner import EvalConfig, EvalError, evaluate
 
-    if args.agent == "policy" and not args.path:
+    if args.agent == "policy" and not args.path and not args.server:
         print(
-            "vla-scale eval: error: give PATH (an export folder or run directory), or --agent random|expert",
+            "vla-scale eval: error: give PATH (an export folder or run directory) or --server URL, "
+            "or --agent random|expert",
             file=sys.stderr,
         )
         return 2
@@ -71,12 +73,13 @@ def run_eval(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         out_dir=args.out,
         timeout_s=args.timeout,
-        agent=f"{args.agent} {Path(args.path).resolve()}" if args.agent == "policy" else args.agent,
+        agent=_agent_label(args),
         label=args.label,
     )
     with tempfile.TemporaryDirectory(prefix="vla_eval-") as tmp:
         try:
-            policy = export_if_run_dir(args.path, Path(tmp)) if args.agent == "policy" else None
+            local = args.agent == "policy" and not args.server
+            policy = export_if_run_dir(args.path, Path(tmp)) if local else None
             factory = partial(
                 make_agent,
                 kind=args.agent,
@@ -84,9 +87,10 @@ def run_eval(args: argparse.Namespace) -> int:
                 exec_steps=args.exec_steps,
                 ensemble=args.ensemble,
                 device=args.device,
+                server=args.server if args.agent == "policy" else None,
             )
             results = evaluate(factory, cfg, progress=sys.stdout.isatty())
-        except (ValueError, FileNotFoundError, EvalError) as err:
+        except (ValueError, OSError, EvalError) as err:  # OSError: no such export, no server at --server
             print(f"vla-scale eval: error: {err}", file=sys.stderr)
             return 2
     t = results["timing"]
@@ -101,6 +105,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if videos:
         print(f"videos:  {Path(videos[0]).parent} ({len(videos)} files)")
     return 0
+
+
+def _agent_label(args: argparse.Namespace) -> str:
+    """What results.json records as the evaluated agent."""
+    if args.agent != "policy":
+        return args.agent
+    return f"policy {args.server}" if args.server else f"policy {Path(args.path).resolve()}"
 
 
 def export_if_run_dir(path: str | Path, tmp: Path) -> Path:

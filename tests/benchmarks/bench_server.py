@@ -1,0 +1,259 @@
+"""Policy server figures (issue 15): request latency via `vla-scale serve` vs in-process `Policy.predict` on the same
+export, throughput with 1/4/16 concurrent client processes, and a fixed-rate control loop with synchronous vs
+asynchronous chunk execution (steps/s and the fraction of ticks that waited for a chunk).
+
+The export is the debug config's tiny random-weight LLaVA (8-step chunks) declared with two cameras; every request
+carries two 224 x 224 frames, state and instruction, which the policy resizes to the tiny backbone's input. The
+server is a separate process (`vla-scale serve --port 0`), one torch thread on each side; figures compare the
+transport's cost with the model's, they say nothing about a real backbone's latency.
+
+    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_server.py [--calls 100] [--rate 50] [--overlaps 2 4 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bench_common import REPO, command_line, quiet_libraries, table
+
+INSTRUCTION = "pick up the red block and put it in the blue bowl"
+CAMERAS = ("rgb_static", "rgb_gripper")
+SIDE = 224
+CHUNK = 8
+
+
+def write_export(out: Path) -> Path:
+    """The debug model (seeded initial weights) as an export folder that takes a static and a wrist camera."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from data_tools.synth import synth
+    from vla_scale.config import load_config
+    from vla_scale.data.format import Manifest
+    from vla_scale.model import build_model
+    from vla_scale.train.export import policy_spec
+
+    synth(out / "data", episodes=2, vl_samples=1, image_size=32, seed=0, episodes_per_shard=2)
+    cfg = load_config(
+        REPO / "configs/debug.yaml",
+        [f"model.backbone.pretrained={out / 'tiny-backbone'}", f"data.fwd_pred_next_n={CHUNK}"],
+    )
+    manifest = Manifest.load(out / "data" / "robot")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, **manifest.robot_spaces.model_dims(), chunk_size=CHUNK, load_clip=False)
+    policy = out / "policy"
+    policy.mkdir()
+    save_file(
+        {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(policy / "model.safetensors")
+    )
+    model.adapter.save_pretrained(policy / "backbone")
+    spec = policy_spec(cfg, manifest, tag="untrained")
+    spec["data"].update(cameras=list(CAMERAS), static_camera=CAMERAS[0], wrist_camera=CAMERAS[1])
+    (policy / "vla_config.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    shutil.copyfile(out / "data" / "robot" / "stats.json", policy / "stats.json")
+    return policy
+
+
+def observations(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "images": {c: rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8) for c in CAMERAS},
+            "state": rng.standard_normal(4).astype(np.float32),
+            "instruction": INSTRUCTION,
+        }
+        for _ in range(n)
+    ]
+
+
+@contextmanager
+def server_process(export: Path, threads: int, delay_ms: float = 0.0):
+    """`vla-scale serve` on a free port; yields its ws:// URL; the process group is killed on exit."""
+    cmd = [sys.executable, "-m", "vla_scale.cli", "serve", str(export), "--port", "0", "--delay-ms", str(delay_ms)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        deadline, seen = time.monotonic() + 300, ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                seen += (line := proc.stdout.readline())
+                if match := re.search(r"on (ws://[\d.]+:\d+)", line):
+                    yield match.group(1)
+                    break
+        else:
+            raise RuntimeError(f"the server did not start: {seen}")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def ms_stats(times: list[float]) -> tuple[float, float]:
+    return statistics.median(times) * 1e3, float(np.percentile(times, 90)) * 1e3
+
+
+def time_interleaved(fns: list, obs: list[dict], warmup: int) -> list[list[float]]:  # noqa: ANN001
+    """Seconds per call of each fn, the fns called in turn on each observation, so a change in the machine's load
+    (other processes on shared cores) affects every path alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i, o in enumerate(obs):
+        for fn, out in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn(o)
+            if i >= warmup:
+                out.append(time.perf_counter() - start)
+    return times
+
+
+def client_worker(url: str, seconds: float, seed: int, barrier: Any, results: Any) -> None:
+    """A client process: once every client is connected (barrier), requests for `seconds`; reports the count of
+    requests completed in that window and their latencies."""
+    from vla_scale.serve import PolicyClient
+
+    obs = observations(4, seed)
+    with PolicyClient(url, timeout=600) as client:
+        client.reset()
+        client.infer(obs[0])  # its session exists before the clock starts
+        barrier.wait(timeout=600)
+        times, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            client.infer(obs[len(times) % 4])
+            if time.perf_counter() <= end:
+                times.append(time.perf_counter() - start)
+    results.put(times)
+
+
+def throughput(url: str, clients: int, seconds: float) -> list[str]:
+    """Requests/s over a window that all `clients` processes spend requesting at once."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(clients), ctx.Queue()
+    procs = [ctx.Process(target=client_worker, args=(url, seconds, i, barrier, results)) for i in range(clients)]
+    for p in procs:
+        p.start()
+    try:
+        latencies = [results.get(timeout=900) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.exitcode is None:
+                p.kill()
+    med, p90 = ms_stats([t for ts in latencies for t in ts])
+    return [str(clients), f"{sum(map(len, latencies)) / seconds:.1f}", f"{med:.1f}", f"{p90:.1f}"]
+
+
+def control_loop(url: str, rate: float, overlap: int, ticks: int) -> list[str]:
+    """`ticks` control ticks at `rate` Hz; sync (overlap 0) or async chunk execution."""
+    from vla_scale.serve import AsyncChunkExecutor, PolicyClient
+
+    obs = observations(8, seed=1)
+    with PolicyClient(url, timeout=600) as client:
+        client.reset()
+        client.infer(obs[0])  # warm the session
+        executor = AsyncChunkExecutor(client.infer, overlap=overlap)
+        start = next_tick = time.perf_counter()
+        for t in range(ticks):
+            executor.act(obs[t % len(obs)])
+            next_tick = max(next_tick + 1 / rate, time.perf_counter())  # a late tick delays the ones after it
+            time.sleep(max(0.0, next_tick - time.perf_counter()))
+        wall = time.perf_counter() - start
+        executor.close()
+    s = executor.stats
+    mode = f"async, overlap {overlap}" if overlap else "sync"
+    return [
+        mode,
+        f"{ticks / wall:.1f}",
+        f"{s.stalled_fraction:.1%}",
+        f"{s.wait_s / ticks * 1e3:.1f}",
+        str(s.skipped_actions),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=100, help="timed latency calls (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in the server")
+    parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16])
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
+    parser.add_argument("--rate", type=float, default=50.0, help="control rate (Hz) of the control-loop rows")
+    parser.add_argument("--overlaps", type=int, nargs="+", default=[2, 4, 6], help="async executor overlaps to run")
+    parser.add_argument("--ticks", type=int, default=200, help="control ticks per control-loop row")
+    parser.add_argument("--delay-ms", type=float, default=100.0, help="extra server inference time, slow-model rows")
+    parser.add_argument("--slow-rate", type=float, default=20.0, help="control rate (Hz) of the slow-model rows")
+    args = parser.parse_args()
+    import torch
+
+    from vla_scale.policy import Policy
+    from vla_scale.serve import PolicyClient
+
+    torch.set_num_threads(args.threads)
+    quiet_libraries()
+    with tempfile.TemporaryDirectory(prefix="bench_server-") as tmp:
+        export = write_export(Path(tmp))
+        policy = Policy.from_pretrained(export, device="cpu")
+        obs = observations(args.warmup + args.calls)
+        with server_process(export, args.threads) as url:
+            with PolicyClient(url, timeout=600) as client:
+                inside: list[float] = []  # the server's own time per request (checks, inference)
+
+                def infer(o: dict) -> None:
+                    inside.append(client.request({"type": "infer", "obs": o})["server_ms"] / 1e3)
+
+                def predict(o: dict) -> None:
+                    policy.predict(o["images"], o["instruction"], o["state"])
+
+                local, served, health = time_interleaved([predict, infer, lambda o: client.health()], obs, args.warmup)
+            rows = [throughput(url, n, args.seconds) for n in args.clients]
+            loops = [control_loop(url, args.rate, o, args.ticks) for o in (0, *args.overlaps)]
+        with server_process(export, args.threads, args.delay_ms) as url:
+            slow = [control_loop(url, args.slow_rate, o, args.ticks) for o in (0, *args.overlaps)]
+    (lm, lp), (sm, sp), (im, ip) = ms_stats(local), ms_stats(served), ms_stats(inside[args.warmup :])
+    hm, hp = ms_stats(health)
+    print(f"$ {command_line()}")
+    print(f"tiny debug model, CPU, {args.threads} torch thread(s); 2 cameras x {SIDE}x{SIDE} uint8 + state per request")
+    print(f"\nlatency, {args.calls} calls after {args.warmup} warm-up")
+    latency = [
+        ["in-process Policy.predict", f"{lm:.2f}", f"{lp:.2f}"],
+        ["server round trip", f"{sm:.2f}", f"{sp:.2f}"],
+        ["  of which inside the server", f"{im:.2f}", f"{ip:.2f}"],
+        ["health round trip (no payload)", f"{hm:.2f}", f"{hp:.2f}"],
+    ]
+    print(table(["path", "median ms", "p90 ms"], latency))
+    print(f"server overhead: {sm - lm:+.2f} ms median ({(sm - lm) / lm:+.1%})")
+    print(f"\nthroughput, concurrent client processes, {args.seconds:.0f} s each (one model, requests serialised)")
+    print(table(["clients", "requests/s", "median ms", "p90 ms"], rows))
+    header = ["execution", "steps/s", "ticks waiting", "wait ms/tick", "stale rows skipped"]
+    blocks = [(f"tiny model ({sm:.0f} ms/request)", args.rate, loops)]
+    blocks.append((f"+{args.delay_ms:.0f} ms per inference", args.slow_rate, slow))
+    for name, rate, block in blocks:
+        print(f"\ncontrol loop at {rate:.0f} Hz, {args.ticks} ticks, chunk {CHUNK}, {name}")
+        print(table(header, block))
+        best = max(block[1:], key=lambda row: float(row[1]))
+        print(f"best async / sync steps/s: {float(best[1]) / float(block[0][1]):.2f}x ({best[0]})")
+
+
+if __name__ == "__main__":
+    main()

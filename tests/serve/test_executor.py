@@ -1,0 +1,89 @@
+"""Asynchronous chunk execution against a real server whose inference takes an artificial 0.1 s: the control loop
+(12.5 Hz) stalls only on its first tick, and late chunks skip the rows for ticks that already passed."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tests.serve.conftest import CHUNK, make_obs
+from vla_scale.serve import AsyncChunkExecutor, PolicyClient
+from vla_scale.serve.server import load_server
+
+DELAY_S = 0.1
+PERIOD_S = 0.08  # control tick: an inference (> 0.1 s) spans at least 2 ticks
+TICKS = 3 * CHUNK
+
+
+@pytest.fixture(scope="module")
+def slow_url(export_dir, one_thread):
+    with load_server(export_dir, port=0, delay_s=DELAY_S) as srv:
+        yield srv.url
+
+
+def control_loop(url: str, overlap: int) -> tuple[AsyncChunkExecutor, dict[int, np.ndarray], list[np.ndarray]]:
+    """TICKS ticks at PERIOD_S; returns the executor, the chunk requested at each tick, and the actions executed."""
+    rng = np.random.default_rng(0)
+    observations = [make_obs(rng) for _ in range(TICKS)]
+    chunks: dict[int, np.ndarray] = {}
+    with PolicyClient(url) as client:
+
+        def request(obs: dict) -> np.ndarray:
+            tick = obs.pop("tick")
+            chunks[tick] = client.infer(obs)
+            return chunks[tick]
+
+        client.reset()
+        executor = AsyncChunkExecutor(request, overlap=overlap)
+        actions = []
+        next_tick = time.perf_counter()
+        for t in range(TICKS):
+            actions.append(executor.act({**observations[t], "tick": t}))
+            next_tick += PERIOD_S
+            time.sleep(max(0.0, next_tick - time.perf_counter()))  # the robot's fixed control rate
+        executor.close()
+    return executor, chunks, actions
+
+
+def test_sync_execution_stalls_once_per_chunk(slow_url):
+    executor, chunks, actions = control_loop(slow_url, overlap=0)
+    stats = executor.stats
+    assert sorted(chunks) == [0, CHUNK, 2 * CHUNK] and stats.stalled_ticks == 3 and stats.skipped_actions == 0
+    assert stats.wait_s >= 3 * DELAY_S
+    for t, (tick, start, row) in enumerate(stats.log):  # every chunk executed from its first row
+        assert tick == t and start == t - t % CHUNK and row == t % CHUNK
+        np.testing.assert_array_equal(actions[t], chunks[start][row])
+
+
+def test_async_execution_keeps_the_loop_running_and_skips_stale_rows(slow_url):
+    overlap = 6  # request at 6 actions left: 0.48 s of chunk for 0.1 s of inference (plus the tiny model's)
+    executor, chunks, actions = control_loop(slow_url, overlap=overlap)
+    stats = executor.stats
+    assert stats.ticks == TICKS and stats.stalled_ticks == 1, stats  # only the episode's first tick waits
+    assert stats.stalled_fraction == pytest.approx(1 / TICKS)
+    starts = [start for _, start, _ in stats.log]
+    assert len(set(starts)) >= 3 and starts == sorted(starts)  # newer chunks replace older ones
+    skipped = 0
+    for t, (tick, start, row) in enumerate(stats.log):
+        assert tick == t and row == t - start  # a chunk requested at tick s gives tick t its row t - s
+        np.testing.assert_array_equal(actions[t], chunks[start][row])
+    for start in sorted(set(starts))[1:]:
+        first_row = min(row for _, s, row in stats.log if s == start)
+        assert first_row >= 2  # > 0.1 s of inference: not ready at the next tick, so at least 2 rows were stale
+        skipped += first_row
+    assert stats.skipped_actions >= skipped
+    assert stats.chunks == len(chunks) or stats.chunks == len(chunks) - 1  # the last request may still be running
+
+
+def test_executor_request_errors_reach_the_control_loop(slow_url):
+    with PolicyClient(slow_url) as client:
+        executor = AsyncChunkExecutor(client.infer, overlap=2)
+        with pytest.raises(Exception, match="obs.state"):
+            executor.act({**make_obs(np.random.default_rng(0)), "state": np.zeros(2, np.float32)})
+        executor.reset()
+        assert executor.act(make_obs(np.random.default_rng(1))).shape == (4,)
+        executor.close()
+    with pytest.raises(ValueError, match="overlap"):
+        AsyncChunkExecutor(client.infer, overlap=-1)

@@ -1,0 +1,86 @@
+"""`PolicyClient`: the robot / evaluator side of `vla-scale serve`, a blocking websocket client.
+
+One client is one connection and so one episode on the server: `reset()` between episodes, `infer(obs)` per
+query. Requests on one client are sent one at a time (a lock makes it safe to call from the control thread and
+from `AsyncChunkExecutor`'s background thread). A refused request raises `ServerError` with the field the
+server named; the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+from websockets.sync.client import connect
+
+from vla_scale.serve import protocol as proto
+
+
+class PolicyClient:
+    """Connect to a policy server at `url` (ws://host:port); `metadata` holds what the server sent on connect."""
+
+    def __init__(self, url: str, timeout: float | None = 60.0, max_message_bytes: int | None = None) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._ws = connect(url, open_timeout=timeout, max_size=max_message_bytes, compression=None)
+        self.metadata: dict = proto.unpack(self._ws.recv(timeout))
+        if self.metadata.get("type") != "metadata":
+            raise RuntimeError(f"{url} did not open with the policy server's metadata: {self.metadata}")
+
+    @property
+    def cameras(self) -> list[str]:
+        return list(self.metadata["cameras"])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.metadata["chunk_size"])
+
+    def request(self, message: dict) -> dict:
+        """Send one request and wait for its reply; raises `ServerError` for an error reply."""
+        with self._lock:
+            self._next_id += 1
+            message = {**message, "id": self._next_id}
+            self._ws.send(proto.pack(message))
+            reply = proto.unpack(self._ws.recv(self.timeout))
+        if reply.get("type") == "error":
+            raise proto.ServerError(str(reply.get("field")), str(reply.get("message")))
+        if reply.get("id") != message["id"]:
+            raise RuntimeError(f"reply {reply.get('id')} does not answer request {message['id']}")
+        return reply
+
+    def send_raw(self, frame: bytes | str) -> dict:
+        """Send an arbitrary frame and return the decoded reply as is (protocol tests, debugging)."""
+        with self._lock:
+            self._ws.send(frame)
+            return proto.unpack(self._ws.recv(self.timeout))
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new episode on the server (history and head memory cleared; `seed` seeds sampled chunks)."""
+        self.request({"type": "reset", "seed": seed})
+
+    def infer(self, obs: dict[str, Any], seed: int | None = None) -> np.ndarray:
+        """`{"images": {camera: uint8 [H, W, 3]}, "state": [S], "instruction": str}` → action chunk [N, A] (float32)."""
+        return self.request({"type": "infer", "obs": obs, "seed": seed})["actions"]
+
+    def health(self) -> dict:
+        return self.request({"type": "health"})
+
+    def close(self) -> None:
+        self._ws.close()
+
+    def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def observation(images: dict[str, np.ndarray], instruction: str, state: np.ndarray | None = None) -> dict[str, Any]:
+    """An `infer` observation from camera frames, the instruction and the raw state."""
+    obs: dict[str, Any] = {"images": {k: np.asarray(v) for k, v in images.items()}, "instruction": instruction}
+    if state is not None:
+        obs["state"] = np.asarray(state, np.float32)
+    return obs
