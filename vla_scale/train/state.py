@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from vla_scale.compat import keep_hf_deepspeed_config
 from vla_scale.config import Config, ConfigError, config_hash, load_config
 from vla_scale.data import StreamSpec, StreamTracker, build_dataloader
+from vla_scale.data.elastic import rank_virtual_readers
 from vla_scale.data.format import Manifest
 from vla_scale.data.spaces import Spaces
 from vla_scale.model import build_model
@@ -41,7 +43,14 @@ def seed_everything(seed: int) -> None:
 def run_dataloader(cfg: Config, rank: int, world: int, tokenizer: Any, resume: dict | None = None) -> DataLoader:
     """This rank's loader with the run's seed and micro batch: the one place (loop and benchmarks) that maps a
     run config onto `build_dataloader`, so a benchmark sees the batches `train()` sees."""
-    spec = StreamSpec(seed=cfg.run.seed, rank=rank, world_size=world, micro_batch_size=cfg.train.micro_batch_size)
+    t = cfg.train
+    spec = StreamSpec(
+        seed=cfg.run.seed,
+        rank=rank,
+        world_size=world,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+    )
     return build_dataloader(cfg.data, spec, tokenizer, resume=resume)
 
 
@@ -76,6 +85,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def gathered_data_state(state: dict) -> dict:
+    """Collective (`data.elastic`): skip counts and bad windows are kept per virtual reader on the rank that
+    serves it; the checkpoint needs all of them, since a resume on other ranks deals the readers out anew."""
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (state["skipped"], state["bad_windows"]))
+    merged = dict(state, skipped={}, bad_windows={})
+    for skipped, bad in parts:
+        merged["skipped"].update(skipped)
+        merged["bad_windows"].update(bad)
+    return merged
+
+
 @dataclass
 class RunState:
     """One rank's run after setup: config, process group, model, staged engine, data, and the step reached."""
@@ -102,7 +123,9 @@ class RunState:
             "stage": self.staged.stage.index,
             "config_hash": config_hash(self.cfg),
             "world_size": self.world,
-            "data": self.stream.state_dict(),
+            "data": gathered_data_state(self.stream.state_dict())
+            if self.cfg.data.elastic
+            else self.stream.state_dict(),
             "rng": rng_state(),
         }
 
@@ -150,5 +173,16 @@ def setup(run_dir: str | Path) -> RunState:
     staged = StagedEngine(model, cfg, ds_config, stages, rank)
     step, data_state = resume(staged, run_dir / "checkpoints", rank)
     loader = run_dataloader(cfg, rank, world, model.tokenizer, resume=data_state)
-    stream = StreamTracker(cfg.run.seed, world, cfg.data.num_workers, cfg.train.micro_batch_size, data_state)
+    t = cfg.train
+    virtual = t.global_batch_size // t.micro_batch_size if cfg.data.elastic else 0
+    readers = rank_virtual_readers(virtual, world, rank) if virtual else None
+    stream = StreamTracker(
+        cfg.run.seed,
+        world,
+        cfg.data.num_workers,
+        t.micro_batch_size,
+        data_state,
+        virtual_readers=virtual,
+        readers=readers,
+    )
     return RunState(run_dir, cfg, rank, world, staged, step, loader, stream, iter(loader), hf_ds_config)
