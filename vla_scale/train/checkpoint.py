@@ -54,6 +54,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
         time.sleep(pause_s)
     if dist.get_rank() == 0:
         meta = {"step": step, "stage": client_state.get("stage", 0), "world_size": client_state.get("world_size")}
+        meta["data_elastic"] = bool(client_state.get("data", {}).get("elastic"))  # resumable on other world sizes
         (ckpt_dir / tag / META).write_text(json.dumps(meta))
     dist.barrier()
     if dist.get_rank() == 0:
