@@ -80,9 +80,9 @@ def check_same_run(
 
 
 # ZeRO stages whose checkpoint loads on another number of ranks: stage 0 keeps the whole optimizer state in the
-# model file. Stages 1-3 partition it per rank and need DeepSpeed's universal checkpoint conversion first,
-# which is not wired in yet (README "Preemption and elastic resume").
-ELASTIC_ZERO_STAGES = (0,)
+# model file; stage 2 partitions it and goes through DeepSpeed's universal checkpoints (train/universal.py).
+# Stages 1 and 3 take the same path but are not tested yet, so they are refused.
+ELASTIC_ZERO_STAGES = (0, 2)
 
 
 def world_size_change(ckpt_dir: Path, meta: dict, cfg: Config, world_size: int) -> str | None:
@@ -100,15 +100,16 @@ def world_size_change(ckpt_dir: Path, meta: dict, cfg: Config, world_size: int) 
     if cfg.train.zero_stage not in ELASTIC_ZERO_STAGES:
         raise ConfigError(
             f"{refused}; its ZeRO-{cfg.train.zero_stage} optimizer state is partitioned over {old} ranks and "
-            f"re-partitioning (DeepSpeed universal checkpoints) is not supported yet: resume on {old} ranks, or "
-            "use train.zero_stage=0 for runs that must change size"
+            f"re-partitioning it is supported (tested) only for ZeRO stages {ELASTIC_ZERO_STAGES}: resume on {old} "
+            "ranks, or use one of those stages for runs that must change size"
         )
     t = cfg.train
+    how = "converted once to a DeepSpeed universal checkpoint and " if t.zero_stage else ""
     return (
         f"the checkpoint at step {meta.get('step')} was written by {old} ranks and this job has {world_size}: the "
         f"global batch stays {t.global_batch_size} (gradient accumulation {t.grad_accum(old)} -> "
         f"{t.grad_accum(world_size)}), the data stream continues at that global step (data.elastic: the same "
         f"samples, mixing and augmentation as without the change), the ZeRO-{t.zero_stage} optimizer state "
-        "(fp32 weights, Adam moments) loads whole on every rank; losses match an unchanged run up to the order "
-        "of float reductions"
+        f"(fp32 weights, Adam moments) is {how}re-partitioned over the new ranks unchanged; losses match an "
+        "unchanged run up to the order of float reductions"
     )

@@ -26,7 +26,7 @@ from vla_scale.data.elastic import rank_virtual_readers
 from vla_scale.data.format import Manifest
 from vla_scale.data.spaces import Spaces
 from vla_scale.model import build_model
-from vla_scale.train import checkpoint
+from vla_scale.train import checkpoint, universal
 from vla_scale.train.ds_config import build_ds_config
 from vla_scale.train.engine import StagedEngine, init_distributed
 from vla_scale.train.resume_check import check_same_run
@@ -137,11 +137,12 @@ class RunState:
         )
 
 
-def resume(staged: StagedEngine, ckpt_dir: Path, rank: int) -> tuple[int, dict | None]:
-    """Enter the checkpoint's stage (or the first) and restore engine and RNG; returns (step, data state)."""
+def resume(staged: StagedEngine, ckpt_dir: Path, rank: int, load_dir: Path | None = None) -> tuple[int, dict | None]:
+    """Enter the checkpoint's stage (or the first) and restore engine and RNG; returns (step, data state).
+    `load_dir`: the universal conversion of `latest` (another world size under ZeRO 1-3)."""
     meta = checkpoint.read_meta(ckpt_dir)
     staged.enter(staged.stages[meta["stage"]] if meta is not None else staged.stages[0])
-    client = checkpoint.load_latest(staged.engine, ckpt_dir)
+    client = checkpoint.load_latest(staged.engine, ckpt_dir, load_dir)
     if client is None:
         return 0, None
     if "rng" in client:
@@ -161,6 +162,10 @@ def setup(run_dir: str | Path) -> RunState:
         raise ConfigError("train.fp16 needs CUDA GPUs (DeepSpeed has no fp16 on CPU); use train.bf16 on CPU")
     check_same_run(run_dir, cfg, world, prepared=True)
     ds_config = build_ds_config(cfg, world)
+    ckpt_dir, load_dir = run_dir / "checkpoints", None
+    if universal.needs_universal(checkpoint.read_meta(ckpt_dir), cfg.train.zero_stage, world):
+        load_dir = universal.convert(ckpt_dir, checkpoint.read_latest(ckpt_dir), rank)
+        ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
     seed_everything(cfg.run.seed)
     dims = robot_spaces(cfg).model_dims()
     # Under ZeRO-3 the backbone is created partitioned (deepspeed.zero.Init) instead of whole on every rank.
@@ -169,9 +174,11 @@ def setup(run_dir: str | Path) -> RunState:
     if hf_ds_config is not None and rank == 0:
         partitioned = all(hasattr(p, "ds_id") for p in model.adapter.model.parameters())
         print(f"[vla_scale] ZeRO-3: backbone loaded partitioned by deepspeed.zero.Init: {partitioned}", flush=True)
+    if cfg.data.elastic:
+        universal.mark_convertible(model)  # its ZeRO checkpoints may have to load on another number of ranks
     stages = resolve_stages(model, cfg)  # a stage naming nothing fails here, before training
     staged = StagedEngine(model, cfg, ds_config, stages, rank)
-    step, data_state = resume(staged, run_dir / "checkpoints", rank)
+    step, data_state = resume(staged, ckpt_dir, rank, load_dir)
     loader = run_dataloader(cfg, rank, world, model.tokenizer, resume=data_state)
     t = cfg.train
     virtual = t.global_batch_size // t.micro_batch_size if cfg.data.elastic else 0
