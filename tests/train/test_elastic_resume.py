@@ -38,6 +38,8 @@ def test_world_size_change_is_described_or_refused(tmp_path):
         world_size_change(tmp_path, dict(meta, data_elastic=False), _cfg(*ELASTIC), 4)
     with pytest.raises(ConfigError, match="ZeRO-3 optimizer state is partitioned over 2 ranks"):
         world_size_change(tmp_path, meta, _cfg(*ELASTIC, "train.zero_stage=3"), 4)
+    with pytest.raises(ConfigError, match="not tested with model.lora"):
+        world_size_change(tmp_path, meta, _cfg(*ELASTIC, "model.lora.enabled=true"), 4)
 
 
 def gathered_zero2(tag_dir: Path, key: str) -> dict[str, torch.Tensor]:

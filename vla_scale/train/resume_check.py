@@ -104,6 +104,12 @@ def world_size_change(ckpt_dir: Path, meta: dict, cfg: Config, world_size: int) 
             f"re-partitioning it is supported (tested) only for ZeRO stages {ELASTIC_ZERO_STAGES}: resume on {old} "
             "ranks, or use one of those stages for runs that must change size"
         )
+    untested = [k for k, on in (("model.lora", cfg.model.lora.enabled), ("train.stages", cfg.train.stages)) if on]
+    if untested:
+        raise ConfigError(
+            f"{refused}; resuming on another number of ranks is not tested with {' or '.join(untested)} yet: "
+            f"resume on {old} ranks"
+        )
     t = cfg.train
     how = "converted once to a DeepSpeed universal checkpoint and " if t.zero_stage else ""
     return (
