@@ -82,7 +82,7 @@ def test_signal_mid_step_and_during_the_save_resume_exactly(tmp_path, toy_data, 
                 os.killpg(proc.pid, signal.SIGUSR1)  # as SLURM signals a job step: every process
             state["second"] = True
 
-    extra = ("train.preempt_signal=SIGUSR1", "debug.save_pause_s=4")
+    extra = ("train.preempt_signal=SIGUSR1", "debug.save_pause_s=6")
     job = run_ranks(tmp_path, toy_data, *common, *extra, expect_fail=True, during=sigusr1_twice)
     assert job.returncodes == [EXIT_PREEMPTED] * 2 and state["second"], job.logs
     second = int(read_latest(ckpts).removeprefix("step_"))
