@@ -109,10 +109,15 @@ vla_print_cmd() {
 
 # Replace this shell with the rank launcher, so signals (Ctrl-C, SLURM's SIGTERM) reach it
 # directly; under VLA_SCALE_DRY_RUN=1 print the command instead.
+# SIGUSR1 is ignored from here on (an ignored signal stays ignored across exec): a scheduler that
+# signals every process of the job (slurm.sbatch's `--signal=USR1@...`) must not kill the launcher
+# (the deepspeed launcher and torchrun do not handle USR1, so it would be fatal to them); the ranks
+# install their own handler when `train.preempt_signal=SIGUSR1` (vla_scale/train/preempt.py).
 vla_exec() {
     if vla_is_dry_run; then
         vla_print_cmd "$@"
         exit 0
     fi
+    trap '' USR1
     exec "$@"
 }

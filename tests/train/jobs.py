@@ -215,13 +215,15 @@ def run_ranks(
     timeout: float = 420,
     expect_fail: bool = False,
     config: Path = CONFIG,
+    during=None,
 ) -> RanksResult:
     """Prepare configs/debug.yaml (+ overrides) here, then run `world_size` ranks directly until all exit.
 
     Another `config` gets only the run folder under `tmp_path` and the short process-group timeout;
     its data paths (and `data` is then unused) and everything else come with `overrides`.
     Fails the test (after killing every rank) on the deadline, when a rank fails unexpectedly, or when
-    `expect_fail` and no rank failed.
+    `expect_fail` and no rank failed. `during(procs)`, if given, is called every poll round while ranks run
+    (each proc has `.pid`: tests send it signals).
     """
     from vla_scale.train.prepare import prepare_run
 
@@ -292,6 +294,8 @@ def run_module_ranks(
                     break
             if failed_at is not None and now - failed_at > GRACE_S:
                 break
+            if during is not None:
+                during(procs)
             time.sleep(0.2)
     finally:
         _kill(procs)

@@ -22,6 +22,7 @@ RESUMABLE_CHANGES = (
     "train.log_every",
     "train.ckpt_every",
     "train.keep_last",
+    "train.preempt_signal",
     "wandb",
     "eval",
     "debug",

@@ -58,6 +58,8 @@ class DataConfig:
     # source unusable would otherwise never end); far above one broken episode's windows
     max_bad_in_a_row: int = 10_000
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # World-size-independent order: resumable on another number of ranks (vla_scale/data/elastic.py)
+    elastic: bool = False
 
     def validate(self, prefix: str = "data") -> None:
         """Sources, window sizes and augmentation; whether the folders hold datasets is checked by `prepare`."""

@@ -104,6 +104,8 @@ class TrainConfig:
     process_group_timeout_s: int = 600
     # A step whose loss or gradients are NaN/inf is skipped; this many in a row stop the run.
     max_bad_steps: int = 5
+    # Preemption: this signal makes every rank finish its step, checkpoint and exit 75 (vla_scale/train/preempt.py).
+    preempt_signal: Literal["SIGTERM", "SIGUSR1", "none"] = "SIGTERM"
     # Unfreezing schedule; empty = one stage training everything (or heads + LoRA when LoRA is on).
     stages: list[StageConfig] = field(default_factory=list)
 

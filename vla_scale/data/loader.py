@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vla_scale.config.schema import DataConfig
 from vla_scale.data.batch import Batch
 from vla_scale.data.collate import collate_robot, collate_vl
+from vla_scale.data.elastic import check_elastic_state, iter_elastic, loader_workers, virtual_readers
 from vla_scale.data.format import Manifest
 from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream
 
@@ -49,6 +50,7 @@ class StreamSpec:
     rank: int
     world_size: int
     micro_batch_size: int
+    global_batch_size: int = 0  # needed by `data.elastic` only (it fixes the number of virtual readers)
 
 
 class MixedBatches(IterableDataset):
@@ -66,7 +68,11 @@ class MixedBatches(IterableDataset):
         last batch."""
         super().__init__()
         start_batch, bad_windows = 0, None
-        if resume is not None:
+        if resume is not None and cfg.elastic:  # the position is a global step count (vla_scale/data/elastic.py)
+            n_virtual = virtual_readers(spec.global_batch_size, spec.micro_batch_size)
+            check_elastic_state(resume, spec.seed, n_virtual, spec.micro_batch_size)
+            start_batch, bad_windows = int(resume["steps"]), resume.get("bad_windows")
+        elif resume is not None:
             StreamTracker.check_compatible(resume, spec.seed, spec.world_size, cfg.num_workers, spec.micro_batch_size)
             start_batch, bad_windows = int(resume["batches"]), resume.get("bad_windows")
         self.cfg = cfg
@@ -99,6 +105,9 @@ class MixedBatches(IterableDataset):
         ]
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.cfg.elastic:
+            yield from iter_elastic(self)
+            return
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         role = (worker + self.start_batch) % num_workers
@@ -141,6 +150,7 @@ class MixedBatches(IterableDataset):
                 batch = collate_vl(items, self.tokenizer, self.cfg.max_text_len)
             batch.meta = {
                 "sources": [self.manifests[i].name for i in srcs],
+                "keys": [item.key for item in items],
                 "worker": role,
                 "batch_index": batch_index,
                 "skipped": dict(bad.counts),
@@ -162,6 +172,10 @@ def build_dataloader(cfg: DataConfig, spec: StreamSpec, tokenizer: Any, resume: 
     """
     dataset = MixedBatches(cfg, spec, tokenizer, resume)
     workers = cfg.num_workers
+    if cfg.elastic:
+        workers = loader_workers(
+            workers, virtual_readers(spec.global_batch_size, spec.micro_batch_size), spec.world_size
+        )
     return DataLoader(
         dataset,
         batch_size=None,
@@ -180,16 +194,35 @@ class StreamTracker:
     uses it to continue the stream exactly where this run stopped.
     """
 
-    def __init__(self, seed: int, world_size: int, num_workers: int, micro_batch_size: int, resume: dict | None):
+    def __init__(
+        self,
+        seed: int,
+        world_size: int,
+        num_workers: int,
+        micro_batch_size: int,
+        resume: dict | None,
+        *,
+        virtual_readers: int = 0,
+        readers: list[int] | None = None,
+    ):
+        """`virtual_readers` > 0: the `data.elastic` stream, whose position is the global step count; `readers`:
+        the virtual readers this rank serves (their skip counts and bad windows are its to keep)."""
         self.seed, self.world_size = seed, world_size
         self.num_workers, self.micro_batch_size = num_workers, micro_batch_size
+        self.virtual_readers = virtual_readers
         self.batches = int(resume["batches"]) if resume else 0
+        self.steps = int((resume or {}).get("steps", 0))
         self.samples: dict[str, int] = dict((resume or {}).get("samples", {}))
         self._skipped: dict[int, dict[str, int]] = {int(k): v for k, v in (resume or {}).get("skipped", {}).items()}
         self._bad: dict[int, list[str]] = {int(k): v for k, v in (resume or {}).get("bad_windows", {}).items()}
+        if readers is not None:  # elastic: keep only the virtual readers this rank serves now
+            self._skipped = {k: v for k, v in self._skipped.items() if k in readers}
+            self._bad = {k: v for k, v in self._bad.items() if k in readers}
 
     def update(self, batch: Batch) -> None:
         self.batches += 1
+        if "global_step" in batch.meta:
+            self.steps = batch.meta["global_step"] + 1  # a checkpoint comes after the step's last micro-batch
         for name in batch.meta.get("sources", []):
             self.samples[name] = self.samples.get(name, 0) + 1
         if "worker" in batch.meta:
@@ -210,7 +243,9 @@ class StreamTracker:
         return {name: n / total for name, n in sorted(self.samples.items())} if total else {}
 
     def state_dict(self) -> dict:
+        elastic = {"elastic": True, "steps": self.steps, "virtual_readers": self.virtual_readers}
         return {
+            **(elastic if self.virtual_readers else {}),
             "batches": self.batches,
             "samples": dict(self.samples),
             "seed": self.seed,

@@ -54,6 +54,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
         time.sleep(pause_s)
     if dist.get_rank() == 0:
         meta = {"step": step, "stage": client_state.get("stage", 0), "world_size": client_state.get("world_size")}
+        meta["data_elastic"] = bool(client_state.get("data", {}).get("elastic"))  # resumable on other world sizes
         (ckpt_dir / tag / META).write_text(json.dumps(meta))
     dist.barrier()
     if dist.get_rank() == 0:
@@ -80,10 +81,11 @@ def read_meta(ckpt_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else {"step": None, "stage": 0, "world_size": None}
 
 
-def load_latest(engine, ckpt_dir: str | Path) -> dict | None:
-    """Restore the engine from `latest`; returns the client state, or None when starting fresh."""
+def load_latest(engine, ckpt_dir: str | Path, load_dir: str | Path | None = None) -> dict | None:
+    """Restore the engine from `latest`; returns the client state, or None when starting fresh. `load_dir`: where
+    that tag is read from instead (its universal conversion, `universal.convert`)."""
     tag = read_latest(ckpt_dir)
     if tag is None:
         return None
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    _, client_state = engine.load_checkpoint(str(load_dir or ckpt_dir), tag=tag)
     return client_state

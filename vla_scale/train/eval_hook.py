@@ -125,6 +125,12 @@ class EvalHook:
         while self.ready:
             self.writer.write(step, self._take(step))
 
+    def abandon(self) -> None:
+        """Preemption: stop a running evaluation without waiting; the resumed run starts it again (`_recover`)."""
+        if self.running is not None:
+            stop(self.running[1], grace_s=5.0)
+            self.running = None
+
     # ----- bookkeeping ------------------------------------------------------------------------------
     def _recover(self, step: int) -> None:
         """Resume: find logged steps, unlogged results and interrupted evaluations under <run_dir>/eval."""

@@ -6,6 +6,7 @@ while step < max_steps:
     train_step()                          # accumulation micro-steps + the non-finite verdict
     log()                                 # log_window.py: reduce over ranks, write every sink
     checkpoint every ckpt_every steps     # eval_hook.py: rank 0 evaluates due checkpoints in the background
+    stop if any rank saw the preemption signal   # preempt.py: save, then exit EXIT_PREEMPTED (75)
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vla_scale.compat import loss_scale, reset_step_verdict, step_was_skipped
-from vla_scale.config import to_dict
+from vla_scale.config import load_config, to_dict
 from vla_scale.train import checkpoint
 from vla_scale.train.engine import lr_lambda, set_lr
 from vla_scale.train.eval_hook import EvalHook
 from vla_scale.train.faults import NanInjector, StepGuard
 from vla_scale.train.log_window import LogWindow
 from vla_scale.train.metrics import MetricsWriter
+from vla_scale.train.preempt import EXIT_PREEMPTED, Preemption
 from vla_scale.train.state import RunState, setup
 
 
@@ -40,8 +42,9 @@ def peak_memory_gb() -> float:
 class Trainer:
     """One rank's training run; `train()` is the whole loop, `train_step()` one optimizer step."""
 
-    def __init__(self, run: RunState):
+    def __init__(self, run: RunState, preemption: Preemption | None = None):
         self.run = run
+        self.preemption = preemption or Preemption("none")
         cfg = run.cfg
         self.writer = MetricsWriter(run.run_dir, cfg.run.name, cfg.wandb, to_dict(cfg), start_step=run.step)
         self.evals = EvalHook(run, self.writer)  # after the writer: it reads the metrics.jsonl the writer kept
@@ -115,24 +118,52 @@ class Trainer:
         while run.step < t.max_steps:
             run.staged.switch_if_due(run.step)
             self.train_step()
-            if run.step % t.log_every == 0 or run.step == t.max_steps:
+            logged = run.step % t.log_every == 0 or run.step == t.max_steps
+            if logged:
                 values = self.log()
                 pbar.set_postfix({k: f"{values[k]:.4f}" for k in ("loss", "loss_arm", "loss_vl") if k in values})
             pbar.update(1)
-            if t.ckpt_every and run.step % t.ckpt_every == 0 and run.step < t.max_steps:
+            saved = bool(t.ckpt_every) and run.step % t.ckpt_every == 0 and run.step < t.max_steps
+            if saved:
                 run.save()
                 self.evals.after_save(run.step)
+            if run.step < t.max_steps and self.preemption.agreed():
+                pbar.close()
+                self.stop_preempted(logged, saved)
         if checkpoint.read_latest(run.ckpt_dir) != checkpoint.tag_for(run.step):
             run.save()
         self.evals.finish(run.step)
         pbar.close()
         self.writer.close()
 
+    def stop_preempted(self, logged: bool, saved: bool) -> None:
+        """Collective: the ranks agreed on a preemption after this step; log and save it, then exit 75."""
+        run = self.run
+        if not logged:
+            self.log()
+        if not saved:
+            run.save()
+        self.evals.abandon()  # a running evaluation is started again on resume
+        self.writer.close()
+        if run.rank == 0:
+            print(
+                f"[vla_scale] preempted ({self.preemption.signal_name}): checkpoint {checkpoint.tag_for(run.step)} "
+                f"saved; exiting with code {EXIT_PREEMPTED} (resume continues from it)",
+                flush=True,
+            )
+        dist.barrier()
+        raise SystemExit(EXIT_PREEMPTED)
+
 
 def train(run_dir: str | Path) -> None:
-    """Train the run laid out by `prepare_run` in `run_dir`; resumes from its `latest` checkpoint."""
+    """Train the run laid out by `prepare_run` in `run_dir`; resumes from its `latest` checkpoint.
+
+    The preemption handler goes in before anything is built, so a signal during setup is not lost: the
+    ranks then stop after their first step.
+    """
+    preemption = Preemption(load_config(Path(run_dir) / "config.yaml").train.preempt_signal)
     run = setup(run_dir)
-    Trainer(run).train()
+    Trainer(run, preemption).train()
     if run.rank == 0:
         print(f"[vla_scale] done: {run.step} steps, run directory {run.run_dir}", flush=True)
     dist.barrier()

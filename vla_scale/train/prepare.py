@@ -4,7 +4,7 @@ It resolves and validates the config, checks the datasets (`dataset_checks`), wr
 random-weight checkpoint of tiny demo/test backbones that every rank then loads with
 `from_pretrained`, checks what needs the backbone's tokenizer, and only then writes
 `config.yaml` and `ds_config.json` into the run directory (each atomically). So a refused
-run (a bad config, a resume at another world size) leaves the run directory as it was. Every
+run (a bad config, a resume at another world size without `data.elastic`) leaves the run directory as it was. Every
 mistake it can see costs seconds here instead of a failed multi-node job. What trains but
 perhaps not as meant (a stage after train.max_steps, constant dimensions) is printed as a note
 on stderr (stdout carries only the run directory, for the launchers).
@@ -22,9 +22,10 @@ from vla_scale.config.load import write_text_atomic
 from vla_scale.data.format import FormatError, Manifest
 from vla_scale.model.backbones.registry import check_backbone_family
 from vla_scale.model.backbones.tiny import ensure_tiny_backbone
+from vla_scale.train import checkpoint
 from vla_scale.train.dataset_checks import check_robot_sources
 from vla_scale.train.ds_config import build_ds_config
-from vla_scale.train.resume_check import check_same_run
+from vla_scale.train.resume_check import check_same_run, world_size_change
 
 
 def check_datasets(cfg: Config) -> list[Manifest]:
@@ -106,6 +107,9 @@ def prepare_run(config_path: str | Path | None, overrides: Sequence[str], world_
         raise ConfigError(f"model.backbone.family: {err}") from err
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     check_same_run(run_dir, cfg, world_size)  # a reused run directory must hold the same run (and world size)
+    meta = checkpoint.read_meta(run_dir / "checkpoints") if run_dir.is_dir() else None
+    resize = world_size_change(run_dir / "checkpoints", meta, cfg, world_size) if meta else None
+    notes += [resize] if resize else []
     ds_config = build_ds_config(cfg, world_size)
     # Before the ranks start: under a process group, save_pretrained writes weights on rank 0 only.
     ensure_tiny_backbone(cfg.model.backbone, seed=cfg.run.seed)

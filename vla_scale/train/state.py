@@ -16,15 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from vla_scale.compat import keep_hf_deepspeed_config
 from vla_scale.config import Config, ConfigError, config_hash, load_config
 from vla_scale.data import StreamSpec, StreamTracker, build_dataloader
+from vla_scale.data.elastic import rank_virtual_readers
 from vla_scale.data.format import Manifest
 from vla_scale.data.spaces import Spaces
 from vla_scale.model import build_model
-from vla_scale.train import checkpoint
+from vla_scale.train import checkpoint, universal
 from vla_scale.train.ds_config import build_ds_config
 from vla_scale.train.engine import StagedEngine, init_distributed
 from vla_scale.train.resume_check import check_same_run
@@ -41,7 +43,14 @@ def seed_everything(seed: int) -> None:
 def run_dataloader(cfg: Config, rank: int, world: int, tokenizer: Any, resume: dict | None = None) -> DataLoader:
     """This rank's loader with the run's seed and micro batch: the one place (loop and benchmarks) that maps a
     run config onto `build_dataloader`, so a benchmark sees the batches `train()` sees."""
-    spec = StreamSpec(seed=cfg.run.seed, rank=rank, world_size=world, micro_batch_size=cfg.train.micro_batch_size)
+    t = cfg.train
+    spec = StreamSpec(
+        seed=cfg.run.seed,
+        rank=rank,
+        world_size=world,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+    )
     return build_dataloader(cfg.data, spec, tokenizer, resume=resume)
 
 
@@ -76,6 +85,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def gathered_data_state(state: dict) -> dict:
+    """Collective (`data.elastic`): skip counts and bad windows are kept per virtual reader on the rank that
+    serves it; the checkpoint needs all of them, since a resume on other ranks deals the readers out anew."""
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (state["skipped"], state["bad_windows"]))
+    merged = dict(state, skipped={}, bad_windows={})
+    for skipped, bad in parts:
+        merged["skipped"].update(skipped)
+        merged["bad_windows"].update(bad)
+    return merged
+
+
 @dataclass
 class RunState:
     """One rank's run after setup: config, process group, model, staged engine, data, and the step reached."""
@@ -102,7 +123,9 @@ class RunState:
             "stage": self.staged.stage.index,
             "config_hash": config_hash(self.cfg),
             "world_size": self.world,
-            "data": self.stream.state_dict(),
+            "data": gathered_data_state(self.stream.state_dict())
+            if self.cfg.data.elastic
+            else self.stream.state_dict(),
             "rng": rng_state(),
         }
 
@@ -114,11 +137,12 @@ class RunState:
         )
 
 
-def resume(staged: StagedEngine, ckpt_dir: Path, rank: int) -> tuple[int, dict | None]:
-    """Enter the checkpoint's stage (or the first) and restore engine and RNG; returns (step, data state)."""
+def resume(staged: StagedEngine, ckpt_dir: Path, rank: int, load_dir: Path | None = None) -> tuple[int, dict | None]:
+    """Enter the checkpoint's stage (or the first) and restore engine and RNG; returns (step, data state).
+    `load_dir`: the universal conversion of `latest` (another world size under ZeRO 1-3)."""
     meta = checkpoint.read_meta(ckpt_dir)
     staged.enter(staged.stages[meta["stage"]] if meta is not None else staged.stages[0])
-    client = checkpoint.load_latest(staged.engine, ckpt_dir)
+    client = checkpoint.load_latest(staged.engine, ckpt_dir, load_dir)
     if client is None:
         return 0, None
     if "rng" in client:
@@ -138,6 +162,10 @@ def setup(run_dir: str | Path) -> RunState:
         raise ConfigError("train.fp16 needs CUDA GPUs (DeepSpeed has no fp16 on CPU); use train.bf16 on CPU")
     check_same_run(run_dir, cfg, world, prepared=True)
     ds_config = build_ds_config(cfg, world)
+    ckpt_dir, load_dir = run_dir / "checkpoints", None
+    if universal.needs_universal(checkpoint.read_meta(ckpt_dir), cfg.train.zero_stage, world):
+        load_dir = universal.convert(ckpt_dir, checkpoint.read_latest(ckpt_dir), rank)
+        ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
     seed_everything(cfg.run.seed)
     dims = robot_spaces(cfg).model_dims()
     # Under ZeRO-3 the backbone is created partitioned (deepspeed.zero.Init) instead of whole on every rank.
@@ -146,9 +174,22 @@ def setup(run_dir: str | Path) -> RunState:
     if hf_ds_config is not None and rank == 0:
         partitioned = all(hasattr(p, "ds_id") for p in model.adapter.model.parameters())
         print(f"[vla_scale] ZeRO-3: backbone loaded partitioned by deepspeed.zero.Init: {partitioned}", flush=True)
+    if cfg.data.elastic:
+        universal.mark_convertible(model)  # its ZeRO checkpoints may have to load on another number of ranks
     stages = resolve_stages(model, cfg)  # a stage naming nothing fails here, before training
     staged = StagedEngine(model, cfg, ds_config, stages, rank)
-    step, data_state = resume(staged, run_dir / "checkpoints", rank)
+    step, data_state = resume(staged, ckpt_dir, rank, load_dir)
     loader = run_dataloader(cfg, rank, world, model.tokenizer, resume=data_state)
-    stream = StreamTracker(cfg.run.seed, world, cfg.data.num_workers, cfg.train.micro_batch_size, data_state)
+    t = cfg.train
+    virtual = t.global_batch_size // t.micro_batch_size if cfg.data.elastic else 0
+    readers = rank_virtual_readers(virtual, world, rank) if virtual else None
+    stream = StreamTracker(
+        cfg.run.seed,
+        world,
+        cfg.data.num_workers,
+        t.micro_batch_size,
+        data_state,
+        virtual_readers=virtual,
+        readers=readers,
+    )
     return RunState(run_dir, cfg, rank, world, staged, step, loader, stream, iter(loader), hf_ds_config)

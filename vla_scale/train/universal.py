@@ -1,0 +1,70 @@
+"""Resuming a ZeRO 1-3 checkpoint on another number of ranks, through DeepSpeed's universal checkpoints.
+
+Why: under ZeRO 1-3 every rank saves only its partition of the fp32 master weights and Adam moments, laid
+out for the world size that wrote them. DeepSpeed's `ds_to_universal` rewrites a checkpoint as one file
+per parameter (fp32 weight, exp_avg, exp_avg_sq), and an engine configured with
+`checkpoint.load_universal` loads that into its own partitioning. Nothing is recomputed, so masters and
+moments carry over exactly.
+
+Rank 0 converts `checkpoints/<tag>` into `checkpoints/universal/<tag>` once (in a child process: the
+converter forks worker pools, which a rank holding a process group must not do), atomically (a temporary
+folder renamed at the end), while the other ranks wait at a barrier. `train.keep_last` never prunes
+`universal/` (it is not a `step_*` folder); remove it when no longer needed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+UNIVERSAL = "universal"
+
+
+def mark_convertible(model) -> None:
+    """Let `ds_to_universal` convert this model's checkpoints: DeepSpeed saves the `universal_checkpoint_info`
+    attribute of the module it wraps (Megatron sets it; a plain model has no tensor-parallel patterns to declare)."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+
+
+def needs_universal(meta: dict | None, zero_stage: int, world_size: int) -> bool:
+    """True when `latest` was written by another number of ranks and its optimizer state is partitioned."""
+    return meta is not None and meta.get("world_size") not in (None, world_size) and zero_stage > 0
+
+
+def convert(ckpt_dir: Path, tag: str, rank: int) -> Path:
+    """Collective: rank 0 writes `<ckpt_dir>/universal/<tag>` unless it exists; returns `<ckpt_dir>/universal`."""
+    out_dir = ckpt_dir / UNIVERSAL
+    target = out_dir / tag
+    if rank == 0 and not target.is_dir():
+        tmp = out_dir / f".{tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        out_dir.mkdir(exist_ok=True)
+        print(f"[vla_scale] converting {ckpt_dir / tag} to a universal checkpoint for the new world size", flush=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag)]
+        cmd += ["--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"ds_to_universal failed on {ckpt_dir / tag} (exit {proc.returncode}); resume on the world size "
+                f"that wrote it.\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
+        for name in os.listdir(ckpt_dir / tag):  # our meta file and anything else DeepSpeed does not copy
+            src = ckpt_dir / tag / name
+            if src.is_file() and not (tmp / name).exists():
+                shutil.copy2(src, tmp / name)
+        os.replace(tmp, target)
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir
