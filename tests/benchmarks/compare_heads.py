@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from bench_common import command_line, table
 from bench_policy_latency import time_policy
 from closed_loop import (
     RECIPES,
+    REPO,
     BenchError,
     _fmt,
     _rate,
@@ -68,17 +70,24 @@ HEADS: dict[str, Head] = {
     "discrete": Head(("model.action_space=discrete", NO_KEYPOINTS), "no keypoints"),
     "parallel": Head(("model.action_space=parallel", NO_KEYPOINTS), "no keypoints"),
     "flow": Head(("model.action_space=flow", NO_KEYPOINTS, "model.flow.stop_gradient_to_vlm=false"), "no keypoints"),
-    # FAST tokens (issue 13 item 2): uncomment once `model.discrete.tokenizer: fast` exists (one line). If its
-    # tokenizer must first be fitted on the dataset, fit it in `prepare_head` below.
-    # "fast": Head(("model.action_space=discrete", "model.discrete.tokenizer=fast", NO_KEYPOINTS), "no keypoints"),
+    "fast": Head(("model.action_space=discrete", "model.discrete.tokenizer=fast", NO_KEYPOINTS), "no keypoints"),
 }
 DEFAULT_STEPS = 300  # x batch 64 (the recipe's): ~2.5 min per one-frame head, ~4.5 min per history head (2 idle cores)
 LATENCY_CALLS, LATENCY_WARMUP = 100, 5
 
 
 def prepare_head(head: str, data: Path, out: Path, env: dict[str, str], timeout_s: float) -> list[str]:
-    """Extra overrides a head needs from the collected data before training (none yet: the FAST hook)."""
-    return []
+    """Extra overrides a head needs from the collected data before training: FAST fits its tokenizer on the
+    robot demonstrations (`data_tools fit-fast`, chunks as long as the recipe's)."""
+    if head != "fast":
+        return []
+    chunk = yaml.safe_load((REPO / RECIPES[SUITE].config).read_text())["data"]["fwd_pred_next_n"]
+    dest = out / "fast" / "fast_tokenizer.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "data_tools", "fit-fast", str(data / "robot"), "--chunk", str(chunk)]
+    cmd += ["--out", str(dest)]
+    run_phase("fast fit", cmd, out / "logs" / head / "fit.log", timeout_s, env)
+    return [f"model.discrete.fast_path={dest}"]
 
 
 def train_samples_per_s(run_dir: Path) -> float | None:
