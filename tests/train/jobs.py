@@ -234,7 +234,7 @@ def run_ranks(
         args = [f"run.output_dir={tmp_path / 'runs'}", timeout_override, *overrides]
     run_dir = prepare_run(config, args, world_size)
     codes = run_module_ranks(
-        tmp_path, "vla_scale.train.main", ["--run_dir", str(run_dir)], world_size, timeout, expect_fail
+        tmp_path, "vla_scale.train.main", ["--run_dir", str(run_dir)], world_size, timeout, expect_fail, during=during
     )
     return RanksResult(codes, rank_logs(tmp_path), run_dir)
 
@@ -247,6 +247,7 @@ def run_module_ranks(
     timeout: float = 420,
     expect_fail: bool = False,
     cwd: Path | None = None,
+    during=None,  # noqa: ANN001 - Callable[[list[subprocess.Popen]], None]
 ) -> list[int]:
     """Run `python -m module *argv` as `world_size` ranks (environment, warm servers, deadline and kill rules as
     in `run_ranks`, logs under `tmp_path/rank_logs`) in `cwd` (default `tmp_path`) until all exit; returns their
