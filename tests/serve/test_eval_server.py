@@ -10,7 +10,7 @@ import pytest
 
 from tests.eval.test_runner import comparable
 from vla_scale.cli import main as cli
-from vla_scale.eval.agents import make_agent
+from vla_scale.eval.agents import Agent, make_agent
 from vla_scale.eval.registry import make_env
 from vla_scale.eval.runner import EpisodeJob, run_episode
 from vla_scale.eval.seeds import eval_seed
@@ -25,11 +25,12 @@ def server(export_dir, one_thread):
         yield srv
 
 
-class Recording:
+class Recording(Agent):
     """Wraps an agent and keeps every action it returns."""
 
     def __init__(self, agent):  # noqa: ANN001
         self.agent, self.actions = agent, []
+        self.needs_images = agent.needs_images
 
     def reset(self, env, seed):  # noqa: ANN001, ANN201
         self.agent.reset(env, seed)
