@@ -34,6 +34,7 @@ class Faults:
     drops: Counter = field(default_factory=Counter)  # name -> how many more bodies are cut off halfway
     latency_s: float = 0.0  # added before every answer
     requests: Counter = field(default_factory=Counter)  # name -> requests seen (GET and HEAD)
+    puts: list = field(default_factory=list)  # S3: object paths in the order their uploads completed
 
     def decide(self, path: str) -> str:
         """'error', 'drop' or 'ok' for one request of `path` (and count it)."""
@@ -97,7 +98,10 @@ def http_server(root: Path, faults: Faults | None = None) -> Iterator[tuple[str,
 def _faulty_app(app, faults: Faults):  # noqa: ANN001, ANN202 - a WSGI middleware
     def wrapped(environ, start_response):  # noqa: ANN001, ANN202
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-            return app(environ, start_response)
+            result = app(environ, start_response)
+            if environ.get("REQUEST_METHOD") == "PUT":
+                faults.puts.append(environ.get("PATH_INFO", ""))
+            return result
         what = faults.decide(environ.get("PATH_INFO", ""))
         if what == "error":
             start_response("500 Internal Server Error", [("Content-Type", "application/xml")])
