@@ -22,6 +22,7 @@ import logging
 import os
 import shlex
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -236,11 +237,13 @@ class PipeLocation(Location):
         dest.seek(dest.tell() - offset)  # no ranges on a pipe: each attempt starts over
         dest.truncate()
         cmd = self.url(rel)[len("pipe:") :]
-        with subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:  # noqa: S602
-            assert proc.stdout is not None and proc.stderr is not None
-            _copy_body(proc.stdout, dest, None)
-            err = proc.stderr.read().decode(errors="replace").strip()
-            if proc.wait() != 0:
+        with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block on it
+            with subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=stderr) as proc:  # noqa: S602
+                assert proc.stdout is not None
+                _copy_body(proc.stdout, dest, None)
+            if proc.returncode != 0:
+                stderr.seek(0)
+                err = stderr.read().decode(errors="replace").strip()
                 raise Transient(f"command exited with status {proc.returncode}: {err[-300:]}")
 
 
