@@ -11,6 +11,8 @@ from data_tools.upload import upload
 from tests.data.remote_servers import BUCKET, s3_server
 from tests.train.jobs import run_ranks
 from tests.train.nodes import LOSS_TERMS as LOSSES
+from vla_scale.cli import main as cli_main
+from vla_scale.data.format import load_stats
 from vla_scale.data.shard_cache import ShardCache
 from vla_scale.train.metrics import read_metrics
 
@@ -35,6 +37,7 @@ def test_two_ranks_train_from_s3_and_resume_exactly(tmp_path, toy_data, referenc
         )
         run_ranks(tmp_path, toy_data, *common, "train.max_steps=3")
         job = run_ranks(tmp_path, toy_data, *common, "train.max_steps=6")
+        assert cli_main(["export", str(job.run_dir), str(tmp_path / "policy")]) == 0  # stats.json from S3
     assert "resumed from" in job.logs
     records = read_metrics(job.run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -43,3 +46,5 @@ def test_two_ranks_train_from_s3_and_resume_exactly(tmp_path, toy_data, referenc
             if term in b:
                 assert a[term] == pytest.approx(b[term], rel=1e-6, abs=1e-7), (a["step"], term)
     assert 0 < ShardCache(cache, limit).used_bytes() <= limit
+    exported, local = load_stats(tmp_path / "policy"), load_stats(toy_data / "robot")
+    assert all((exported[k]["mean"] == local[k]["mean"]).all() for k in ("action", "state"))
