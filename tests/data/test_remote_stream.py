@@ -10,11 +10,12 @@ from data_tools.upload import upload
 from tests.data.remote_servers import BUCKET, http_server, s3_server
 from tests.data.toy_shards import write_robot, write_vl
 from vla_scale.config.errors import ConfigError
-from vla_scale.config.schema import DataConfig, SourceConfig
+from vla_scale.config.schema import Config, DataConfig, SourceConfig
 from vla_scale.config.schema_data import StorageConfig
 from vla_scale.data.format import FormatError, Manifest
 from vla_scale.data.shard_cache import ShardCache
 from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream
+from vla_scale.train.prepare import check_datasets
 
 LENGTHS = [5, 6, 4, 7, 5, 6, 5, 4]  # 4 shards of 2 episodes
 
@@ -104,10 +105,17 @@ def test_missing_shard_names_the_url_or_is_counted_under_skip(robot, tmp_path):
             list(stream(f"{base}/robot", tmp_path / "3", policy="fail", retries=2)._epoch_items())
 
 
-def test_unreachable_manifest_names_the_url(tmp_path):
-    with http_server(tmp_path) as (base, _):
+def test_prepare_checks_the_manifest_at_the_url_before_any_rank(robot, tmp_path):
+    with http_server(robot.parent) as (base, faults):
         with pytest.raises(FormatError, match=rf"{base}/nothing/manifest.json not found"):
             Manifest.load(f"{base}/nothing")
+        cfg = Config(data=DataConfig(sources=[SourceConfig(f"{base}/nothing")]))
+        with pytest.raises(ConfigError, match=rf"data.sources.0.path: {base}/nothing/manifest.json not found"):
+            check_datasets(cfg)
+        faults.errors["manifest.json"] = 2  # transient: retried
+        cfg = Config(data=DataConfig(sources=[SourceConfig(f"{base}/robot")]))
+        assert check_datasets(cfg)[0].num_samples == len(LENGTHS)
+        assert faults.requests["manifest.json"] == 2 + 3  # two for the missing dataset, then 2 failures + 1
 
 
 def test_cache_stays_under_its_limit_and_evicts_least_recently_used(robot, tmp_path):
