@@ -1,14 +1,16 @@
 """Streaming remote shards: a bounded local cache with LRU eviction, and per-reader read-ahead.
 
-Each reader fetches the shard it is about to read, plus the next `read_ahead` ones in a
-background thread, into a cache folder shared by every reader on the node. The cache holds
-complete shards only (a download goes to a `.part` file renamed when complete); its size
-(`.part` files included) is kept under `limit_bytes` by deleting the least recently used
-shards first. A shard being read, or fetched ahead and not yet read, is held open with a
-shared `flock`; eviction takes an exclusive non-blocking lock first, so it never deletes a
-shard some reader holds. Read-ahead that would need more room than eviction can free is
-dropped (the reader fetches that shard when it gets there); a shard the reader needs now is
-always fetched, and only then may pinned shards leave the cache briefly over its limit.
+Each reader fetches the shard it is about to read, plus the next `read_ahead` ones in as many
+background threads, into a cache folder shared by every reader on the node. The cache holds complete
+shards only (a download goes to a `.part` file renamed when complete); its size (`.part` files and
+the room held for downloads in progress included) is kept under `limit_bytes` by deleting the least
+recently used shards first. The room a download holds is known only within its process, so readers
+in several processes sharing one folder can pass the limit briefly, by at most the downloads they
+have in flight. A shard being read, or fetched ahead and not yet read, is held open with a shared
+`flock`; eviction takes an exclusive non-blocking lock first, so it never deletes a shard some
+reader holds. Read-ahead that would need more room than eviction can free is dropped (the reader
+fetches that shard when it gets there); a shard the reader needs now is always fetched, and only
+then may pinned shards leave the cache briefly over its limit.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class ShardCache:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.limit = int(limit_bytes)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._reserved = 0  # bytes promised to this process's downloads in progress
 
     def path_for(self, url: str) -> Path:
         name = url.rstrip("/").rsplit("/", 1)[-1][-60:]
@@ -62,9 +65,23 @@ class ShardCache:
                 pass
         return total
 
+    def reserve(self, need: int, force: bool) -> bool:
+        """Make room for a download of `need` bytes and hold it until `release`; False (nothing held) when it does
+        not fit, unless `force` (a shard the reader needs now: held anyway, the cache briefly over its limit)."""
+        with self._lock:  # one decision at a time: two threads must not both take the last room
+            fits = self.make_room(need)
+            if fits or force:
+                self._reserved += need
+        return fits
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self._reserved -= size
+
     def make_room(self, need: int) -> bool:
         """Delete unpinned shards, least recently used first, until `need` more bytes fit; False if they cannot."""
         with self._lock:
+            need += self._reserved
             entries = []
             for entry in os.scandir(self.dir):
                 try:
@@ -97,15 +114,21 @@ class ShardCache:
     def _download(self, location: Location, rel: str, path: Path, ahead: bool) -> None:
         part = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
 
+        held = []
+
         def on_size(size: int) -> None:
             if size > self.limit:
                 raise Unreachable(
                     f"{location.url(rel)} is {size} bytes, more than data.storage.cache_limit_gb allows "
                     f"({self.limit} bytes); raise the limit"
                 )
-            if not self.make_room(size) and ahead:
+            if held:  # a retry: the room is still held
+                return
+            fits = self.reserve(size, force=not ahead)
+            if not fits and ahead:
                 raise NoRoom(location.url(rel))
-            if not ahead and self.used_bytes() + size > self.limit:
+            held.append(size)
+            if not fits:
                 log.warning("shard cache %s over its limit while fetching %s (shards in use fill it)", self.dir, rel)
 
         try:
@@ -114,6 +137,8 @@ class ShardCache:
             os.replace(part, path)
         finally:
             part.unlink(missing_ok=True)
+            for size in held:
+                self.release(size)
 
 
 def _open_pinned(path: Path) -> BinaryIO | None:
@@ -148,10 +173,11 @@ def _evict(path: str) -> bool:
 
 
 class ShardFetcher:
-    """One reader's shards for one epoch, in reading order, each fetched ahead by a background thread.
+    """One reader's shards for one epoch, in reading order, fetched ahead by `read_ahead` background threads.
 
-    `open(url)` returns the pinned cached file of the next shard; the thread keeps up to `read_ahead`
-    shards beyond the one being read fetched and pinned. A fetch that failed in the thread is raised
+    `open(url)` returns the pinned cached file of the next shard; the threads keep up to `read_ahead`
+    shards beyond the one being read fetched (in parallel: with high latency or a per-connection bandwidth
+    cap, one connection at a time would not keep up) and pinned. A fetch that failed in a thread is raised
     by `open` for that shard, so the error reaches the reader at the shard it concerns.
     """
 
@@ -164,17 +190,23 @@ class ShardFetcher:
         self.cond = threading.Condition()
         self.closed = False
         self.wait_s = 0.0  # time `open` spent waiting for shards (the data wait this hides)
-        self.thread = threading.Thread(target=self._run, name="shard-read-ahead", daemon=True)
-        self.thread.start()
+        self.next = 0  # the next shard index a thread claims
+        for _ in range(max(1, read_ahead)):
+            threading.Thread(target=self._run, name="shard-read-ahead", daemon=True).start()
 
     def _run(self) -> None:
-        for i, rel in enumerate(self.rels):
+        while True:
             with self.cond:
+                i = self.next
+                if self.closed or i >= len(self.rels):
+                    return
+                self.next += 1
                 while not self.closed and i > self.current + self.read_ahead:
                     self.cond.wait()
                 if self.closed:
                     return
                 ahead = i > self.current
+            rel = self.rels[i]
             try:
                 result: BinaryIO | Exception = self.cache.open(self.location, rel, ahead=ahead)
             except Exception as err:  # noqa: BLE001 - handed to the reader at this shard
