@@ -16,7 +16,7 @@ import sys
 from data_tools.writer import DatasetWriteError
 from vla_scale.data.format import FormatError
 
-COMMANDS = ("synth", "collect", "convert", "verify", "stats", "inspect_cmd", "fit_fast")
+COMMANDS = ("synth", "collect", "convert", "verify", "stats", "inspect_cmd", "fit_fast", "upload")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from data_tools.shards import iter_dataset
+from data_tools.upload import local_copy
 from vla_scale.data.format import Episode, Manifest, VLSample, decode_episode, decode_vl
+from vla_scale.data.locations import is_remote
 
 EXAMPLES = 3  # instructions / conversations printed
 
@@ -156,7 +158,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="print a dataset summary and write PNG contact sheets (frames, actions, VL images)",
         description="Summarise a dataset and write PNGs: robot → frames.png and actions.png, VL → vl_samples.png.",
     )
-    p.add_argument("dataset", metavar="DATASET_DIR", help="folder with manifest.json")
+    p.add_argument("dataset", metavar="DATASET", help="folder with manifest.json, or s3://, http(s)://, pipe: location")
     p.add_argument("--episodes", type=int, default=4, help="episodes / VL samples to plot (default: %(default)s)")
     p.add_argument(
         "--out",
@@ -170,7 +172,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         raise ValueError(f"--episodes must be at least 1, not {args.episodes}")
-    s = survey(args.dataset, args.episodes)
+    if is_remote(args.dataset) and not args.out:
+        raise ValueError(f"{args.dataset} is not a local folder: pass --out for the PNGs")
+    with local_copy(args.dataset) as folder:  # a URL is fetched into a temporary folder first
+        s = survey(folder, args.episodes)
     print(summary(s))
     out = Path(args.out) if args.out else Path(args.dataset) / "inspect"
     try:

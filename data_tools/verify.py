@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.shards import error_text, iter_shard
+from data_tools.upload import local_copy
 from vla_scale.data.format import (
     IMAGE_EXTS,
     STAT_KEYS,
@@ -29,6 +30,7 @@ from vla_scale.data.format import (
     decode_vl,
     frame_name,
 )
+from vla_scale.data.locations import is_remote
 
 REWRITE = "re-convert the dataset (or restore the shard from a good copy)"
 
@@ -197,7 +199,15 @@ def _stray_shards(folder: Path, manifest: Manifest) -> list[Problem]:
 
 
 def verify(folder: str | Path, workers: int = 1) -> Report:
-    """Check a dataset folder; never raises for a bad dataset, it reports instead."""
+    """Check a dataset folder (or an s3://, http(s)://, pipe: location); never raises for a bad dataset."""
+    if is_remote(folder):  # fetched into a temporary folder with the readers' retries, then checked there
+        try:
+            with local_copy(folder) as local:
+                report = verify(local, workers)
+        except FormatError as err:
+            report = Report(str(folder), problems=[Problem("-", "-", f"cannot fetch the dataset: {err}")])
+        report.folder = str(folder)
+        return report
     start = time.perf_counter()
     folder = Path(folder)
     report = Report(str(folder))
@@ -253,7 +263,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Decode every sample of a dataset and check counts, dims, images, keys and stats.json. "
         "Exits 1 and lists (shard, key, reason) for every problem found.",
     )
-    p.add_argument("dataset", metavar="DATASET_DIR", help="folder with manifest.json")
+    p.add_argument("dataset", metavar="DATASET", help="folder with manifest.json, or s3://, http(s)://, pipe: location")
     p.add_argument("--workers", type=int, default=1, help="processes checking shards (default: %(default)s)")
     p.set_defaults(func=run)
 

@@ -42,6 +42,31 @@ class AugmentConfig:
 
 
 @dataclass
+class StorageConfig:
+    """Datasets in object storage or behind HTTP (`s3://`, `http(s)://`, `pipe:` paths): cache and retries.
+
+    Shards are streamed into `cache_dir` (shared by the node's readers), kept under `cache_limit_gb` by
+    evicting the least recently used; each reader fetches `read_ahead` shards beyond the one it reads.
+    """
+
+    cache_dir: str = ""  # "" = $VLA_SCALE_CACHE_DIR, else ~/.cache/vla_scale/shards
+    cache_limit_gb: float = 20.0
+    read_ahead: int = 2  # shards fetched ahead per reader (0: fetch each when it is reached)
+    retries: int = 5  # retries of a transient failure (HTTP 5xx/429, dropped connection, timeout)
+    backoff_s: float = 0.5  # first retry delay, doubled at each retry
+    timeout_s: float = 60.0  # connect/read timeout per request
+
+    def validate(self, prefix: str = "data.storage") -> None:
+        if self.cache_limit_gb <= 0:
+            raise ConfigError(
+                f"{prefix}.cache_limit_gb must be > 0 (the shard cache size in GB), got {self.cache_limit_gb}"
+            )
+        check_at_least(self, prefix, ("read_ahead", "retries", "backoff_s"), 0)
+        if self.timeout_s <= 0:
+            raise ConfigError(f"{prefix}.timeout_s must be > 0 seconds, got {self.timeout_s}")
+
+
+@dataclass
 class DataConfig:
     """How shards become batches: windowing, mixing, workers and the bad-sample policy."""
 
@@ -60,6 +85,7 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # World-size-independent order: resumable on another number of ranks (vla_scale/data/elastic.py)
     elastic: bool = False
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self, prefix: str = "data") -> None:
         """Sources, window sizes and augmentation; whether the folders hold datasets is checked by `prepare`."""
@@ -73,4 +99,5 @@ class DataConfig:
             self, prefix, ("window_size", "fwd_pred_next_n", "max_text_len", "shuffle_buffer", "max_bad_in_a_row"), 1
         )
         self.augment.validate(f"{prefix}.augment")
+        self.storage.validate(f"{prefix}.storage")
         check_at_least(self, prefix, ("num_workers",), 0)

@@ -43,6 +43,7 @@ from vla_scale.data.images import (  # noqa: F401 - the image codec is part of t
     encode_image,
     image_format,
 )
+from vla_scale.data.locations import RemoteFile, dataset_file
 from vla_scale.data.spaces import Spaces
 
 SCHEMA_VERSION = 1
@@ -123,7 +124,7 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: str | Path) -> Manifest:
-        path = Path(folder) / "manifest.json"
+        path = dataset_file(folder, "manifest.json")  # a Path, or a file at an s3://, http(s):// or pipe: location
         if not path.is_file():
             raise FormatError(
                 f"{path} not found: {folder} is not a vla_scale dataset "
@@ -153,7 +154,7 @@ class Manifest:
 
 def load_stats(folder: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """Read stats.json as `{"action": {"mean": array, ...}, "state": {...}}`."""
-    path = Path(folder) / "stats.json"
+    path = dataset_file(folder, "stats.json")
     if not path.is_file():
         raise FormatError(f"{path} not found: robot datasets need stats.json (run `python -m data_tools stats`)")
     raw = _read_json(path, "recompute it with `python -m data_tools stats`")
@@ -178,7 +179,7 @@ def load_stats(folder: str | Path) -> dict[str, dict[str, np.ndarray]]:
     return stats
 
 
-def _read_json(path: Path, fix: str) -> object:
+def _read_json(path: Path | RemoteFile, fix: str) -> object:
     """JSON from `path`; a file that is not JSON names itself (and the line) instead of a bare JSONDecodeError."""
     try:
         return json.loads(path.read_text())

@@ -98,6 +98,7 @@ class MixedBatches(IterableDataset):
                 bad_windows=bad_windows,
                 augment=self.cfg.augment,
                 max_bad_in_a_row=self.cfg.max_bad_in_a_row,
+                storage=self.cfg.storage,
             )
             if self.weights[i] > 0
             else None  # weight-0 sources are never scheduled

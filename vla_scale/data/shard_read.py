@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import tarfile
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 from vla_scale.data.errors import FormatError
 
@@ -21,12 +22,13 @@ REWRITE = "re-convert the dataset or restore the shard"
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/suffix split: key up to the first dot
 
 OnBad = Callable[[str, Exception, int], None]  # (where, error, how many samples it stands for)
+Opener = Callable[[str], BinaryIO]  # shard path/URL -> seekable binary file (remote: the cached copy)
 
 
-def _members(path: str) -> Iterator[tuple[str, bytes]]:
+def _members(path: str, opener: Opener | None = None) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular member; raises FormatError where the tar is cut short or corrupt."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 (closed below; opening is inside the try so a missing file is reported)
+        f = opener(path) if opener else open(path, "rb")  # noqa: SIM115 (closed below; a missing file is reported)
     except OSError as err:
         raise FormatError(f"cannot open the shard ({err})") from err
     with f:
@@ -54,7 +56,7 @@ class Truncated(FormatError):
         self.key = key
 
 
-def _groups(path: str) -> Iterator[dict]:
+def _groups(path: str, opener: Opener | None = None) -> Iterator[dict]:
     """Consecutive members sharing a key → one raw sample; a member name repeated inside starts a new one.
 
     A sample is yielded only once the next one begins (or the tar ends cleanly), so every yielded
@@ -62,7 +64,7 @@ def _groups(path: str) -> Iterator[dict]:
     """
     current: dict | None = None
     try:
-        for name, data in _members(path):
+        for name, data in _members(path, opener):
             match = _KEY.match(name)
             if match is None:
                 continue
@@ -81,8 +83,8 @@ def _groups(path: str) -> Iterator[dict]:
 class SampleReader:
     """Raw samples of `paths` for one reader (every `count`-th one when `stride` is set), damage reported."""
 
-    def __init__(self, stride: int | None, count: int, on_bad: OnBad):
-        self.stride, self.count, self.on_bad = stride, count, on_bad
+    def __init__(self, stride: int | None, count: int, on_bad: OnBad, opener: Opener | None = None):
+        self.stride, self.count, self.on_bad, self.opener = stride, count, on_bad, opener
         self.position = 0
 
     def _take(self, n: int = 1) -> int:
@@ -97,7 +99,7 @@ class SampleReader:
         seen: set[str] = set()
         found = 0
         try:
-            for sample in _groups(path):
+            for sample in _groups(path, self.opener):
                 found += 1
                 yield from self._accept(path, sample, seen)
         except Truncated as err:

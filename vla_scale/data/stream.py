@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from vla_scale.config.schema import AugmentConfig
+from vla_scale.config.schema_data import StorageConfig
 from vla_scale.data.augment import augment_frames, window_rng
 from vla_scale.data.format import (
     FormatError,
@@ -33,6 +34,7 @@ from vla_scale.data.format import (
     load_stats,
 )
 from vla_scale.data.normalize import Normalizer
+from vla_scale.data.shard_cache import open_source
 from vla_scale.data.shard_read import SampleReader, check_frame_size, check_robot_dims
 from vla_scale.data.window import Window, chunk_actions
 
@@ -151,8 +153,10 @@ class SourceStream:
         bad_windows: set[str] | None = None,
         augment: AugmentConfig | None = None,
         max_bad_in_a_row: int = 10_000,
+        storage: StorageConfig | None = None,
     ):
-        self.folder = Path(folder)
+        self.location, self.opener = open_source(folder, storage)  # a local folder, s3://, http(s):// or pipe:
+        self.folder = Path(folder) if self.opener is None else folder
         self.manifest = Manifest.load(self.folder)
         if not self.manifest.shards:
             raise DataError(f"{self.folder}/manifest.json lists no shards")
@@ -242,19 +246,24 @@ class SourceStream:
             return None
 
     def _epoch_entries(self) -> Iterator[_Entry]:
-        listed = {str(self.folder / s.path): s.samples for s in self.manifest.shards}
+        listed = {self.location.url(s.path): s.samples for s in self.manifest.shards}
         paths, stride = epoch_assignment(list(listed), self.epoch, self.seed, self.reader, self.shard_shuffle)
+        fetcher = self.opener(paths) if self.opener else None  # remote: fetches this epoch's shards ahead
 
         def on_bad(where: str, err: Exception, n: int) -> None:
             self.bad.report(self.name, where, err, n)
 
-        reader = SampleReader(stride, self.reader.count, on_bad)
-        for path in paths:
-            for sample in reader.shard(path, listed[path]):
-                try:
-                    yield from self._ingest(sample)
-                except (FormatError, KeyError, ValueError) as err:
-                    self.bad.report(self.name, f"{sample.get('__url__')}:{sample.get('__key__')}", err)
+        reader = SampleReader(stride, self.reader.count, on_bad, fetcher.open if fetcher else None)
+        try:
+            for path in paths:
+                for sample in reader.shard(path, listed[path]):
+                    try:
+                        yield from self._ingest(sample)
+                    except (FormatError, KeyError, ValueError) as err:
+                        self.bad.report(self.name, f"{sample.get('__url__')}:{sample.get('__key__')}", err)
+        finally:
+            if fetcher:
+                fetcher.close()
 
     def _epoch_items(self) -> Iterator[Window | VLSample]:
         """The current epoch's usable items in reading order (no shuffle buffer); for tools and tests."""

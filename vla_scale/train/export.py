@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from vla_scale.config import Config, load_config, to_dict
 from vla_scale.data.format import Manifest
+from vla_scale.data.locations import dataset_file, is_remote
 from vla_scale.data.stream import WRIST_CAMERA
 from vla_scale.model import RoboVLM, build_model
 from vla_scale.model.lora import base_state_dict, has_lora, merge_lora
@@ -47,12 +48,13 @@ class ExportError(RuntimeError):
     """A run that cannot be exported (no checkpoint, missing dataset); the message says what to do."""
 
 
-def robot_manifest(cfg: Config) -> tuple[Path, Manifest]:
-    """The first robot dataset of the run: its dims, cameras and stats define the policy's I/O."""
+def robot_manifest(cfg: Config) -> tuple[Path | str, Manifest]:
+    """The first robot dataset of the run (a folder, or an s3://, http(s)://, pipe: location): its dims, cameras
+    and stats define the policy's I/O."""
     for src in cfg.data.sources:
         manifest = Manifest.load(src.path)
         if manifest.kind == "robot":
-            return Path(src.path), manifest
+            return (src.path if is_remote(src.path) else Path(src.path)), manifest
     raise ExportError("the run's config lists no robot dataset in data.sources; a policy needs one")
 
 
@@ -182,7 +184,7 @@ def export_policy(
         _save_backbone(model, tmp / BACKBONE_DIR)
         spec = policy_spec(cfg, manifest, tag, lora_merged=merged)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
-        shutil.copyfile(data_dir / STATS_FILE, tmp / STATS_FILE)
+        (tmp / STATS_FILE).write_text(dataset_file(data_dir, STATS_FILE).read_text())
         if cfg.model.discrete.tokenizer == "fast":
             shutil.copyfile(cfg.model.discrete.fast_path, tmp / FAST_FILE)
         tmp.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared

@@ -1,0 +1,163 @@
+"""Datasets streamed from a loopback HTTP server, a moto S3 server and a pipe: command, against the local copy."""
+
+import itertools
+import shutil
+
+import numpy as np
+import pytest
+
+from data_tools.upload import upload
+from tests.data.remote_servers import BUCKET, http_server, s3_server
+from tests.data.toy_shards import write_robot, write_vl
+from vla_scale.config.errors import ConfigError
+from vla_scale.config.schema import Config, DataConfig, SourceConfig
+from vla_scale.config.schema_data import StorageConfig
+from vla_scale.data.format import FormatError, Manifest
+from vla_scale.data.shard_cache import ShardCache
+from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream
+from vla_scale.train.prepare import check_datasets
+
+LENGTHS = [5, 6, 4, 7, 5, 6, 5, 4]  # 4 shards of 2 episodes
+
+
+@pytest.fixture(scope="module")
+def robot(tmp_path_factory):
+    return write_robot(tmp_path_factory.mktemp("remote") / "robot", LENGTHS, per_shard=2)
+
+
+def storage(tmp_path, **kw) -> StorageConfig:
+    return StorageConfig(cache_dir=str(tmp_path / "cache"), **{"backoff_s": 0.01, "read_ahead": 2, **kw})
+
+
+def stream(path, tmp_path=None, policy="skip", reader=None, **kw) -> SourceStream:
+    st = storage(tmp_path, **kw) if tmp_path is not None else None
+    return SourceStream(path, reader or Reader(), 0, 4, True, 2, 2, BadSamples(policy), storage=st)
+
+
+def items(s: SourceStream, n: int = 60) -> list:
+    """The first `n` items of the endless shuffled stream (several epochs of this small dataset)."""
+    return list(itertools.islice(iter(s), n))
+
+
+def assert_same(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.key == y.key
+        for name in ("images", "state", "action", "action_mask"):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=f"{x.key} {name}")
+
+
+def test_http_stream_equals_local_for_every_reader(robot, tmp_path):
+    with http_server(robot.parent) as (base, faults):
+        for reader in (Reader(), Reader(rank=1, world_size=2), Reader(rank=2, world_size=3, worker=1, num_workers=2)):
+            assert_same(items(stream(f"{base}/robot", tmp_path, reader=reader)), items(stream(robot, reader=reader)))
+        assert faults.requests["shard-000000.tar"] >= 1
+
+
+def test_s3_upload_then_stream_equals_local(robot, tmp_path):
+    with s3_server():
+        upload(robot, f"s3://{BUCKET}/ds/robot")
+        url = f"s3://{BUCKET}/ds/robot"
+        assert Manifest.load(url).num_samples == len(LENGTHS)
+        assert_same(items(stream(url, tmp_path)), items(stream(robot)))
+
+
+def test_pipe_location_equals_local(robot, tmp_path):
+    assert_same(items(stream(f"pipe:cat {robot}/{{}}", tmp_path)), items(stream(robot)))
+    with pytest.raises(FormatError, match=r"needs \{\}"):
+        stream(f"pipe:cat {robot}/shard.tar", tmp_path)
+
+
+@pytest.mark.parametrize("server", ["http", "s3"])
+def test_transient_errors_and_dropped_connections_are_retried(robot, tmp_path, server):
+    local = items(stream(robot), 30)
+    if server == "http":
+        with http_server(robot.parent) as (base, faults):
+            faults.errors["shard-000001.tar"] = 2
+            faults.drops["shard-000002.tar"] = 1
+            got = items(stream(f"{base}/robot", tmp_path), 30)
+    else:
+        with s3_server() as (_, faults):
+            upload(robot, f"s3://{BUCKET}/robot")
+            faults.errors["shard-000001.tar"] = 2
+            faults.drops["shard-000002.tar"] = 1
+            got = items(stream(f"s3://{BUCKET}/robot", tmp_path), 30)
+    assert_same(got, local)
+    assert faults.errors["shard-000001.tar"] == 0 and faults.drops["shard-000002.tar"] == 0  # the faults happened
+    assert faults.requests["shard-000001.tar"] >= 3 and faults.requests["shard-000002.tar"] >= 2
+
+
+def test_missing_shard_names_the_url_or_is_counted_under_skip(robot, tmp_path):
+    served = tmp_path / "served"
+    shutil.copytree(robot, served / "robot")
+    (served / "robot" / "shard-000002.tar").unlink()
+    with http_server(served) as (base, faults):
+        url = f"{base}/robot/shard-000002.tar"
+        with pytest.raises(DataError, match=rf"{url} does not exist"):
+            list(stream(f"{base}/robot", tmp_path, policy="fail")._epoch_items())
+        skip = stream(f"{base}/robot", tmp_path / "2")
+        keys = {w.key.split("/")[0] for w in skip._epoch_items()}
+        assert keys == {f"ep{i:04d}" for i in range(len(LENGTHS))} - {"ep0004", "ep0005"}
+        assert skip.bad.counts["toy_robot"] == 2  # both episodes the manifest lists for the missing shard
+        shutil.copy(robot / "shard-000002.tar", served / "robot")
+        faults.errors["shard-000003.tar"] = 10  # stays failing: the retries give up and name the URL
+        with pytest.raises(DataError, match=r"shard-000003.tar: still failing after 3 attempts"):
+            list(stream(f"{base}/robot", tmp_path / "3", policy="fail", retries=2)._epoch_items())
+
+
+def test_prepare_checks_the_manifest_at_the_url_before_any_rank(robot, tmp_path):
+    with http_server(robot.parent) as (base, faults):
+        with pytest.raises(FormatError, match=rf"{base}/nothing/manifest.json not found"):
+            Manifest.load(f"{base}/nothing")
+        cfg = Config(data=DataConfig(sources=[SourceConfig(f"{base}/nothing")]))
+        with pytest.raises(ConfigError, match=rf"data.sources.0.path: {base}/nothing/manifest.json not found"):
+            check_datasets(cfg)
+        faults.errors["manifest.json"] = 2  # transient: retried
+        cfg = Config(data=DataConfig(sources=[SourceConfig(f"{base}/robot")]))
+        assert check_datasets(cfg)[0].num_samples == len(LENGTHS)
+        assert faults.requests["manifest.json"] == 2 + 3  # two for the missing dataset, then 2 failures + 1
+
+
+def test_cache_stays_under_its_limit_and_evicts_least_recently_used(robot, tmp_path):
+    sizes = sorted(p.stat().st_size for p in robot.glob("shard-*.tar"))
+    limit = sizes[-1] + sizes[-2] + sizes[-3]  # room for the shard being read and two ahead, not all four
+    with http_server(robot.parent) as (base, faults):
+        s = stream(f"{base}/robot", tmp_path, cache_limit_gb=limit / 1e9, read_ahead=2)
+        cache = ShardCache(tmp_path / "cache", limit)
+        seen = []
+        for item in itertools.islice(iter(s), 80):  # ~3 epochs
+            assert cache.used_bytes() <= limit
+            seen.append(item)
+        assert_same(seen, items(stream(robot), 80))
+        assert sum(faults.requests.values()) > 4 + 1  # shards were evicted and fetched again in later epochs
+    assert len(list((tmp_path / "cache").iterdir())) <= 3
+
+
+def test_warm_cache_is_not_fetched_again(robot, tmp_path):
+    with http_server(robot.parent) as (base, faults):
+        list(stream(f"{base}/robot", tmp_path)._epoch_items())
+        before = sum(faults.requests.values())
+        list(stream(f"{base}/robot", tmp_path)._epoch_items())
+        assert sum(faults.requests.values()) == before + 2  # only manifest.json and stats.json again
+
+
+def test_storage_config_is_validated():
+    cfg = DataConfig(sources=[SourceConfig("s3://b/ds")])
+    cfg.validate()
+    for key, value, msg in [
+        ("cache_limit_gb", 0.0, "data.storage.cache_limit_gb must be > 0"),
+        ("read_ahead", -1, "data.storage.read_ahead must be >= 0"),
+        ("retries", -2, "data.storage.retries must be >= 0"),
+        ("timeout_s", 0.0, "data.storage.timeout_s must be > 0"),
+    ]:
+        bad = DataConfig(sources=[SourceConfig("s3://b/ds")], storage=StorageConfig(**{key: value}))
+        with pytest.raises(ConfigError, match=msg):
+            bad.validate()
+
+
+def test_vl_dataset_over_http(tmp_path):
+    vl = write_vl(tmp_path / "vl", 6, per_shard=2)
+    with http_server(tmp_path) as (base, _):
+        remote = list(stream(f"{base}/vl", tmp_path)._epoch_items())
+    local = list(stream(vl)._epoch_items())
+    assert [v.conversations for v in remote] == [v.conversations for v in local]
