@@ -1,7 +1,8 @@
 """Inference latency of `Policy.predict` per action head (issue 13, item 4): tiny random model, CPU, batch 1.
 
-Each head is the model a debug config builds (configs/debug.yaml, debug_parallel.yaml, debug_flow.yaml: the tiny
-random-weight LLaVA written from transformers' config classes), wrapped in a `Policy` with identity normalisation
+Each head is the model a debug config builds (configs/debug.yaml, debug_parallel.yaml, debug_flow.yaml, and FAST
+tokens with a tokenizer fitted here on smooth random chunks; the tiny random-weight LLaVA written from
+transformers' config classes), wrapped in a `Policy` with identity normalisation
 statistics, so the timing covers the whole inference path: tokenising, collating, the model and un-normalising.
 The figures compare the heads' relative cost; they say nothing about a real backbone's latency.
 
@@ -34,7 +35,22 @@ HEADS = [  # (row name, config file, overrides)
     ("discrete", "debug.yaml", ["model.action_space=discrete"]),
     ("parallel", "debug_parallel.yaml", []),
     ("flow", "debug_flow.yaml", []),
+    ("FAST tokens", "debug.yaml", ["model.action_space=discrete", "model.discrete.tokenizer=fast"]),  # + fitted file
 ]
+FAST_SCALE, FAST_VOCAB = 10.0, 256  # data_tools fit-fast's defaults
+
+
+def fit_fast(chunk_size: int, path: Path) -> Path:
+    """A FAST tokenizer fitted on smooth random chunks (random walks, a binary gripper) of the benchmark's layout.
+    The untrained model rarely emits EOS, so its decoding runs to the most tokens a chunk can take: the slow case."""
+    from vla_scale.model.fast_tokenizer import FastTokenizer
+
+    rng = np.random.default_rng(0)
+    steps = rng.standard_normal((2000, chunk_size, ACTION_DIM)).astype(np.float32) * 0.1
+    chunks = np.cumsum(steps, axis=1) + rng.standard_normal((2000, 1, ACTION_DIM)).astype(np.float32)
+    chunks[..., -1] = rng.integers(0, 2, (2000, 1))
+    FastTokenizer.fit(chunks, binary_dims=1, scale=FAST_SCALE, vocab_size=FAST_VOCAB).save(path)
+    return path
 
 
 def make_policy(config: str, overrides: list[str], backbone_dir: Path) -> Policy:
@@ -96,6 +112,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_latency-") as tmp:
         for name, config, overrides in HEADS:
+            if "model.discrete.tokenizer=fast" in overrides:
+                chunk = load_config(REPO / "configs" / config).data.fwd_pred_next_n
+                overrides = [*overrides, f"model.discrete.fast_path={fit_fast(chunk, Path(tmp) / 'fast.json')}"]
             policy = make_policy(config, overrides, Path(tmp) / "tiny-llava")
             if policy.model.cfg.action_space != "flow":
                 rows.append(row(name, policy, time_policy(policy, args.warmup, args.calls)))
