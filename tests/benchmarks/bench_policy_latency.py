@@ -7,6 +7,7 @@ statistics, so the timing covers the whole inference path: tokenising, collating
 The figures compare the heads' relative cost; they say nothing about a real backbone's latency.
 
     OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_policy_latency.py [--threads 1] [--flow-steps 1 4]
+        [--device cuda]   # on a GPU machine (not yet run: none was available)
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def fit_fast(chunk_size: int, path: Path) -> Path:
     return path
 
 
-def make_policy(config: str, overrides: list[str], backbone_dir: Path) -> Policy:
+def make_policy(config: str, overrides: list[str], backbone_dir: Path, device: str = "cpu") -> Policy:
     """The config's model, untrained, behind a Policy whose normaliser leaves values as they are."""
     cfg = load_config(REPO / "configs" / config, [*overrides, f"model.backbone.pretrained={backbone_dir}"])
     cfg.model.backbone.gradient_checkpointing = False
@@ -72,7 +73,7 @@ def make_policy(config: str, overrides: list[str], backbone_dir: Path) -> Policy
         "static_camera": "rgb",
         "wrist_camera": None,
     }
-    return Policy(model, Normalizer(stats), {"data": data}, device="cpu")
+    return Policy(model, Normalizer(stats), {"data": data}, device=device)
 
 
 def time_policy(policy: Policy, warmup: int, calls: int, image_size: int | None = None) -> list[float]:
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (predict returns numpy: each call syncs)")
     parser.add_argument("--flow-steps", type=int, nargs="*", default=[], help="extra Euler step counts for flow")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -115,7 +117,7 @@ def main() -> None:
             if "model.discrete.tokenizer=fast" in overrides:
                 chunk = load_config(REPO / "configs" / config).data.fwd_pred_next_n
                 overrides = [*overrides, f"model.discrete.fast_path={fit_fast(chunk, Path(tmp) / 'fast.json')}"]
-            policy = make_policy(config, overrides, Path(tmp) / "tiny-llava")
+            policy = make_policy(config, overrides, Path(tmp) / "tiny-llava", args.device)
             if policy.model.cfg.action_space != "flow":
                 rows.append(row(name, policy, time_policy(policy, args.warmup, args.calls)))
                 continue
@@ -126,7 +128,7 @@ def main() -> None:
                 label = f"{name}, {steps} Euler step{'s' * (steps > 1)}"
                 rows.append(row(label, policy, time_policy(policy, args.warmup, args.calls)))
     print(f"$ {command_line()}")
-    print(f"batch 1, CPU, {args.threads} torch thread(s), {args.calls} timed calls after {args.warmup} warm-up")
+    print(f"batch 1, {args.device}, {args.threads} torch thread(s), {args.calls} timed calls, {args.warmup} warm-up")
     print(table(["head", "median ms", "p90 ms", "N", "actions/s"], rows))
 
 
