@@ -27,6 +27,7 @@ from vla_scale.data.normalize import Normalizer
 from vla_scale.data.spaces import Spaces
 from vla_scale.data.window import Window
 from vla_scale.model import RoboVLM, build_model
+from vla_scale.model.lora import has_lora
 
 EXPORT_FORMAT_VERSION = 1
 
@@ -40,6 +41,22 @@ class _Frame:
     state: np.ndarray  # float32 [S]
 
 
+BACKBONE_PREFIX = "adapter."  # the backbone's keys in RoboVLM's state dict
+
+
+def _place(model: RoboVLM, device: torch.device | str, backbone_placed: bool) -> RoboVLM:
+    """The whole model to `device`, or, when its backbone was placed by a device map, everything but the backbone
+    (moving that would undo the map, and its offloaded weights are not in memory)."""
+    if not backbone_placed:
+        return model.to(device)
+    for name, child in model.named_children():
+        if name != "adapter":
+            child.to(device)
+    for tensor in [*model.parameters(recurse=False), *model.buffers(recurse=False)]:
+        tensor.data = tensor.data.to(device)
+    return model
+
+
 def _check_image(image: object, name: str) -> np.ndarray:
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
@@ -50,8 +67,15 @@ def _check_image(image: object, name: str) -> np.ndarray:
 class Policy:
     """A trained RoboVLM plus what inference needs: tokenizer, normalisation stats, episode history."""
 
-    def __init__(self, model: RoboVLM, normalizer: Normalizer, spec: dict, device: torch.device | str = "cpu"):
-        self.model = model.eval().to(device)
+    def __init__(
+        self,
+        model: RoboVLM,
+        normalizer: Normalizer,
+        spec: dict,
+        device: torch.device | str = "cpu",
+        backbone_placed: bool = False,
+    ):
+        self.model = _place(model.eval(), device, backbone_placed)  # backbone_placed: by a device_map, left there
         self.normalizer = normalizer
         self.spec = spec
         self.device = torch.device(device)
@@ -68,25 +92,42 @@ class Policy:
         self.model.reset()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None) -> Policy:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: torch.device | str | None = None,
+        device_map: str | dict | None = None,
+        offload_folder: str | Path | None = None,
+    ) -> Policy:
         """Load an export folder (`vla-scale export`), or a run directory, which is first exported
-        (its `latest` checkpoint) to a temporary folder that is removed once loaded."""
+        (its `latest` checkpoint) to a temporary folder that is removed once loaded.
+
+        `device_map` ("auto", or {module name: GPU index / "cpu" / "disk"}, with `offload_folder` for "disk")
+        places the backbone with accelerate, as transformers' `from_pretrained` does, for a backbone larger than
+        one GPU; the heads and the inputs go to `device`. Needs an export with LoRA merged (the default).
+        """
         path = Path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        placement = {
+            "device_map": device_map,
+            "offload_folder": None if offload_folder is None else str(offload_folder),
+        }
         if (path / "vla_config.yaml").is_file():
-            return cls._load_export(path, device)
+            return cls._load_export(path, device, **placement)
         if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
             from vla_scale.train.export import export_policy
 
             with tempfile.TemporaryDirectory(prefix="vla_policy-") as tmp:
-                return cls._load_export(export_policy(path, Path(tmp) / "policy"), device)
+                return cls._load_export(export_policy(path, Path(tmp) / "policy"), device, **placement)
         raise FileNotFoundError(
             f"{path} is neither a policy export (no vla_config.yaml) nor a run directory with checkpoints; "
             "export one with `vla-scale export RUN_DIR OUT_DIR`"
         )
 
     @classmethod
-    def _load_export(cls, folder: Path, device: torch.device | str) -> Policy:
+    def _load_export(
+        cls, folder: Path, device: torch.device | str, device_map: str | dict | None, offload_folder: str | None
+    ) -> Policy:
         spec = yaml.safe_load((folder / "vla_config.yaml").read_text())
         if spec.get("format_version") != EXPORT_FORMAT_VERSION:
             raise ValueError(
@@ -105,9 +146,27 @@ class Policy:
             **spaces.model_dims(),
             chunk_size=data["fwd_pred_next_n"],
             load_clip=False,  # the CLIP regulariser's text model only teaches during training
+            device_map=device_map,
+            offload_folder=offload_folder,
+            # Without a map, model.safetensors holds every weight: the backbone is built on the meta device and
+            # those weights assigned, so backbone/'s copy of them is never read.
+            empty_weights=device_map is None,
         )
-        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-        return cls(model, Normalizer(load_stats(folder), spaces), spec, device)
+        state = load_file(str(folder / "model.safetensors"))
+        if device_map is not None:
+            # backbone/ holds the same (merged) backbone weights, already placed by the map; offloaded ones are
+            # not in memory at all, so only the rest is loaded here.
+            if has_lora(model.adapter):
+                raise ValueError(f"{folder}: device_map needs an export with LoRA merged (`vla-scale export` default)")
+            state = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            not_loaded = [k for k in missing if not k.startswith(BACKBONE_PREFIX)]
+            if not_loaded or unexpected:
+                raise ValueError(f"{folder}/model.safetensors: missing {not_loaded}, unexpected {unexpected}")
+        else:
+            model.load_state_dict(state, strict=True, assign=True)
+            model.adapter.model.tie_weights()  # assign replaced tied parameters by two equal copies: share again
+        return cls(model, Normalizer(load_stats(folder), spaces), spec, device, backbone_placed=device_map is not None)
 
     def reset(self, seed: int | None = None) -> None:
         """Start a new episode: forget the frame/state history and the head's memory (lstm / gpt heads). A `seed`

@@ -1,4 +1,4 @@
-"""Multi-node launches on one machine: two "nodes" on loopback (killed, then resumed), torchrun, SLURM.
+"""Multi-node launches on one machine: two "nodes" on loopback (killed, then resumed), torchrun, accelerate, SLURM.
 
 Each "node" is its own launcher invocation (NODE_RANK 0 and 1, one CPU rank each) sharing
 one filesystem, as nodes of a cluster share the run directory. Every launcher runs in its
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.train.jobs import CONFIG, ROOT, free_port
 from tests.train.nodes import LOSS_TERMS, MAX_STEPS, TIMEOUT_S, Launch, launcher_env, overrides, run_logs, wait_all
@@ -96,6 +97,49 @@ def test_two_nodes_on_loopback_killed_after_a_checkpoint_then_resumed(tmp_path, 
             assert (term in got) == (term in want), (got["step"], term)
             if term in want:
                 assert got[term] == pytest.approx(want[term], rel=1e-6, abs=1e-7), (got["step"], term, killed_at)
+
+
+ACCELERATE_STEPS = 4
+
+
+def test_two_nodes_on_loopback_through_accelerate(tmp_path, toy_data, reference_run):
+    """launchers/accelerate.sh, one invocation per node: `accelerate launch` with the prepared DeepSpeed-plugin
+    config starts the ranks, which train exactly as the 2-rank torchrun reference does (same losses)."""
+    run_dir = tmp_path / "runs" / "debug"
+    args = overrides(tmp_path, toy_data, f"train.max_steps={ACCELERATE_STEPS}", f"train.ckpt_every={ACCELERATE_STEPS}")
+    knobs = dict(NUM_NODES="2", CPU_RANKS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    logs = {n: tmp_path / f"rank_logs_node{n}" for n in (0, 1)}  # torch.distributed.run's layout, one per node
+    nodes = [
+        Launch(
+            "accelerate.sh", args, launcher_env(NODE_RANK=str(n), RANK_LOG_DIR=str(logs[n]), **knobs), tmp_path, f"n{n}"
+        )
+        for n in (1, 0)  # node 1 first: it must wait for node 0 to prepare the run directory
+    ]
+    try:
+        wait_all(nodes, logs[0], time.monotonic() + TIMEOUT_S)
+    finally:
+        for n in nodes:
+            n.kill()
+    assert "waiting for node 0 to prepare the run" in nodes[0].text()
+    assert f"done: {ACCELERATE_STEPS} steps" in nodes[1].text() + run_logs(logs[0])
+
+    # The accelerate config points at the run's own ds_config.json: ZeRO stage, precision etc. from the one YAML.
+    acc = yaml.safe_load((run_dir / "accelerate_config.yaml").read_text())
+    assert acc["distributed_type"] == "DEEPSPEED", acc
+    assert Path(acc["deepspeed_config"]["deepspeed_config_file"]) == (run_dir / "ds_config.json").resolve(), acc
+    # One rank per node, each with its own stdout file, and each saved its own ZeRO-2 optimizer partition.
+    for n in (0, 1):
+        assert len(list(logs[n].rglob("stdout.log"))) == 1, run_logs(logs[n])
+    partitions = sorted(p.name for p in (run_dir / "checkpoints").rglob("*optim_states.pt"))
+    assert [p.split("_mp_")[0] for p in partitions] == ["zero_pp_rank_0", "zero_pp_rank_1"], partitions
+
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, ACCELERATE_STEPS + 1))
+    for got, want in zip(records, read_metrics(reference_run.run_dir)[:ACCELERATE_STEPS], strict=True):
+        for term in LOSS_TERMS:
+            assert (term in got) == (term in want), (got["step"], term)
+            if term in want:
+                assert got[term] == pytest.approx(want[term], rel=1e-6, abs=1e-7), (got["step"], term)
 
 
 def run_dir_helper(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -33,6 +33,7 @@ from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.data.observation import Observation
 from vla_scale.model.action_tokenizer import ActionTokenizer
 from vla_scale.model.backbones import BackboneAdapter, ensure_tiny_backbone, load_backbone
+from vla_scale.model.backbones.loading import build_empty_backbone
 from vla_scale.model.clip_regularizer import (
     ClipRegularizer,
     ClipTextTeacher,
@@ -311,6 +312,9 @@ def build_model(
     load_clip: bool = True,
     binary_dims: int = 1,
     binary_state_dims: int = 1,
+    device_map: str | dict | None = None,
+    offload_folder: str | None = None,
+    empty_weights: bool = False,
 ) -> RoboVLM:
     """Load the configured backbone through the registry (writing the tiny one first if configured) and wrap it.
 
@@ -319,6 +323,9 @@ def build_model(
     before calling this, so `from_pretrained` loads the backbone partitioned. With `model.clip_reg` on,
     the frozen CLIP text model is loaded whole (it is a training-only teacher); `load_clip=False` skips
     it for export and inference, where the regulariser's projection is kept only so weights load strictly.
+    `device_map` / `offload_folder` place the backbone only (inference: `Policy.from_pretrained`).
+    `empty_weights`: the backbone built on the meta device, for a caller that then loads every weight with
+    `load_state_dict(..., assign=True)` (the export and the policy load), so its own checkpoint is never read.
     """
     clip_teacher = None
     if cfg.clip_reg.enabled and load_clip:
@@ -326,7 +333,12 @@ def build_model(
         clip_teacher = ClipTextTeacher.from_pretrained(cfg.clip_reg.pretrained)
     backbone = cfg.backbone
     ensure_tiny_backbone(backbone)
-    adapter = load_backbone(backbone.family, backbone.pretrained, backbone.trust_remote_code, torch_dtype)
+    args = (backbone.family, backbone.pretrained, backbone.trust_remote_code, torch_dtype)
+    if empty_weights:
+        adapter = build_empty_backbone(*args)
+    else:
+        placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
+        adapter = load_backbone(*args, **placement)
     if backbone.gradient_checkpointing:
         adapter.enable_gradient_checkpointing()
     if cfg.lora.enabled:

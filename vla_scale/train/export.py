@@ -106,10 +106,17 @@ def build_run_model(run_dir: str | Path, tag: str | None = None) -> tuple[RoboVL
     _, manifest = robot_manifest(cfg)
     state = load_fp32_state_dict(run_dir, tag)
     # The CLIP regulariser's frozen text model is a training-only teacher: not in the weights, not needed here.
+    # The checkpoint holds every weight, so the backbone is built on the meta device (its pretrained weights, which
+    # the checkpoint replaces, are never read) and the checkpoint's tensors assigned.
     model = build_model(
-        cfg.model, **manifest.robot_spaces.model_dims(), chunk_size=cfg.data.fwd_pred_next_n, load_clip=False
+        cfg.model,
+        **manifest.robot_spaces.model_dims(),
+        chunk_size=cfg.data.fwd_pred_next_n,
+        load_clip=False,
+        empty_weights=True,
     )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.adapter.model.tie_weights()  # assign replaced tied parameters by two equal copies: share again
     return model.eval(), cfg
 
 

@@ -1,6 +1,7 @@
-"""Per-rank entry point started by `deepspeed` (`launchers/train.sh`) or torchrun (`launchers/torchrun.sh`).
+"""Per-rank entry point started by `deepspeed` (`launchers/train.sh`), torchrun (`launchers/torchrun.sh`) or
+`accelerate launch` (`launchers/accelerate.sh`, which runs torchrun's launcher underneath).
 
-Both launchers describe the process group in the environment (RANK, LOCAL_RANK, WORLD_SIZE,
+The launchers describe the process group in the environment (RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT), which is what `init_distributed` reads; only deepspeed also passes
 `--local_rank`.
 """

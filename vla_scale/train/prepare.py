@@ -3,7 +3,8 @@
 It resolves and validates the config, checks the datasets (`dataset_checks`), writes the
 random-weight checkpoint of tiny demo/test backbones that every rank then loads with
 `from_pretrained`, checks what needs the backbone's tokenizer, and only then writes
-`config.yaml` and `ds_config.json` into the run directory (each atomically). So a refused
+`config.yaml`, `ds_config.json` and `accelerate_config.yaml` (for launchers/accelerate.sh) into the run
+directory (each atomically). So a refused
 run (a bad config, a resume at another world size without `data.elastic`) leaves the run directory as it was. Every
 mistake it can see costs seconds here instead of a failed multi-node job. What trains but
 perhaps not as meant (a stage after train.max_steps, constant dimensions) is printed as a note
@@ -17,12 +18,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from vla_scale.config import Config, ConfigError, load_config, save_config, validate
 from vla_scale.config.load import write_text_atomic
 from vla_scale.data.format import FormatError, Manifest
 from vla_scale.model.backbones.registry import check_backbone_family
 from vla_scale.model.backbones.tiny import ensure_tiny_backbone
 from vla_scale.train import checkpoint
+from vla_scale.train.accelerate_config import build_accelerate_config
 from vla_scale.train.dataset_checks import check_robot_sources
 from vla_scale.train.ds_config import build_ds_config
 from vla_scale.train.resume_check import check_same_run, world_size_change
@@ -122,6 +126,8 @@ def prepare_run(config_path: str | Path | None, overrides: Sequence[str], world_
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     write_text_atomic(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
+    accelerate_config = build_accelerate_config(run_dir / "ds_config.json", world_size)
+    write_text_atomic(run_dir / "accelerate_config.yaml", yaml.safe_dump(accelerate_config, sort_keys=False))
     for note in notes:
         print(f"vla-scale prepare: note: {note}", file=sys.stderr)
     return run_dir

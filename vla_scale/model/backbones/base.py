@@ -184,12 +184,20 @@ class HFBackboneAdapter(BackboneAdapter):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str, trust_remote_code: bool = False, torch_dtype: torch.dtype | str | None = None
+        cls,
+        path_or_id: str,
+        trust_remote_code: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
+        device_map: str | dict | None = None,
+        offload_folder: str | None = None,
     ) -> HFBackboneAdapter:
         if cls.model_class is None:
             raise NotImplementedError(f"{cls.__name__} must set model_class or override from_pretrained")
         config = cls.pretrained_config(path_or_id, trust_remote_code)
-        return cls(*load_pretrained_parts(cls.model_class, path_or_id, trust_remote_code, torch_dtype, config))
+        parts = load_pretrained_parts(
+            cls.model_class, path_or_id, trust_remote_code, torch_dtype, config, device_map, offload_folder
+        )
+        return cls(*parts)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         self.model.save_pretrained(out_dir)

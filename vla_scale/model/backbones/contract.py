@@ -151,9 +151,15 @@ class BackboneAdapter(nn.Module, ABC):
     @classmethod
     @abstractmethod
     def from_pretrained(
-        cls, path_or_id: str, trust_remote_code: bool = False, torch_dtype: torch.dtype | str | None = None
+        cls,
+        path_or_id: str,
+        trust_remote_code: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
+        device_map: str | dict | None = None,
+        offload_folder: str | None = None,
     ) -> BackboneAdapter:
-        """Load the adapter from a local folder or hub id (float32 unless `torch_dtype` says otherwise)."""
+        """Load the adapter from a local folder or hub id (float32 unless `torch_dtype` says otherwise); a
+        `device_map` places the weights over devices / CPU / disk (accelerate), for inference."""
 
     @abstractmethod
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
