@@ -161,3 +161,17 @@ def test_vl_dataset_over_http(tmp_path):
         remote = list(stream(f"{base}/vl", tmp_path)._epoch_items())
     local = list(stream(vl)._epoch_items())
     assert [v.conversations for v in remote] == [v.conversations for v in local]
+
+
+def test_cache_limit_holds_for_pipe_locations_whose_size_is_unknown_up_front(robot, tmp_path):
+    sizes = sorted(p.stat().st_size for p in robot.glob("shard-*.tar"))
+    limit = sizes[-1] + sizes[-2] + sizes[-3]  # room for the shard being read and two ahead, not all four
+    log = tmp_path / "fetched.log"
+    s = stream(f"pipe:echo {{}} >> {log}; cat {robot}/{{}}", tmp_path, cache_limit_gb=limit / 1e9, read_ahead=2)
+    seen = []
+    for item in itertools.islice(iter(s), 80):  # ~3 epochs
+        shards = [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".part")]
+        assert sum(p.stat().st_size for p in shards) <= limit
+        seen.append(item)
+    assert_same(seen, items(stream(robot), 80))
+    assert len(log.read_text().split()) > 4  # shards were evicted and fetched again in later epochs

@@ -116,7 +116,8 @@ class ShardCache:
 
         held = []
 
-        def on_size(size: int) -> None:
+        def on_size(size: int, fetched: bool = False) -> None:
+            """Hold room for the download (`fetched`: it is complete, its .part file already counts as used)."""
             if size > self.limit:
                 raise Unreachable(
                     f"{location.url(rel)} is {size} bytes, more than data.storage.cache_limit_gb allows "
@@ -124,16 +125,19 @@ class ShardCache:
                 )
             if held:  # a retry: the room is still held
                 return
-            fits = self.reserve(size, force=not ahead)
+            need = 0 if fetched else size
+            fits = self.reserve(need, force=not ahead)
             if not fits and ahead:
                 raise NoRoom(location.url(rel))
-            held.append(size)
+            held.append(need)
             if not fits:
                 log.warning("shard cache %s over its limit while fetching %s (shards in use fill it)", self.dir, rel)
 
         try:
             with open(part, "wb") as f:
                 location.fetch(rel, f, on_size)
+            if not held:  # size unknown up front (pipe:, HTTP without Content-Length): make room before it counts
+                on_size(part.stat().st_size, fetched=True)
             os.replace(part, path)
         finally:
             part.unlink(missing_ok=True)
