@@ -1,7 +1,9 @@
 """Datasets streamed from a loopback HTTP server, a moto S3 server and a pipe: command, against the local copy."""
 
 import itertools
+import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -175,3 +177,17 @@ def test_cache_limit_holds_for_pipe_locations_whose_size_is_unknown_up_front(rob
         seen.append(item)
     assert_same(seen, items(stream(robot), 80))
     assert len(log.read_text().split()) > 4  # shards were evicted and fetched again in later epochs
+
+
+def test_part_files_of_killed_downloads_are_deleted_not_counted_forever(tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (cache_dir / f"abc-shard-000000.tar.{dead.pid}.1.part").write_bytes(b"x" * 1000)  # SIGKILLed mid-download
+    live = cache_dir / f"abc-shard-000001.tar.{os.getpid()}.1.part"
+    live.write_bytes(b"y" * 100)  # a download in progress
+    cache = ShardCache(cache_dir, 2000)
+    assert cache.used_bytes() == 100 and live.is_file()
+    (cache_dir / f"abc-shard-000002.tar.{dead.pid}.2.part").write_bytes(b"z" * 1000)  # killed while the cache is open
+    assert cache.make_room(1900) and cache.used_bytes() == 100
