@@ -1,9 +1,11 @@
 """Datasets streamed from a loopback HTTP server, a moto S3 server and a pipe: command, against the local copy."""
 
+import io
 import itertools
 import os
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from vla_scale.config.errors import ConfigError
 from vla_scale.config.schema import Config, DataConfig, SourceConfig
 from vla_scale.config.schema_data import StorageConfig
 from vla_scale.data.format import FormatError, Manifest
+from vla_scale.data.locations import FetchOptions, PipeLocation, Unreachable
 from vla_scale.data.shard_cache import ShardCache
 from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream
 from vla_scale.train.prepare import check_datasets
@@ -191,3 +194,30 @@ def test_part_files_of_killed_downloads_are_deleted_not_counted_forever(tmp_path
     assert cache.used_bytes() == 100 and live.is_file()
     (cache_dir / f"abc-shard-000002.tar.{dead.pid}.2.part").write_bytes(b"z" * 1000)  # killed while the cache is open
     assert cache.make_room(1900) and cache.used_bytes() == 100
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in open(f"/proc/{pid}/status").read()  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_hung_pipe_command_is_killed_after_timeout_and_retried(robot, tmp_path):
+    pids = tmp_path / "pids"
+    hung = PipeLocation(
+        f"pipe:sleep 60 & echo $! >> {pids}; printf {{}}; wait", FetchOptions(retries=1, backoff_s=0.01, timeout_s=0.5)
+    )
+    start = time.monotonic()
+    with pytest.raises(Unreachable, match=r"still failing after 2 attempts \(command hung: no output for 0.5 s"):
+        hung.fetch("shard-000000.tar", io.BytesIO())
+    assert time.monotonic() - start < 10
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2
+    deadline = time.monotonic() + 5
+    while any(map(_running, started)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_running, started))  # the whole process group was killed, not only the shell
+    slow = PipeLocation(f"pipe:for i in 1 2 3 4; do sleep 0.2; cat {robot}/{{}}; done", FetchOptions(timeout_s=0.5))
+    out = io.BytesIO()  # slower in total than timeout_s, but never silent that long: not a hang
+    assert slow.fetch("shard-000000.tar", out) == 4 * (robot / "shard-000000.tar").stat().st_size
