@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vla_scale.data.format import Manifest
-from vla_scale.data.locations import S3Location, is_remote, open_location
+from vla_scale.data.format import FormatError, Manifest, is_safe_rel
+from vla_scale.data.locations import FetchOptions, RemoteFile, S3Location, is_remote, open_location
 
 
 def dataset_files(folder: Path, manifest: Manifest) -> list[str]:
@@ -82,20 +82,21 @@ def upload(src: str | Path, dest: str, workers: int = 8) -> tuple[int, int]:
     return len(sent), sum(sent)
 
 
-def download(src: str, dest: Path, workers: int = 8) -> Manifest:
+def download(src: str, dest: Path, workers: int = 8, options: FetchOptions | None = None) -> Manifest:
     """Fetch the dataset at the location `src` into the folder `dest` (manifest.json last); returns its manifest."""
     manifest = Manifest.load(src)
-    location = open_location(src)
+    location = open_location(src, options)
     dest.mkdir(parents=True, exist_ok=True)
     files = [s.path for s in manifest.shards]
-    try:
-        location.read_bytes("stats.json")
-        files.append("stats.json")
-    except ValueError:
-        pass  # VL datasets have none
+    if RemoteFile(location, "stats.json").is_file():  # False only when the server says it does not exist (VL)
+        files.append("stats.json")  # an unreachable server raises Unreachable naming the URL
+
+    root = dest.resolve()
 
     def fetch(rel: str) -> None:
         out = dest / rel
+        if not is_safe_rel(rel) or not out.resolve().is_relative_to(root):  # Manifest.load checks too
+            raise FormatError(f"{location.url(rel)}: refusing to write outside {dest} (shard path {rel!r})")
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "wb") as f:
             location.fetch(rel, f)

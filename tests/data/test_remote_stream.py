@@ -1,7 +1,11 @@
 """Datasets streamed from a loopback HTTP server, a moto S3 server and a pipe: command, against the local copy."""
 
+import io
 import itertools
+import os
 import shutil
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from vla_scale.config.errors import ConfigError
 from vla_scale.config.schema import Config, DataConfig, SourceConfig
 from vla_scale.config.schema_data import StorageConfig
 from vla_scale.data.format import FormatError, Manifest
+from vla_scale.data.locations import FetchOptions, PipeLocation, Unreachable
 from vla_scale.data.shard_cache import ShardCache
 from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream
 from vla_scale.train.prepare import check_datasets
@@ -161,3 +166,58 @@ def test_vl_dataset_over_http(tmp_path):
         remote = list(stream(f"{base}/vl", tmp_path)._epoch_items())
     local = list(stream(vl)._epoch_items())
     assert [v.conversations for v in remote] == [v.conversations for v in local]
+
+
+def test_cache_limit_holds_for_pipe_locations_whose_size_is_unknown_up_front(robot, tmp_path):
+    sizes = sorted(p.stat().st_size for p in robot.glob("shard-*.tar"))
+    limit = sizes[-1] + sizes[-2] + sizes[-3]  # room for the shard being read and two ahead, not all four
+    log = tmp_path / "fetched.log"
+    s = stream(f"pipe:echo {{}} >> {log}; cat {robot}/{{}}", tmp_path, cache_limit_gb=limit / 1e9, read_ahead=2)
+    seen = []
+    for item in itertools.islice(iter(s), 80):  # ~3 epochs
+        shards = [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".part")]
+        assert sum(p.stat().st_size for p in shards) <= limit
+        seen.append(item)
+    assert_same(seen, items(stream(robot), 80))
+    assert len(log.read_text().split()) > 4  # shards were evicted and fetched again in later epochs
+
+
+def test_part_files_of_killed_downloads_are_deleted_not_counted_forever(tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (cache_dir / f"abc-shard-000000.tar.{dead.pid}.1.part").write_bytes(b"x" * 1000)  # SIGKILLed mid-download
+    live = cache_dir / f"abc-shard-000001.tar.{os.getpid()}.1.part"
+    live.write_bytes(b"y" * 100)  # a download in progress
+    cache = ShardCache(cache_dir, 2000)
+    assert cache.used_bytes() == 100 and live.is_file()
+    (cache_dir / f"abc-shard-000002.tar.{dead.pid}.2.part").write_bytes(b"z" * 1000)  # killed while the cache is open
+    assert cache.make_room(1900) and cache.used_bytes() == 100
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in open(f"/proc/{pid}/status").read()  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_hung_pipe_command_is_killed_after_timeout_and_retried(robot, tmp_path):
+    pids = tmp_path / "pids"
+    hung = PipeLocation(
+        f"pipe:sleep 60 & echo $! >> {pids}; printf {{}}; wait", FetchOptions(retries=1, backoff_s=0.01, timeout_s=0.5)
+    )
+    start = time.monotonic()
+    with pytest.raises(Unreachable, match=r"still failing after 2 attempts \(command hung: no output for 0.5 s"):
+        hung.fetch("shard-000000.tar", io.BytesIO())
+    assert time.monotonic() - start < 10
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2
+    deadline = time.monotonic() + 5
+    while any(map(_running, started)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_running, started))  # the whole process group was killed, not only the shell
+    slow = PipeLocation(f"pipe:for i in 1 2 3 4; do sleep 0.2; cat {robot}/{{}}; done", FetchOptions(timeout_s=0.5))
+    out = io.BytesIO()  # slower in total than timeout_s, but never silent that long: not a hang
+    assert slow.fetch("shard-000000.tar", out) == 4 * (robot / "shard-000000.tar").stat().st_size

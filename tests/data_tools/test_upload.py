@@ -1,15 +1,18 @@
 """`data_tools upload` to a moto S3 server (manifest.json last, resumable) and verify/inspect on URLs."""
 
+import json
+import re
 import shutil
 
 import pytest
 
 from data_tools.__main__ import main
 from data_tools.synth import synth
-from data_tools.upload import upload
+from data_tools.upload import download, upload
 from data_tools.verify import verify
 from tests.data.remote_servers import BUCKET, http_server, s3_server
 from vla_scale.data.format import FormatError, Manifest
+from vla_scale.data.locations import FetchOptions, Unreachable
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +67,31 @@ def test_verify_names_the_url_of_a_missing_shard(data, tmp_path):
         report = verify(f"{base}/robot")
     assert not report.ok
     assert f"{base}/robot/shard-000001.tar does not exist" in str(report.problems[0])
+
+
+@pytest.mark.parametrize("bad", ["../../evil.tar", "/tmp/evil.tar", "sub/../../evil.tar"])
+def test_manifest_with_a_shard_path_outside_the_dataset_is_refused(data, tmp_path, bad):
+    served = tmp_path / "served"
+    shutil.copytree(data / "robot", served / "robot")
+    manifest = json.loads((served / "robot" / "manifest.json").read_text())
+    manifest["shards"][0]["path"] = bad
+    (served / "robot" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match=re.escape(f"shard path {bad!r} is absolute or has a '..'")):
+        Manifest.load(served / "robot")
+    with http_server(served) as (base, faults):
+        with pytest.raises(FormatError, match=re.escape(f"{base}/robot/manifest.json: shard path {bad!r}")):
+            download(f"{base}/robot", tmp_path / "a" / "b" / "copy")
+        assert faults.requests[bad.rsplit("/", 1)[-1]] == 0
+    assert not (tmp_path / "evil.tar").exists() and not (tmp_path / "a" / "evil.tar").exists()
+
+
+def test_download_raises_when_stats_json_is_unreachable_and_skips_it_only_when_absent(data, tmp_path):
+    with http_server(data) as (base, faults):
+        faults.errors["stats.json"] = 10  # still failing after the retries: not taken for "no stats.json"
+        with pytest.raises(Unreachable, match=re.escape(f"cannot fetch {base}/robot/stats.json: still failing")):
+            download(f"{base}/robot", tmp_path / "robot", options=FetchOptions(retries=1, backoff_s=0.01))
+        faults.errors.clear()
+        download(f"{base}/robot", tmp_path / "robot2")
+        assert (tmp_path / "robot2" / "stats.json").is_file()
+        download(f"{base}/vl", tmp_path / "vl")  # VL datasets have none: genuinely absent, skipped
+        assert not (tmp_path / "vl" / "stats.json").exists() and verify(tmp_path / "vl").ok

@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import numpy as np
@@ -144,12 +144,21 @@ class Manifest:
             manifest = cls(**data)
         except (KeyError, TypeError) as err:
             raise FormatError(f"{path}: not a dataset manifest ({err}); re-convert the dataset") from err
+        for shard in manifest.shards:  # tools write files at these paths: none may leave the dataset folder
+            if not is_safe_rel(shard.path):
+                raise FormatError(f"{path}: shard path {shard.path!r} is absolute or has a '..'; fix the manifest")
         if manifest.kind == "robot":
             try:
                 manifest.robot_spaces  # noqa: B018 - checked on read: a bad declaration fails here, not in the ranks
             except FormatError as err:
                 raise FormatError(f"{path}: {err}; fix the declaration or re-convert the dataset") from err
         return manifest
+
+
+def is_safe_rel(rel: object) -> bool:
+    """True for a non-empty relative path without `..` (a manifest from a remote server must not name /etc/...)."""
+    p = PurePosixPath(rel) if isinstance(rel, str) else None
+    return p is not None and rel.strip() != "" and not p.is_absolute() and ".." not in p.parts
 
 
 def load_stats(folder: str | Path) -> dict[str, dict[str, np.ndarray]]:

@@ -4,7 +4,7 @@ Datasets at the scale vla_scale trains on sit in object storage or behind HTTP, 
 node's disk. A `Location` reads any file of a dataset by its path relative to the dataset root
 (`manifest.json`, `stats.json`, `shard-000000.tar`) with retries and exponential backoff on
 transient failures (HTTP 5xx/429, connection reset or dropped mid-body, timeouts, a pipe command
-that exits non-zero); a file that stays unreachable raises `Unreachable`, a `FormatError` naming
+that exits non-zero or is silent for `timeout_s`); a file that stays unreachable raises `Unreachable`, naming
 the URL, so the bad-sample policy counts or refuses it like a corrupt local shard.
 
 - `s3://bucket/prefix`: boto3, credentials from the standard chain (env, ~/.aws, instance role);
@@ -16,11 +16,14 @@ the URL, so the bad-sample policy counts or refuses it like a corrupt local shar
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import logging
 import os
+import select
 import shlex
+import signal
 import subprocess
 import tempfile
 import time
@@ -236,15 +239,39 @@ class PipeLocation(Location):
     def _copy(self, rel: str, dest: BinaryIO, offset: int, on_size: Callable[[int], None] | None) -> None:
         dest.seek(dest.tell() - offset)  # no ranges on a pipe: each attempt starts over
         dest.truncate()
-        cmd = self.url(rel)[len("pipe:") :]
+        cmd, timeout = self.url(rel)[len("pipe:") :], self.options.timeout_s
         with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block on it
-            with subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=stderr) as proc:  # noqa: S602
-                assert proc.stdout is not None
-                _copy_body(proc.stdout, dest, None)
+            # its own process group, so a hung command is killed with everything it started
+            with subprocess.Popen(  # noqa: S602
+                cmd, shell=True, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True
+            ) as proc:
+                try:
+                    _copy_pipe(proc, dest, timeout)
+                except BaseException:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    raise
             if proc.returncode != 0:
                 stderr.seek(0)
                 err = stderr.read().decode(errors="replace").strip()
                 raise Transient(f"command exited with status {proc.returncode}: {err[-300:]}")
+
+
+def _copy_pipe(proc: subprocess.Popen, dest: BinaryIO, timeout: float) -> None:
+    """Copy a command's stdout; no output for `timeout` seconds (or no exit after it) is a Transient failure."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    while True:
+        if not select.select([fd], [], [], timeout)[0]:
+            raise Transient(f"command hung: no output for {timeout:g} s (data.storage.timeout_s); killed")
+        chunk = os.read(fd, _CHUNK)
+        if not chunk:
+            break
+        dest.write(chunk)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise Transient(f"command hung: no exit {timeout:g} s after its output ended; killed") from None
 
 
 class LocalLocation(Location):

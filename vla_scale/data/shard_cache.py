@@ -2,7 +2,8 @@
 
 Each reader fetches the shard it is about to read, plus the next `read_ahead` ones in as many
 background threads, into a cache folder shared by every reader on the node. The cache holds complete
-shards only (a download goes to a `.part` file renamed when complete); its size (`.part` files and
+shards only (a download goes to a `.part` file renamed when complete, deleted by the next cache user if its
+process was killed); its size (`.part` files and
 the room held for downloads in progress included) is kept under `limit_bytes` by deleting the least
 recently used shards first. The room a download holds is known only within its process, so readers
 in several processes sharing one folder can pass the limit briefly, by at most the downloads they
@@ -50,6 +51,8 @@ class ShardCache:
         self.limit = int(limit_bytes)
         self._lock = threading.RLock()
         self._reserved = 0  # bytes promised to this process's downloads in progress
+        for entry in os.scandir(self.dir):  # downloads a killed process left behind would count as used forever
+            _remove_if_stale(entry.path)
 
     def path_for(self, url: str) -> Path:
         name = url.rstrip("/").rsplit("/", 1)[-1][-60:]
@@ -88,7 +91,8 @@ class ShardCache:
                     st = entry.stat()
                 except FileNotFoundError:
                     continue
-                entries.append((st.st_mtime, entry.path, st.st_size))
+                if not _remove_if_stale(entry.path):
+                    entries.append((st.st_mtime, entry.path, st.st_size))
             used = sum(size for _, _, size in entries)
             for _, path, size in sorted(entries):
                 if used + need <= self.limit:
@@ -116,7 +120,8 @@ class ShardCache:
 
         held = []
 
-        def on_size(size: int) -> None:
+        def on_size(size: int, fetched: bool = False) -> None:
+            """Hold room for the download (`fetched`: it is complete, its .part file already counts as used)."""
             if size > self.limit:
                 raise Unreachable(
                     f"{location.url(rel)} is {size} bytes, more than data.storage.cache_limit_gb allows "
@@ -124,16 +129,20 @@ class ShardCache:
                 )
             if held:  # a retry: the room is still held
                 return
-            fits = self.reserve(size, force=not ahead)
+            need = 0 if fetched else size
+            fits = self.reserve(need, force=not ahead)
             if not fits and ahead:
                 raise NoRoom(location.url(rel))
-            held.append(size)
+            held.append(need)
             if not fits:
                 log.warning("shard cache %s over its limit while fetching %s (shards in use fill it)", self.dir, rel)
 
         try:
             with open(part, "wb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # in use (a process in another pid namespace may look dead)
                 location.fetch(rel, f, on_size)
+            if not held:  # size unknown up front (pipe:, HTTP without Content-Length): make room before it counts
+                on_size(part.stat().st_size, fetched=True)
             os.replace(part, path)
         finally:
             part.unlink(missing_ok=True)
@@ -156,6 +165,20 @@ def _open_pinned(path: Path) -> BinaryIO | None:
         f.close()
         return None
     return f
+
+
+def _remove_if_stale(path: str) -> bool:
+    """Delete a download's `.part` file whose process (the pid in its name) is gone and holds no lock on it."""
+    if not path.endswith(".part"):
+        return False
+    try:
+        pid = int(path.rsplit(".", 3)[-3])
+        os.kill(pid, 0)
+        return False  # alive (or reused: the file waits until that process ends)
+    except ProcessLookupError:
+        return _evict(path)
+    except (ValueError, IndexError, PermissionError):  # not our name, or another user's live process
+        return False
 
 
 def _evict(path: str) -> bool:
