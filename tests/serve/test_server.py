@@ -218,3 +218,15 @@ def test_client_disconnect_mid_request_frees_its_episode(slow_server, local):
         obs = make_obs(np.random.default_rng(1))
         local.reset()
         np.testing.assert_array_equal(probe.infer(obs), predict_local(local, obs))
+
+
+def test_a_late_reply_after_a_timeout_is_dropped_not_taken_by_the_next_request(slow_server):
+    obs = make_obs(np.random.default_rng(3))
+    with PolicyClient(slow_server.url, timeout=0.3) as client:
+        with pytest.raises(TimeoutError):
+            client.infer(obs)  # the server takes 1 s
+        client.timeout = 30
+        health = client.health()  # the timed-out request's reply (id 1) arrives first
+        assert health["type"] == "health" and health["id"] == 2
+        assert client.infer(obs).shape == (CHUNK, 4)
+
