@@ -16,6 +16,7 @@ import numpy as np
 
 from data_tools.shards import iter_dataset
 from vla_scale.data.format import FormatError, Manifest, decode_episode_arrays, load_stats
+from vla_scale.data.locations import is_remote
 from vla_scale.data.normalize import Normalizer
 from vla_scale.data.window import chunk_actions
 from vla_scale.model.fast_tokenizer import FILE_NAME, FastTokenizer, fill_masked_steps
@@ -72,6 +73,12 @@ def fit_fast(
     folder: str | Path, chunk: int, vocab_size: int = 256, scale: float = 10.0, out: str | Path | None = None
 ) -> tuple[Path, dict[str, float]]:
     """Fit, save (default DATASET/fast_tokenizer.json) and report; returns the file and the report."""
+    if is_remote(str(folder)):
+        raise ValueError(
+            f"{folder}: fit-fast reads a local dataset folder, not a URL; copy the dataset (manifest.json, "
+            "stats.json, shards) to a local folder, fit there, and --out the file the run's "
+            "model.discrete.fast_path names"
+        )
     folder = Path(folder)
     if chunk < 1:
         raise ValueError(f"--chunk must be >= 1, got {chunk}")

@@ -47,11 +47,11 @@ def test_diff_ignores_what_a_resume_may_change_unless_told_not_to():
     resumed = load_config(
         DEBUG_YAML,
         ["train.max_steps=99", "train.log_every=5", "train.ckpt_every=7", "train.keep_last=9", "wandb.mode=disabled"]
-        + ["debug.inject_nan=loss@2", "debug.save_pause_s=3", "train.zero_stage=3"],
+        + ["debug.inject_nan=loss@2", "debug.save_pause_s=3", "train.zero_stage=3", "train.process_group_timeout_s=7"],
     )
     assert config_diff(a, resumed) == [f"train.zero_stage: {a.train.zero_stage} -> 3"]
     everything = config_diff(a, resumed, ignore=())
-    assert len(everything) == 8
+    assert len(everything) == 9
     assert "debug.inject_nan: '' -> 'loss@2'" in everything
     assert f"train.max_steps: {a.train.max_steps} -> 99" in everything
     assert {"train.max_steps", "wandb", "debug"} <= set(RESUMABLE_CHANGES)

@@ -174,3 +174,20 @@ def test_world_size_check_names_the_keys_and_the_fix():
     with pytest.raises(ConfigError, match=r"train\.global_batch_size \(8\) must be a multiple of .* \(2 x 3\); change"):
         validate(cfg, 3)
     assert cfg.train.grad_accum(2) == 2 and cfg.train.grad_accum(1) == 4
+
+
+def test_fast_tokenizer_with_a_remote_dataset_needs_an_explicit_local_path(tmp_path):
+    """`Path("s3://b/ds")` would mangle the URL into `s3:/b/ds`: no default beside a remote source, and no URL."""
+    fast = ["model.action_space=discrete", "model.discrete.tokenizer=fast"]
+    for url in ("s3://bucket/ds", "https://host/ds", "pipe:cat /data/{}"):
+        with pytest.raises(
+            ConfigError, match=rf"fast_path: data source {url} is remote.*set model\.discrete\.fast_path"
+        ):
+            load_config(ROOT / "configs/debug.yaml", [*fast, f"data.sources=[{{path: '{url}'}}]"])
+    given = tmp_path / "fast_tokenizer.json"
+    cfg = load_config(
+        ROOT / "configs/debug.yaml", [*fast, "data.sources=[{path: 's3://b/ds'}]", f"model.discrete.fast_path={given}"]
+    )
+    assert cfg.model.discrete.fast_path == str(given)
+    with pytest.raises(ConfigError, match=r"fast_path: s3://b/f\.json must be a local file"):
+        validate(load_config(ROOT / "configs/debug.yaml", [*fast, "model.discrete.fast_path=s3://b/f.json"]), 1)

@@ -70,3 +70,5 @@ def test_out_option_and_refusals(toy_data: Path, tmp_path: Path, capsys: pytest.
         main(["fit-fast", str(toy_data / "robot"), "--chunk", "4", "--scale", "1", "--out", str(tmp_path / "h")]) == 2
     )
     assert "too coarse" in capsys.readouterr().err
+    assert main(["fit-fast", "s3://bucket/robot", "--chunk", "2", "--out", str(tmp_path / "i.json")]) == 2
+    assert "fit-fast reads a local dataset folder, not a URL" in capsys.readouterr().err

@@ -218,3 +218,36 @@ def test_client_disconnect_mid_request_frees_its_episode(slow_server, local):
         obs = make_obs(np.random.default_rng(1))
         local.reset()
         np.testing.assert_array_equal(probe.infer(obs), predict_local(local, obs))
+
+
+def test_a_late_reply_after_a_timeout_is_dropped_not_taken_by_the_next_request(slow_server):
+    obs = make_obs(np.random.default_rng(3))
+    with PolicyClient(slow_server.url, timeout=0.3) as client:
+        with pytest.raises(TimeoutError):
+            client.infer(obs)  # the server takes 1 s
+        client.timeout = 30
+        health = client.health()  # the timed-out request's reply (id 1) arrives first
+        assert health["type"] == "health" and health["id"] == 2
+        assert client.infer(obs).shape == (CHUNK, 4)
+
+
+def test_shutdown_abandons_an_inference_stuck_past_the_grace(export_dir, one_thread):
+    srv = load_server(export_dir, port=0, delay_s=8.0, shutdown_grace_s=0.5).start()
+    client = PolicyClient(srv.url, timeout=30)
+    result: dict = {}
+
+    def infer() -> None:
+        try:
+            client.infer(make_obs(np.random.default_rng(4)))
+        except Exception as err:  # noqa: BLE001 - checked below
+            result["error"] = err
+
+    worker = threading.Thread(target=infer)
+    worker.start()
+    time.sleep(0.5)  # the request is on the model (8 s)
+    start = time.perf_counter()
+    srv.stop(timeout=30)
+    took = time.perf_counter() - start
+    worker.join(timeout=30)
+    assert took < 5 and srv.abandoned, took  # waiting for the inference would take ~7.5 s
+    assert isinstance(result.get("error"), ConnectionClosed)

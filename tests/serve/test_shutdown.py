@@ -82,6 +82,40 @@ def test_signal_answers_in_flight_request_then_releases_the_port(export_dir, sig
             proc.wait(timeout=30)
 
 
+def test_a_second_signal_exits_without_waiting_for_a_stuck_inference(export_dir):
+    cmd = [sys.executable, "-m", "vla_scale.cli", "serve", str(export_dir), "--port", "0", "--delay-ms", "60000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        client = PolicyClient(read_url(proc, START_TIMEOUT_S), timeout=120)
+        result: dict = {}
+
+        def infer() -> None:
+            try:
+                client.infer(make_obs(np.random.default_rng(0)))
+            except ConnectionClosed as err:  # the server exits without answering
+                result["error"] = err
+
+        worker = threading.Thread(target=infer, daemon=True)
+        worker.start()
+        time.sleep(0.5)  # the request is on the model (60 s)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # the first signal waits for the request (up to the 30 s grace)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 1 and time.monotonic() - start < 20
+        assert "second signal, exiting now" in proc.stdout.read()
+        worker.join(timeout=30)
+        assert isinstance(result.get("error"), ConnectionClosed)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
 def test_serve_refuses_a_folder_that_is_no_export(tmp_path):
     from vla_scale.cli import main as cli
 

@@ -133,7 +133,10 @@ case "$*" in
 esac
 """
 # A launcher that records its arguments and exits with FAKE_RC, standing in for launchers/train.sh on each node.
+# First it sends SIGUSR1 to itself and to srun's task (the wrapper shell that started it), as SLURM's
+# `--signal=USR1@...` does to every process of the step: both must survive it.
 FAKE_TRAIN = """#!/usr/bin/env bash
+kill -USR1 "$PPID" "$$"
 echo "node $NODE_RANK: $*" >>"$FAKE_LOG"
 exit "$FAKE_RC"
 """
@@ -142,7 +145,8 @@ exit "$FAKE_RC"
 @pytest.mark.parametrize("rc", [EXIT_PREEMPTED, 3])
 def test_slurm_script_requeues_a_preempted_job_only(tmp_path, rc):
     """launchers/slurm.sbatch with fake srun/scontrol: every node's launcher gets train.preempt_signal=SIGUSR1
-    (the script asks SLURM for SIGUSR1 before the time limit); exit 75 on the nodes means requeue, any other
+    (the script asks SLURM for SIGUSR1 before the time limit), and neither it nor srun's wrapper shell dies
+    of that signal; exit 75 on the nodes means requeue, any other
     failure is the job's exit code."""
     from tests.train.test_multinode import FAKE_SRUN
 

@@ -23,6 +23,7 @@ RESUMABLE_CHANGES = (
     "train.ckpt_every",
     "train.keep_last",
     "train.preempt_signal",
+    "train.process_group_timeout_s",  # per process: no saved state depends on it
     "wandb",
     "eval",
     "debug",

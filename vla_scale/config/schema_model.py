@@ -257,12 +257,24 @@ def validate_fast(m: ModelConfig, prefix: str = "model") -> None:
         )
 
 
+# vla_scale.data.locations.REMOTE_PREFIXES (not imported: vla_scale.data imports this package)
+REMOTE_PREFIXES = ("s3://", "http://", "https://", "pipe:")
+
+
 def default_fast_path(source_paths: list[str]) -> str:
     """fast_tokenizer.json beside the stats.json of the first source that has one (the robot dataset), else
-    beside the first source (validation then names it as missing)."""
+    beside the first source (validation then names it as missing). A remote source has no local folder to
+    default into (`Path("s3://b/ds")` is `s3:/b/ds`), so with one the path must be given."""
     for path in source_paths:
-        if (Path(path) / "stats.json").is_file():
+        if not path.startswith(REMOTE_PREFIXES) and (Path(path) / "stats.json").is_file():
             return str(Path(path) / FAST_FILE)
+    remote = [p for p in source_paths if p.startswith(REMOTE_PREFIXES)]
+    if remote:
+        raise ConfigError(
+            f"model.discrete.fast_path: data source {remote[0]} is remote, so the FAST tokenizer file has no "
+            "default place beside it: set model.discrete.fast_path to a local fast_tokenizer.json (fit it with "
+            "`python -m data_tools fit-fast` on a local copy of the dataset, --out that path)"
+        )
     return str(Path(source_paths[0]) / FAST_FILE) if source_paths else FAST_FILE
 
 
@@ -270,6 +282,8 @@ def check_fast_tokenizer(m: ModelConfig, chunk_size: int, prefix: str = "model")
     """Cross-section: a FAST run needs a fitted tokenizer file for the chunks it trains (`data.fwd_pred_next_n`)."""
     if m.discrete.tokenizer != "fast":
         return
+    if m.discrete.fast_path.startswith(REMOTE_PREFIXES):
+        raise ConfigError(f"{prefix}.discrete.fast_path: {m.discrete.fast_path} must be a local file, not a URL")
     path = Path(m.discrete.fast_path)
     fit = f"`python -m data_tools fit-fast DATASET --chunk {chunk_size}`"
     if not path.is_file():

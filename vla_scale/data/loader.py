@@ -7,6 +7,7 @@ same step and the ZeRO collectives line up, and a resumed run can replay the sch
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +166,18 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
+def reset_worker_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: undo the rank's preemption handler in a forked worker.
+
+    A worker inherits the rank's SIGTERM handler (vla_scale/train/preempt.py), which only counts the signal,
+    so torch's `terminate()` of a stuck worker would do nothing: SIGTERM goes back to its default. SIGUSR1
+    (the other preemption signal, which SLURM's `--signal` sends to every process of the step) is ignored
+    instead: a worker killed by it would make torch raise in the rank while that rank saves its checkpoint.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def build_dataloader(cfg: DataConfig, spec: StreamSpec, tokenizer: Any, resume: dict | None = None) -> DataLoader:
     """DataLoader over `MixedBatches`; batches arrive fully collated (batch_size=None).
 
@@ -182,6 +195,7 @@ def build_dataloader(cfg: DataConfig, spec: StreamSpec, tokenizer: Any, resume: 
         batch_size=None,
         num_workers=workers,
         collate_fn=_identity,
+        worker_init_fn=reset_worker_signals,
         persistent_workers=workers > 0,
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),

@@ -3,12 +3,14 @@
 One client is one connection and so one episode on the server: `reset()` between episodes, `infer(obs)` per
 query. Requests on one client are sent one at a time (a lock makes it safe to call from the control thread and
 from `AsyncChunkExecutor`'s background thread). A refused request raises `ServerError` with the field the
-server named; the connection stays usable.
+server named; the connection stays usable. So it does after a request timed out (`TimeoutError`): the reply that
+arrives late carries that request's id, and the next request drops it instead of taking it for its own.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -44,12 +46,21 @@ class PolicyClient:
             self._next_id += 1
             message = {**message, "id": self._next_id}
             self._ws.send(proto.pack(message))
-            reply = proto.unpack(self._ws.recv(self.timeout))
+            reply = self._reply_to(message["id"])
         if reply.get("type") == "error":
             raise proto.ServerError(str(reply.get("field")), str(reply.get("message")))
         if reply.get("id") != message["id"]:
             raise RuntimeError(f"reply {reply.get('id')} does not answer request {message['id']}")
         return reply
+
+    def _reply_to(self, request_id: int) -> dict:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            reply = proto.unpack(self._ws.recv(left))
+            late = reply.get("id")
+            if not (isinstance(late, int) and late < request_id):
+                return reply  # else: the answer to an earlier request that timed out; dropped
 
     def send_raw(self, frame: bytes | str) -> dict:
         """Send an arbitrary frame and return the decoded reply as is (protocol tests, debugging)."""

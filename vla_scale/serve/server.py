@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +58,7 @@ class PolicyServer:
         delay_s: float = 0.0,
         control_rate_hz: float | None = None,
         name: str = "",
+        shutdown_grace_s: float = SHUTDOWN_GRACE_S,
     ) -> None:
         self.policy = policy
         self.host, self.port = host, port
@@ -63,6 +66,7 @@ class PolicyServer:
         self.delay_s = delay_s  # artificial inference time (tests, benchmarks of slow policies)
         self.control_rate_hz = control_rate_hz
         self.name = name
+        self.shutdown_grace_s = shutdown_grace_s  # then a stuck inference is abandoned, not waited for
         self.cameras = [c for c in (policy.static_camera, policy.wrist_camera) if c]
         self._stepwise = bool(getattr(policy.model, "stepwise", False))
         self._base_head = policy.model.action_head if self._stepwise else None
@@ -71,6 +75,7 @@ class PolicyServer:
         self._sessions: dict[int, Session] = {}
         self._inflight: set[asyncio.Future] = set()
         self._stopping = False
+        self.abandoned = False  # set at shutdown when an inference outlived the grace
         self._served = 0
         self._connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -152,10 +157,21 @@ class PolicyServer:
         async def main() -> None:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, lambda: self._stop_event and self._stop_event.set())
+                loop.add_signal_handler(sig, on_signal)
             await self.serve(announce)
 
+        def on_signal() -> None:
+            if self._stopping:  # a second signal: do not wait for the in-flight requests
+                print("policy server: second signal, exiting now", flush=True)
+                sys.stderr.flush()
+                os._exit(1)
+            if self._stop_event is not None:
+                self._stop_event.set()
+
         asyncio.run(main())
+        if self.abandoned:  # the interpreter would join the stuck inference thread at exit
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(1)
 
     async def serve(self, announce: bool = False) -> None:
         """Serve until `stop()`; then finish in-flight requests and close every connection."""
@@ -171,10 +187,17 @@ class PolicyServer:
             self._stopping = True
             server.server.close()  # stop accepting; open connections still get their replies
             if self._inflight:
-                await asyncio.wait(set(self._inflight), timeout=SHUTDOWN_GRACE_S)
+                await asyncio.wait(set(self._inflight), timeout=self.shutdown_grace_s)
+            stuck = bool(self._inflight)
+            for future in list(self._inflight):  # release its handler, or wait_closed() waits for the model
+                future.cancel()
             server.close(close_connections=True)  # idempotent: this is the only call that closes connections
             await server.wait_closed()
-        self._worker.shutdown(wait=True)
+        # An inference still running after the grace is abandoned: waiting for it could block forever.
+        self._worker.shutdown(wait=not stuck, cancel_futures=True)
+        self.abandoned = stuck
+        if stuck:
+            print(f"policy server: an inference still ran after {self.shutdown_grace_s:g} s; not waiting", flush=True)
         if announce:
             print("policy server stopped", flush=True)
 

@@ -8,7 +8,10 @@ moments carry over exactly.
 
 Rank 0 converts `checkpoints/<tag>` into `checkpoints/universal/<tag>` once (in a child process: the
 converter forks worker pools, which a rank holding a process group must not do), atomically (a temporary
-folder renamed at the end), while the other ranks wait at a barrier. `train.keep_last` never prunes
+folder renamed at the end). The other ranks poll for that folder, with no collective pending: a large
+checkpoint's conversion may take longer than the process-group timeout (`train.process_group_timeout_s`)
+that would bound a barrier. If the conversion fails, rank 0 leaves `universal/.<tag>.failed` with the
+reason, and every rank stops with it. `train.keep_last` never prunes
 `universal/` (it is not a `step_*` folder); remove it when no longer needed.
 """
 
@@ -18,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -42,29 +46,49 @@ def needs_universal(meta: dict | None, zero_stage: int, world_size: int) -> bool
     return meta is not None and meta.get("world_size") not in (None, world_size) and zero_stage > 0
 
 
-def convert(ckpt_dir: Path, tag: str, rank: int) -> Path:
-    """Collective: rank 0 writes `<ckpt_dir>/universal/<tag>` unless it exists; returns `<ckpt_dir>/universal`."""
+def convert(ckpt_dir: Path, tag: str, rank: int, poll_s: float = 2.0) -> Path:
+    """Rank 0 writes `<ckpt_dir>/universal/<tag>` unless it exists, the others wait; returns `<ckpt_dir>/universal`.
+
+    Called by every rank. The one barrier comes before the conversion (all ranks have just joined the
+    process group), so that a failure marker from an earlier attempt is gone before anyone looks for one.
+    """
     out_dir = ckpt_dir / UNIVERSAL
-    target = out_dir / tag
+    target, failed = out_dir / tag, out_dir / f".{tag}.failed"
     if rank == 0 and not target.is_dir():
-        tmp = out_dir / f".{tag}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         out_dir.mkdir(exist_ok=True)
-        print(f"[vla_scale] converting {ckpt_dir / tag} to a universal checkpoint for the new world size", flush=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag)]
-        cmd += ["--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"ds_to_universal failed on {ckpt_dir / tag} (exit {proc.returncode}); resume on the world size "
-                f"that wrote it.\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-            )
-        for name in os.listdir(ckpt_dir / tag):  # our meta file and anything else DeepSpeed does not copy
-            src = ckpt_dir / tag / name
-            if src.is_file() and not (tmp / name).exists():
-                shutil.copy2(src, tmp / name)
-        os.replace(tmp, target)
+        failed.unlink(missing_ok=True)
     if dist.is_initialized():
         dist.barrier()
+    if rank == 0 and not target.is_dir():
+        try:
+            _convert(ckpt_dir, tag, out_dir)
+        except Exception as e:
+            failed.write_text(f"{e}\n")
+            raise
+    while not target.is_dir():
+        if failed.exists():
+            raise RuntimeError(
+                f"rank 0 could not convert {ckpt_dir / tag} to a universal checkpoint: {failed.read_text()}"
+            )
+        time.sleep(poll_s)
     return out_dir
+
+
+def _convert(ckpt_dir: Path, tag: str, out_dir: Path) -> None:
+    tmp = out_dir / f".{tag}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[vla_scale] converting {ckpt_dir / tag} to a universal checkpoint for the new world size", flush=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag)]
+    cmd += ["--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"ds_to_universal failed on {ckpt_dir / tag} (exit {proc.returncode}); resume on the world size "
+            f"that wrote it.\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    for name in os.listdir(ckpt_dir / tag):  # our meta file and anything else DeepSpeed does not copy
+        src = ckpt_dir / tag / name
+        if src.is_file() and not (tmp / name).exists():
+            shutil.copy2(src, tmp / name)
+    os.replace(tmp, out_dir / tag)
