@@ -35,7 +35,7 @@ from torch.utils.data import get_worker_info
 
 from vla_scale.data.batch import Batch
 from vla_scale.data.collate import collate_robot, collate_vl
-from vla_scale.data.stream import BadSamples, DataError, Reader
+from vla_scale.data.stream import BadSamples, DataError, Reader, state_mismatch
 
 
 def virtual_readers(global_batch_size: int, micro_batch_size: int) -> int:
@@ -86,9 +86,8 @@ def check_elastic_state(state: dict, seed: int, num_virtual: int, micro_batch_si
             "data.elastic=false and the same ranks, or start a new run with data.elastic=true"
         )
     now = {"seed": seed, "virtual_readers": num_virtual, "micro_batch_size": micro_batch_size}
-    diff = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
-    if diff:
-        details = ", ".join(f"{k}: checkpoint {old} vs now {new}" for k, (old, new) in diff.items())
+    details = state_mismatch(state, now)
+    if details:
         raise DataError(
             f"cannot resume the elastic data stream ({details}): the global batch, micro batch and seed must stay "
             "as the run started (the number of ranks and workers may change)"

@@ -21,7 +21,7 @@ from vla_scale.data.batch import Batch
 from vla_scale.data.collate import collate_robot, collate_vl
 from vla_scale.data.elastic import check_elastic_state, iter_elastic, loader_workers, virtual_readers
 from vla_scale.data.format import Manifest
-from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream
+from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream, state_mismatch
 
 
 def batch_sources(seed: int, batch_index: int, weights: np.ndarray, kinds: list[str], size: int) -> list[int]:
@@ -275,9 +275,8 @@ class StreamTracker:
     def check_compatible(state: dict, seed: int, world_size: int, num_workers: int, micro_batch_size: int) -> None:
         """Exact resume replays the same readers; a different split would repeat or skip samples, so refuse."""
         now = {"seed": seed, "world_size": world_size, "num_workers": num_workers, "micro_batch_size": micro_batch_size}
-        diff = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
-        if diff:
-            details = ", ".join(f"{k}: checkpoint {old} vs now {new}" for k, (old, new) in diff.items())
+        details = state_mismatch(state, now)
+        if details:
             raise DataError(
                 f"cannot resume the data stream exactly ({details}): the checkpoint's stream position is only "
                 "valid for the same ranks, workers, micro batch and seed; resume with those settings or start "

@@ -47,6 +47,12 @@ class DataError(RuntimeError):
     """A bad sample under `bad_sample_policy: fail`, or a dataset that cannot be read at all."""
 
 
+def state_mismatch(state: dict, now: dict) -> str:
+    """The keys of `now` whose value differs in a checkpoint's data `state`, as "key: checkpoint X vs now Y, ..."
+    ("" when all match): what a resume refusal names."""
+    return ", ".join(f"{k}: checkpoint {state.get(k)} vs now {v}" for k, v in now.items() if state.get(k) != v)
+
+
 @dataclass(frozen=True)
 class Reader:
     """Which slice of the data this process/worker reads."""
