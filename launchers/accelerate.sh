@@ -36,10 +36,7 @@ shift
 
 # shellcheck source=launchers/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-[[ -z "${HOSTFILE:-}" ]] || vla_die "HOSTFILE is for launchers/train.sh (ssh); with accelerate set NODE_RANK on each node"
-if [[ "${NUM_NODES:-1}" -gt 1 && -z "${NODE_RANK:-}" ]]; then
-    vla_die "set NODE_RANK (0 .. NUM_NODES-1) on every node: node 0 prepares the run, the others wait for it"
-fi
+vla_require_node_rank accelerate
 vla_setup
 vla_prepare "$CONFIG" "$@"
 

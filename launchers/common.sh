@@ -1,4 +1,4 @@
-# Sourced by launchers/train.sh and launchers/torchrun.sh (not run on its own): the knobs both
+# Sourced by launchers/train.sh, torchrun.sh and accelerate.sh (not run on its own): the knobs they
 # share, the per-rank environment, and the prepare step that must run once per job.
 #
 # After `vla_setup` these are set: ROOT PYTHON PER_NODE NUM_NODES NODE_RANK WORLD_SIZE
@@ -9,6 +9,14 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 vla_die() {
     echo "[$(basename "$0")] error: $*" >&2
     exit 2
+}
+
+# Launchers started once per node (torchrun, accelerate) have no hostfile mode and need each node's rank.
+vla_require_node_rank() { # $1: the launcher's name, for the message
+    [[ -z "${HOSTFILE:-}" ]] || vla_die "HOSTFILE is for launchers/train.sh (ssh); with $1 set NODE_RANK on each node"
+    if [[ "${NUM_NODES:-1}" -gt 1 && -z "${NODE_RANK:-}" ]]; then
+        vla_die "set NODE_RANK (0 .. NUM_NODES-1) on every node: node 0 prepares the run, the others wait for it"
+    fi
 }
 
 vla_is_dry_run() {
