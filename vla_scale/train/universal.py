@@ -62,8 +62,8 @@ def convert(ckpt_dir: Path, tag: str, rank: int, poll_s: float = 2.0) -> Path:
     out_dir = ckpt_dir / UNIVERSAL
     target, failed = out_dir / tag, out_dir / f".{tag}.failed"
     if rank == 0 and not target.is_dir():
-        out_dir.mkdir(exist_ok=True)
         prune(ckpt_dir, keep=tag)  # conversions of older tags, left by a resume that never saved
+        out_dir.mkdir(exist_ok=True)
         failed.unlink(missing_ok=True)
     if dist.is_initialized():
         dist.barrier()
