@@ -21,7 +21,8 @@ LOSSES = ("loss", "loss_arm", "loss_gripper", "loss_vl")
 REL = 1e-5  # losses: the same samples every step, only the order of float reductions differs
 # ZeRO-3 with LoRA and a stage switch after step 1 that freezes what stage 0 trained (all but heads and adapters).
 STAGES = "[{start_step: 0, trainable: [all]}, {start_step: 1, trainable: [heads, lora]}]"
-ZERO3_LORA_STAGES = ("train.zero_stage=3", "model.lora.enabled=true", f"train.stages={STAGES}")
+LORA_STAGES = ("model.lora.enabled=true", f"train.stages={STAGES}")
+ZERO3_LORA_STAGES = ("train.zero_stage=3", *LORA_STAGES)
 
 
 def _cfg(*extra: str):
@@ -113,21 +114,24 @@ def assert_continues(run_dir: Path, straight: Path, bound: float) -> float:
 
 @pytest.mark.integration
 def test_two_ranks_then_one_then_four_continue_the_run(tmp_path, toy_data, capfd):
-    """ZeRO-2 (configs/debug.yaml), through universal checkpoints; one step on each world size. (ZeRO-0 needs no
-    conversion: its optimizer state is whole in the model file.)"""
+    """ZeRO-2 (configs/debug.yaml) with LoRA and a stage switch after step 1, through universal checkpoints; one
+    step on each world size: 2 ranks in stage 0, 1 rank switching to stage 1, then 4 ranks resuming stage 1 (its
+    frozen weights from the checkpoint). ZeRO-0 needs no conversion: its optimizer state is whole in the model
+    file."""
     ref, el = tmp_path / "ref", tmp_path / "elastic"
     ref.mkdir(), el.mkdir()
-    straight = run_ranks(ref, toy_data, *ELASTIC, "train.max_steps=3").run_dir
-    run_dir = run_ranks(el, toy_data, *ELASTIC, "train.max_steps=1").run_dir
+    straight = run_ranks(ref, toy_data, *ELASTIC, *LORA_STAGES, "train.max_steps=3").run_dir
+    run_dir = run_ranks(el, toy_data, *ELASTIC, *LORA_STAGES, "train.max_steps=1").run_dir
     ckpts = run_dir / "checkpoints"
     # converted here as rank 0 would (the ranks then load this folder): it carries the fp32 masters and both
     # Adam moments over exactly (gathered from the 2 ranks); the ranks' next checkpoint removes it
     universal.convert(ckpts, "step_00000001", rank=0)
     assert_converted_exactly(ckpts, "step_00000001", gathered_zero2)
     capfd.readouterr()
-    run_ranks(el, toy_data, *ELASTIC, "train.max_steps=2", world_size=1)
+    run_ranks(el, toy_data, *ELASTIC, *LORA_STAGES, "train.max_steps=2", world_size=1)
     assert "written by 2 ranks and this job has 1" in capfd.readouterr().err  # prepare's note
-    run_ranks(el, toy_data, *ELASTIC, "train.max_steps=3", world_size=4)
+    assert json.loads((ckpts / checkpoint.tag_for(2) / checkpoint.META).read_text())["stage"] == 1
+    run_ranks(el, toy_data, *ELASTIC, *LORA_STAGES, "train.max_steps=3", world_size=4)
     assert not (ckpts / "universal").exists()  # the step-3 checkpoint made both conversions unneeded
     meta = json.loads((ckpts / checkpoint.tag_for(3) / checkpoint.META).read_text())
     assert meta["world_size"] == 4 and meta["data_elastic"]
