@@ -153,3 +153,38 @@ def test_hf_deepspeed_config_weak_ref_is_what_from_pretrained_consults():
     finally:
         del held
     assert hf_deepspeed.is_deepspeed_zero3_enabled() is False
+
+
+def test_zero3_universal_load_still_shares_one_step_and_group_0s_settings():
+    """The two faults `repair_zero3_universal_load` undoes are still in DeepSpeed's loader (when this fails because
+    upstream fixed them, drop the repair), and the attribute it walks is still the flat fp32 partitions."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    loader = inspect.getsource(Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    assert "self.optimizer.state[fp32_param]['step'] = state_step" in loader
+    assert '["param_groups"][0].items()' in loader
+    assert "self.fp32_partitioned_groups_flat[sub_group_id]" in loader
+
+
+def test_repair_gives_each_sub_group_its_own_step_and_settings():
+    """Two sub-groups left as DeepSpeed's ZeRO-3 universal load leaves them (one shared `step` tensor, group 0's
+    weight decay on both): after the repair, one Adam step per sub-group counts each step once."""
+    import torch
+
+    flats = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    adam = torch.optim.AdamW([{"params": [flats[0]], "weight_decay": 0.1}, {"params": [flats[1]], "weight_decay": 0.0}])
+    before = compat.optimizer_hyperparameters(adam)
+    step = torch.tensor(5.0)
+    for group, flat in zip(adam.param_groups, flats, strict=True):
+        adam.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        group["weight_decay"] = 0.1
+    zero3 = type("Stage3", (), {})()
+    zero3.fp32_partitioned_groups_flat, zero3.optimizer = flats, adam
+    compat.repair_zero3_universal_load(type("Engine", (), {"optimizer": zero3})(), before)
+    assert [g["weight_decay"] for g in adam.param_groups] == [0.1, 0.0]
+    for flat in flats:  # ZeRO-3 steps the base optimizer once per sub-group
+        flat.grad = torch.ones_like(flat)
+    adam.step()
+    assert [float(adam.state[f]["step"]) for f in flats] == [6.0, 6.0]
+    with pytest.raises(compat.UpstreamChanged, match="param groups"):
+        compat.repair_zero3_universal_load(type("Engine", (), {"optimizer": zero3})(), before[:1])

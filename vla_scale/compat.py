@@ -148,3 +148,35 @@ def hf_zero3_init_disabled() -> Iterator[None]:
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Every param group's settings but its parameters: what `repair_zero3_universal_load` puts back."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def repair_zero3_universal_load(engine: Any, hyperparameters: list[dict]) -> None:
+    """Undo two faults of DeepSpeed 0.19's ZeRO-3 universal load (stage3.py, `load_hp_checkpoint_state_...`).
+
+    1. It puts one and the same `step` tensor into the Adam state of every ZeRO-3 sub-group; ZeRO-3
+       steps the base optimizer once per sub-group and torch's Adam adds 1 to `step` in place, so
+       every sub-group after the first ran with a step count too high (wrong bias correction): the
+       1.4e-4 weight drift after one step that kept ZeRO-3 from resuming on another world size.
+    2. It copies param group 0's settings (weight decay, betas, eps) onto every group, so the
+       no-decay group would decay. `hyperparameters` (`optimizer_hyperparameters` of the optimizer
+       before the load) come from the same config, which `check_same_run` held to the checkpoint's.
+    """
+    zero = engine.optimizer
+    _require(zero, "fp32_partitioned_groups_flat", type(zero).__name__)
+    base = zero.optimizer
+    for flat in zero.fp32_partitioned_groups_flat:
+        state = base.state.get(flat, {})
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    if len(hyperparameters) != len(base.param_groups):
+        raise UpstreamChanged(
+            f"ZeRO-3 optimizer has {len(base.param_groups)} param groups after a universal load, built with "
+            f"{len(hyperparameters)}; update vla_scale/compat.py"
+        )
+    for group, saved in zip(base.param_groups, hyperparameters, strict=True):
+        group.update(saved)

@@ -3,6 +3,8 @@
 Layout under `<run_dir>/checkpoints/`:
 - `step_XXXXXXXX/` — what `engine.save_checkpoint` writes (model, optimizer and
   scheduler states per rank, DeepSpeed's `zero_to_fp32.py`) plus our client state;
+- `universal/<tag>` — a conversion for resuming on another world size (`universal.py`), removed by
+  the next save;
 - `latest` — the tag of the newest *complete* checkpoint, in DeepSpeed's own format,
   replaced atomically only after every rank has finished writing, so a job killed
   during a save resumes from the previous checkpoint.
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
+
+from vla_scale.train import universal
 
 LATEST = "latest"
 META = "vla_scale_state.json"  # step and stage, readable before an engine exists (the stage decides its shape)
@@ -59,6 +63,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     dist.barrier()
     if dist.get_rank() == 0:
         _write_latest(ckpt_dir, tag)
+        universal.prune(ckpt_dir)  # conversions of older tags: only a resume from them needed them
         if keep_last > 0:
             _prune(ckpt_dir, keep_last, protect=tag)
     dist.barrier()

@@ -79,13 +79,9 @@ def check_same_run(
         )
 
 
-# ZeRO stages whose checkpoint loads on another number of ranks: stage 0 keeps the whole optimizer state in the
-# model file; stages 1 and 2 partition it and go through DeepSpeed's universal checkpoints (train/universal.py).
-# Stage 3 takes the same path, but in a 2 -> 1 rank check its weights drifted 1.4e-4 from an unchanged run after
-# one step (ZeRO-1/2: 1.5e-8), so its optimizer state is not restored exactly yet: refused.
-ELASTIC_ZERO_STAGES = (0, 1, 2)
-
-
+# ZeRO-0 keeps the whole optimizer state in the model file; ZeRO 1-3 partition it and go through DeepSpeed's
+# universal checkpoints (train/universal.py), which also covers train.stages and LoRA (the stage's optimizer over
+# its trainable names; frozen parameters copied from the checkpoint).
 def world_size_change(ckpt_dir: Path, meta: dict, cfg: Config, world_size: int) -> str | None:
     """None when `latest` was written by `world_size` ranks (or is older than the world size record); otherwise
     what resuming it on `world_size` ranks will do, for `prepare` to print. Raises ConfigError when it cannot."""
@@ -98,25 +94,14 @@ def world_size_change(ckpt_dir: Path, meta: dict, cfg: Config, world_size: int) 
             f"{refused}; resume with the same number of ranks (the data stream position is per rank), or start "
             "runs with data.elastic=true to make them resumable on another number of ranks"
         )
-    if cfg.train.zero_stage not in ELASTIC_ZERO_STAGES:
-        raise ConfigError(
-            f"{refused}; its ZeRO-{cfg.train.zero_stage} optimizer state is partitioned over {old} ranks and "
-            f"re-partitioning it is supported (tested) only for ZeRO stages {ELASTIC_ZERO_STAGES}: resume on {old} "
-            "ranks, or use one of those stages for runs that must change size"
-        )
-    untested = [k for k, on in (("model.lora", cfg.model.lora.enabled), ("train.stages", cfg.train.stages)) if on]
-    if untested:
-        raise ConfigError(
-            f"{refused}; resuming on another number of ranks is not tested with {' or '.join(untested)} yet: "
-            f"resume on {old} ranks"
-        )
     t = cfg.train
     how = "converted once to a DeepSpeed universal checkpoint and " if t.zero_stage else ""
+    frozen = ", and parameters the stage freezes are copied from the checkpoint" if t.zero_stage else ""
     return (
         f"the checkpoint at step {meta.get('step')} was written by {old} ranks and this job has {world_size}: the "
         f"global batch stays {t.global_batch_size} (gradient accumulation {t.grad_accum(old)} -> "
         f"{t.grad_accum(world_size)}), the data stream continues at that global step (data.elastic: the same "
         f"samples, mixing and augmentation as without the change), the ZeRO-{t.zero_stage} optimizer state "
-        f"(fp32 weights, Adam moments) is {how}re-partitioned over the new ranks unchanged; losses match an "
+        f"(fp32 weights, Adam moments) is {how}re-partitioned over the new ranks unchanged{frozen}; losses match an "
         "unchanged run up to the order of float reductions"
     )

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from vla_scale.compat import keep_hf_deepspeed_config
+from vla_scale.compat import keep_hf_deepspeed_config, optimizer_hyperparameters
 from vla_scale.config import Config, ConfigError, config_hash, load_config
 from vla_scale.data import StreamSpec, StreamTracker, build_dataloader
 from vla_scale.data.elastic import rank_virtual_readers
@@ -142,9 +142,13 @@ def resume(staged: StagedEngine, ckpt_dir: Path, rank: int, load_dir: Path | Non
     `load_dir`: the universal conversion of `latest` (another world size under ZeRO 1-3)."""
     meta = checkpoint.read_meta(ckpt_dir)
     staged.enter(staged.stages[meta["stage"]] if meta is not None else staged.stages[0])
+    hyperparameters = optimizer_hyperparameters(staged.optimizer) if load_dir else []
     client = checkpoint.load_latest(staged.engine, ckpt_dir, load_dir)
     if client is None:
         return 0, None
+    if load_dir is not None:
+        tag, zero_stage = checkpoint.read_latest(ckpt_dir), staged.cfg.train.zero_stage
+        universal.after_load(staged.engine, staged.model, ckpt_dir, tag, zero_stage, hyperparameters)
     if "rng" in client:
         set_rng_state(client["rng"])
     step = int(client["step"])

@@ -11,8 +11,15 @@ converter forks worker pools, which a rank holding a process group must not do),
 folder renamed at the end). The other ranks poll for that folder, with no collective pending: a large
 checkpoint's conversion may take longer than the process-group timeout (`train.process_group_timeout_s`)
 that would bound a barrier. If the conversion fails, rank 0 leaves `universal/.<tag>.failed` with the
-reason, and every rank stops with it. `train.keep_last` never prunes
-`universal/` (it is not a `step_*` folder); remove it when no longer needed.
+reason, and every rank stops with it.
+
+A universal load restores only what the optimizer holds (DeepSpeed skips the module file), so
+`after_load` copies the checkpoint's values into the parameters the current stage freezes (an
+earlier stage may have trained them), and under ZeRO-3 repairs what DeepSpeed's loader gets wrong
+(`compat.repair_zero3_universal_load`).
+
+A conversion is needed only while its tag is being loaded: `prune` keeps at most that one (at
+conversion time), and every new checkpoint removes them all (`checkpoint.save`).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ def convert(ckpt_dir: Path, tag: str, rank: int, poll_s: float = 2.0) -> Path:
     out_dir = ckpt_dir / UNIVERSAL
     target, failed = out_dir / tag, out_dir / f".{tag}.failed"
     if rank == 0 and not target.is_dir():
+        prune(ckpt_dir, keep=tag)  # conversions of older tags, left by a resume that never saved
         out_dir.mkdir(exist_ok=True)
         failed.unlink(missing_ok=True)
     if dist.is_initialized():
@@ -72,6 +80,70 @@ def convert(ckpt_dir: Path, tag: str, rank: int, poll_s: float = 2.0) -> Path:
             )
         time.sleep(poll_s)
     return out_dir
+
+
+def prune(ckpt_dir: Path, keep: str | None = None) -> list[str]:
+    """Remove every entry of `<ckpt_dir>/universal/` but the conversion of `keep` (and its temporary folder and
+    failure marker); the folder itself goes when nothing is left. Returns the names removed. Rank 0 only."""
+    out_dir = ckpt_dir / UNIVERSAL
+    if not out_dir.is_dir():
+        return []
+    kept = {keep, f".{keep}.tmp", f".{keep}.failed"} if keep else set()
+    removed = sorted(p.name for p in out_dir.iterdir() if p.name not in kept)
+    for name in removed:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    return removed
+
+
+def after_load(engine, model, ckpt_dir: Path, tag: str, zero_stage: int, hyperparameters: list[dict]) -> int:
+    """Finish a universal load: ZeRO-3's optimizer repaired, frozen parameters restored; returns how many were.
+
+    `hyperparameters`: `compat.optimizer_hyperparameters` of the optimizer before the load.
+    """
+    from vla_scale.compat import repair_zero3_universal_load
+
+    if zero_stage == 3:
+        repair_zero3_universal_load(engine, hyperparameters)
+    return restore_frozen(model, ckpt_dir, tag)
+
+
+def restore_frozen(model, ckpt_dir: Path, tag: str) -> int:
+    """Copy `<ckpt_dir>/<tag>`'s values into every parameter that does not train now; returns how many.
+
+    Why: a universal load skips the module file, and a parameter that an earlier stage trained and
+    the current one freezes would fall back to its value at build time. A frozen parameter has no fp32
+    master; its saved value is what it held, so the copy is exact (bf16 included). Under ZeRO-3 each
+    one is gathered, written by rank 0 and partitioned again.
+    """
+    import deepspeed
+
+    from vla_scale.train.export import load_fp32_state_dict
+
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return 0
+    saved = load_fp32_state_dict(ckpt_dir.parent, tag)
+    missing = [n for n, _ in frozen if n not in saved]
+    if missing:
+        raise RuntimeError(
+            f"{ckpt_dir / tag} holds no value for {len(missing)} frozen parameters ({', '.join(missing[:3])}, ...): "
+            "it cannot be resumed on another number of ranks; resume on the world size that wrote it"
+        )
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for name, p in frozen:
+        if hasattr(p, "ds_id"):  # ZeRO-3 partitioned
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    p.data.copy_(saved[name].view(p.shape))
+        else:
+            p.data.copy_(saved[name].view(p.shape))
+    return len(frozen)
 
 
 def _convert(ckpt_dir: Path, tag: str, out_dir: Path) -> None:
