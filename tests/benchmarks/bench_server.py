@@ -7,7 +7,7 @@ carries two 224 x 224 frames, state and instruction, which the policy resizes to
 server is a separate process (`vla-scale serve --port 0`), one torch thread on each side; figures compare the
 transport's cost with the model's, they say nothing about a real backbone's latency.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_server.py [--calls 100] [--rate 50] [--overlaps 2 4 6]
+    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_server.py [--rounds 12] [--calls 20] [--latency-only]
 """
 
 from __future__ import annotations
@@ -110,21 +110,38 @@ def server_process(export: Path, threads: int, delay_ms: float = 0.0):
                 proc.wait(timeout=30)
 
 
+def fmt_load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.2f}" for x in load)
+
+
 def ms_stats(times: list[float]) -> tuple[float, float]:
     return statistics.median(times) * 1e3, float(np.percentile(times, 90)) * 1e3
 
 
-def time_interleaved(fns: list, obs: list[dict], warmup: int) -> list[list[float]]:  # noqa: ANN001
-    """Seconds per call of each fn, the fns called in turn on each observation, so a change in the machine's load
-    (other processes on shared cores) affects every path alike."""
-    times: list[list[float]] = [[] for _ in fns]
-    for i, o in enumerate(obs):
-        for fn, out in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn(o)
-            if i >= warmup:
-                out.append(time.perf_counter() - start)
+def time_calls(fn, obs: list[dict], warmup: int) -> list[float]:  # noqa: ANN001
+    """Seconds per call of `fn` on each of `obs` after `warmup` untimed calls (on the first observations)."""
+    for o in obs[:warmup]:
+        fn(o)
+    times = []
+    for o in obs:
+        start = time.perf_counter()
+        fn(o)
+        times.append(time.perf_counter() - start)
     return times
+
+
+def alternating_rounds(local, served, obs: list[dict], rounds: int, warmup: int) -> list[dict]:  # noqa: ANN001
+    """`rounds` rounds; in each, every observation through one path, then the same observations through the other,
+    the path that goes first alternating round by round. Each round's two medians come from the same minute of
+    the machine's load (other processes on shared cores), so their ratio is comparable across rounds; blocks of
+    one path keep its caches as warm as in use (a robot calls one or the other, not both in turn)."""
+    out = []
+    for r in range(rounds):
+        order = [("local", local), ("served", served)]
+        times = dict((name, time_calls(fn, obs, warmup)) for name, fn in (order if r % 2 == 0 else order[::-1]))
+        local_ms, served_ms = (statistics.median(times[k]) * 1e3 for k in ("local", "served"))
+        out.append({"first": "in-process" if r % 2 == 0 else "server", "local": local_ms, "served": served_ms})
+    return out
 
 
 def client_worker(url: str, seconds: float, seed: int, barrier: Any, results: Any) -> None:
@@ -191,10 +208,38 @@ def control_loop(url: str, rate: float, overlap: int, ticks: int) -> list[str]:
     ]
 
 
+def print_latency(
+    args: argparse.Namespace, rounds: list[dict], inside: list[float], health: list[list[float]], loads: tuple
+) -> float:
+    """The latency rounds and the overhead figure; returns the server's median round trip (ms)."""
+    ratios = [r["served"] / r["local"] for r in rounds]
+    lm, sm = (statistics.median(r[k] for r in rounds) for k in ("local", "served"))
+    im = statistics.median(inside)
+    hm, pm = (statistics.median(h) * 1e3 for h in health)
+    print(f"$ {command_line()}")
+    print(f"tiny debug model, CPU, {args.threads} torch thread(s); 2 cameras x {SIDE}x{SIDE} uint8 + state per request")
+    print(f"load average (1/5/15 min) before {fmt_load(loads[0])}, after the latency rounds {fmt_load(loads[1])}")
+    print(f"\nlatency: {args.rounds} rounds x {args.calls} calls per path (same observations), first path alternating")
+    latency = [
+        [str(i + 1), r["first"], f"{r['local']:.2f}", f"{r['served']:.2f}", f"{ratio - 1:+.1%}"]
+        for i, (r, ratio) in enumerate(zip(rounds, ratios, strict=True))
+    ]
+    print(table(["round", "first", "in-process ms", "server ms", "overhead"], latency))
+    print(f"in-process Policy.predict {lm:.2f} ms, server round trip {sm:.2f} ms (medians of the round medians)")
+    print(f"  of which inside the server (checks, hand-off to the inference thread, inference) {im:.2f} ms")
+    print(f"health round trip {hm:.2f} ms; with the observation as payload (decoded, no inference) {pm:.2f} ms")
+    print(
+        f"server overhead: {statistics.median(ratios) - 1:+.1%} (median of the per-round ratios; "
+        f"rounds from {min(ratios) - 1:+.1%} to {max(ratios) - 1:+.1%})"
+    )
+    return sm
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=100, help="timed latency calls (after --warmup)")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=20, help="timed calls per path and latency round")
+    parser.add_argument("--rounds", type=int, default=12, help="latency rounds (in-process and server, alternating)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each path's block")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in the server")
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16])
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
@@ -203,6 +248,7 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=200, help="control ticks per control-loop row")
     parser.add_argument("--delay-ms", type=float, default=100.0, help="extra server inference time, slow-model rows")
     parser.add_argument("--slow-rate", type=float, default=20.0, help="control rate (Hz) of the slow-model rows")
+    parser.add_argument("--latency-only", action="store_true", help="only the latency rounds")
     args = parser.parse_args()
     import torch
 
@@ -214,35 +260,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_server-") as tmp:
         export = write_export(Path(tmp))
         policy = Policy.from_pretrained(export, device="cpu")
-        obs = observations(args.warmup + args.calls)
+        obs = observations(args.calls)
+        load_before = os.getloadavg()
         with server_process(export, args.threads) as url:
             with PolicyClient(url, timeout=600) as client:
                 inside: list[float] = []  # the server's own time per request (checks, inference)
 
                 def infer(o: dict) -> None:
-                    inside.append(client.request({"type": "infer", "obs": o})["server_ms"] / 1e3)
+                    inside.append(client.request({"type": "infer", "obs": o})["server_ms"])
 
                 def predict(o: dict) -> None:
                     policy.predict(o["images"], o["instruction"], o["state"])
 
-                local, served, health = time_interleaved([predict, infer, lambda o: client.health()], obs, args.warmup)
+                rounds = alternating_rounds(predict, infer, obs, args.rounds, args.warmup)
+                # the transport alone: a health request carrying the observation, which the server decodes
+                health = [
+                    time_calls(fn, obs, args.warmup)
+                    for fn in (lambda o: client.health(), lambda o: client.request({"type": "health", "obs": o}))
+                ]
+            loads = (load_before, os.getloadavg())
+            if args.latency_only:
+                print_latency(args, rounds, inside, health, loads)
+                return
             rows = [throughput(url, n, args.seconds) for n in args.clients]
             loops = [control_loop(url, args.rate, o, args.ticks) for o in (0, *args.overlaps)]
         with server_process(export, args.threads, args.delay_ms) as url:
             slow = [control_loop(url, args.slow_rate, o, args.ticks) for o in (0, *args.overlaps)]
-    (lm, lp), (sm, sp), (im, ip) = ms_stats(local), ms_stats(served), ms_stats(inside[args.warmup :])
-    hm, hp = ms_stats(health)
-    print(f"$ {command_line()}")
-    print(f"tiny debug model, CPU, {args.threads} torch thread(s); 2 cameras x {SIDE}x{SIDE} uint8 + state per request")
-    print(f"\nlatency, {args.calls} calls after {args.warmup} warm-up")
-    latency = [
-        ["in-process Policy.predict", f"{lm:.2f}", f"{lp:.2f}"],
-        ["server round trip", f"{sm:.2f}", f"{sp:.2f}"],
-        ["  of which inside the server", f"{im:.2f}", f"{ip:.2f}"],
-        ["health round trip (no payload)", f"{hm:.2f}", f"{hp:.2f}"],
-    ]
-    print(table(["path", "median ms", "p90 ms"], latency))
-    print(f"server overhead: {sm - lm:+.2f} ms median ({(sm - lm) / lm:+.1%})")
+    sm = print_latency(args, rounds, inside, health, loads)
     print(f"\nthroughput, concurrent client processes, {args.seconds:.0f} s each (one model, requests serialised)")
     print(table(["clients", "requests/s", "median ms", "p90 ms"], rows))
     header = ["execution", "steps/s", "ticks waiting", "wait ms/tick", "stale rows skipped"]
