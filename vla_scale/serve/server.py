@@ -24,6 +24,7 @@ import asyncio
 import copy
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -192,7 +193,10 @@ class PolicyServer:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         hard = self.max_message_bytes * HARD_LIMIT_FACTOR
-        async with serve(self._handle, self.host, self.port, max_size=hard, compression=None) as server:
+        # No websocket pings: PolicyClient reads its socket only while it waits for a reply (transport.py), so an
+        # idle robot could not answer them; TCP keepalive (`_keepalive`) finds dead peers instead.
+        server_cm = serve(self._handle, self.host, self.port, max_size=hard, compression=None, ping_interval=None)
+        async with server_cm as server:
             self.port = int(next(iter(server.sockets)).getsockname()[1])
             if announce:
                 print(f"serving {self.name or 'policy'} on {self.url} (Ctrl-C to stop)", flush=True)
@@ -219,6 +223,7 @@ class PolicyServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         key = id(ws)
+        _keepalive(ws.transport.get_extra_info("socket"))
         self._connections += 1
         try:
             await ws.send(proto.pack(self.metadata()))
@@ -326,6 +331,17 @@ class PolicyServer:
             and len(recent) == recent.maxlen
             and max(recent) < self.inline_below_s
         )
+
+
+def _keepalive(sock: Any) -> None:
+    """Kernel keepalive probes after 30 s of silence, every 10 s; 3 unanswered drop the connection (and with it
+    the episode): a client whose machine vanished is noticed in ~1 min without any work by the client."""
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def load_server(export: str | Path, device: str = "cpu", **kwargs: Any) -> PolicyServer:
