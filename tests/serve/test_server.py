@@ -252,6 +252,25 @@ def test_client_disconnect_mid_request_frees_its_episode(slow_server, local):
         np.testing.assert_array_equal(probe.infer(obs), predict_local(local, obs))
 
 
+def test_close_from_another_thread_ends_a_waiting_request(slow_server):
+    """The client reads its socket in the waiting thread (transport.py); close() must still release it at once."""
+    client = PolicyClient(slow_server.url, timeout=30)
+    result: dict = {}
+
+    def infer() -> None:
+        try:
+            client.infer(make_obs(np.random.default_rng(6)))
+        except Exception as err:  # noqa: BLE001 - checked below
+            result["error"] = err
+
+    worker = threading.Thread(target=infer)
+    worker.start()
+    time.sleep(0.3)  # the request is on the model (1 s)
+    client.close()
+    worker.join(timeout=30)
+    assert isinstance(result.get("error"), ConnectionClosed), result  # not the chunk the server sends ~0.7 s later
+
+
 def test_a_late_reply_after_a_timeout_is_dropped_not_taken_by_the_next_request(slow_server):
     obs = make_obs(np.random.default_rng(3))
     with PolicyClient(slow_server.url, timeout=0.3) as client:
