@@ -9,6 +9,8 @@
 # in the same single place as under launchers/train.sh and launchers/torchrun.sh. accelerate starts them with
 # torch.distributed.run on every node (deepspeed_multinode_launcher: standard), so the ranks see the same
 # environment as under torchrun.sh (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+# `accelerate launch` runs through vla_scale/train/accelerate_launch.py (the same parser and launch code): a run
+# whose ranks stop for preemption makes this script exit 75, as train.sh does, where accelerate's own CLI exits 1.
 #
 # Environment knobs (all optional):
 #   PYTHON          python with vla_scale installed             (default: .venv/bin/python if present, else python)
@@ -49,4 +51,4 @@ if [[ -n "${RANK_LOG_DIR:-}" ]]; then
     LAUNCH+=(--log_dir "$RANK_LOG_DIR" --tee 3)
 fi
 
-vla_exec "$PYTHON" -m accelerate.commands.launch "${LAUNCH[@]}" -m vla_scale.train.main --run_dir "$RUN_DIR"
+vla_exec "$PYTHON" -m vla_scale.train.accelerate_launch "${LAUNCH[@]}" -m vla_scale.train.main --run_dir "$RUN_DIR"

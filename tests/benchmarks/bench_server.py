@@ -7,7 +7,7 @@ carries two 224 x 224 frames, state and instruction, which the policy resizes to
 server is a separate process (`vla-scale serve --port 0`), one torch thread on each side; figures compare the
 transport's cost with the model's, they say nothing about a real backbone's latency.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_server.py [--calls 100] [--rate 50] [--overlaps 2 4 6]
+    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_server.py [--rounds 8] [--calls 25] [--latency-only]
 """
 
 from __future__ import annotations
@@ -83,9 +83,11 @@ def observations(n: int, seed: int = 0) -> list[dict]:
 
 
 @contextmanager
-def server_process(export: Path, threads: int, delay_ms: float = 0.0):
+def server_process(export: Path, threads: int, delay_ms: float = 0.0, inline_below_ms: float | None = None):
     """`vla-scale serve` on a free port; yields its ws:// URL; the process group is killed on exit."""
     cmd = [sys.executable, "-m", "vla_scale.cli", "serve", str(export), "--port", "0", "--delay-ms", str(delay_ms)]
+    if inline_below_ms is not None:
+        cmd += ["--inline-below-ms", str(inline_below_ms)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
@@ -110,21 +112,47 @@ def server_process(export: Path, threads: int, delay_ms: float = 0.0):
                 proc.wait(timeout=30)
 
 
+def fmt_load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.2f}" for x in load)
+
+
 def ms_stats(times: list[float]) -> tuple[float, float]:
     return statistics.median(times) * 1e3, float(np.percentile(times, 90)) * 1e3
 
 
-def time_interleaved(fns: list, obs: list[dict], warmup: int) -> list[list[float]]:  # noqa: ANN001
-    """Seconds per call of each fn, the fns called in turn on each observation, so a change in the machine's load
-    (other processes on shared cores) affects every path alike."""
-    times: list[list[float]] = [[] for _ in fns]
-    for i, o in enumerate(obs):
-        for fn, out in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn(o)
-            if i >= warmup:
-                out.append(time.perf_counter() - start)
+def time_calls(fn, obs: list[dict], warmup: int) -> list[float]:  # noqa: ANN001
+    """Seconds per call of `fn` on each of `obs` after `warmup` untimed calls (on the first observations)."""
+    for o in obs[:warmup]:
+        fn(o)
+    times = []
+    for o in obs:
+        start = time.perf_counter()
+        fn(o)
+        times.append(time.perf_counter() - start)
     return times
+
+
+def interleaved_rounds(paths: dict, obs: list[dict], rounds: int, warmup: int) -> list[dict[str, list[float]]]:
+    """`rounds` rounds over the same observations; each observation goes through every path back to back, the path
+    that goes first rotating from one call to the next. Returns each round's seconds per call, by path.
+
+    Why so fine-grained: on a shared machine the load changes within a second (the 2 cores here run other jobs),
+    and a block of one path's calls, then a block of the other's, compares different loads. Calls of the same
+    observation a few ms apart see the same load, and the rotation gives no path the warm-cache seat."""
+    names, out = list(paths), []
+    for r in range(rounds):
+        for o in obs[:warmup]:
+            for name in names:
+                paths[name](o)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for i, o in enumerate(obs):
+            k = (r * len(obs) + i) % len(names)
+            for name in names[k:] + names[:k]:
+                start = time.perf_counter()
+                paths[name](o)
+                times[name].append(time.perf_counter() - start)
+        out.append(times)
+    return out
 
 
 def client_worker(url: str, seconds: float, seed: int, barrier: Any, results: Any) -> None:
@@ -191,10 +219,51 @@ def control_loop(url: str, rate: float, overlap: int, ticks: int) -> list[str]:
     ]
 
 
+def print_latency(
+    args: argparse.Namespace,
+    rounds: list[dict],
+    inside: list[float],
+    health: list[list[float]],
+    loads: tuple,
+    inlined: int,
+) -> float:
+    """The latency rounds and the overhead figures; returns the server's median round trip (ms)."""
+    base, servers = "in-process", ("server", "server, worker only")
+    print(f"$ {command_line()}")
+    print(f"tiny debug model, CPU, {args.threads} torch thread(s); 2 cameras x {SIDE}x{SIDE} uint8 + state per request")
+    print(f"load average (1/5/15 min) before {fmt_load(loads[0])}, after the latency rounds {fmt_load(loads[1])}")
+    print(f"\nlatency: {args.rounds} rounds x {args.calls} observations, each through every path in turn (rotating)")
+    print("(server: default settings; worker only: --inline-below-ms 0, every inference handed to the worker thread)")
+    med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
+    rows = []
+    for i, r in enumerate(rounds):
+        rows.append(
+            [str(i + 1), f"{med(r[base]):.2f}"]
+            + [f"{med(r[k]):.2f} ({med(r[k]) / med(r[base]) - 1:+.1%})" for k in servers]
+        )
+    print(table(["round", "in-process ms", "server ms", "worker only ms"], rows))
+    pooled = {k: [t for r in rounds for t in r[k]] for k in (base, *servers)}
+    print("all calls, medians: " + ", ".join(f"{k} {med(v):.2f} ms" for k, v in pooled.items()))
+    print(f"inside the server (checks, inference) {statistics.median(inside):.2f} ms; {inlined} requests inlined")
+    hm, pm = (med(h) for h in health)
+    print(f"health round trip {hm:.2f} ms; with the observation as payload (decoded, no inference) {pm:.2f} ms")
+    for k in servers:
+        # each call's ratio to the in-process call of the same observation made a few ms before or after it
+        paired = [a / b for a, b in zip(pooled[k], pooled[base], strict=True)]
+        per_round = [med(r[k]) / med(r[base]) for r in rounds]
+        print(
+            f"{k} overhead: {statistics.median(paired) - 1:+.1%} (median of per-call ratios); "
+            f"ratio of medians {med(pooled[k]) / med(pooled[base]) - 1:+.1%}; "
+            f"rounds {min(per_round) - 1:+.1%} to {max(per_round) - 1:+.1%}"
+        )
+    return med(pooled["server"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=100, help="timed latency calls (after --warmup)")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=25, help="observations per latency round (each on every path)")
+    parser.add_argument("--rounds", type=int, default=8, help="latency rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per path before each round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in the server")
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16])
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
@@ -203,6 +272,7 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=200, help="control ticks per control-loop row")
     parser.add_argument("--delay-ms", type=float, default=100.0, help="extra server inference time, slow-model rows")
     parser.add_argument("--slow-rate", type=float, default=20.0, help="control rate (Hz) of the slow-model rows")
+    parser.add_argument("--latency-only", action="store_true", help="only the latency rounds")
     args = parser.parse_args()
     import torch
 
@@ -214,35 +284,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_server-") as tmp:
         export = write_export(Path(tmp))
         policy = Policy.from_pretrained(export, device="cpu")
-        obs = observations(args.warmup + args.calls)
+        obs = observations(args.calls)
+        load_before = os.getloadavg()
+        with (
+            server_process(export, args.threads) as url,
+            server_process(export, args.threads, inline_below_ms=0) as url_worker,
+            PolicyClient(url, timeout=600) as client,
+            PolicyClient(url_worker, timeout=600) as worker_client,
+        ):
+            inside: list[float] = []  # the server's own time per request (checks, inference)
+
+            def infer(o: dict) -> None:
+                inside.append(client.request({"type": "infer", "obs": o})["server_ms"])
+
+            def predict(o: dict) -> None:
+                policy.predict(o["images"], o["instruction"], o["state"])
+
+            paths = {"in-process": predict, "server": infer, "server, worker only": worker_client.infer}
+            rounds = interleaved_rounds(paths, obs, args.rounds, args.warmup)
+            # the transport alone: a health request carrying the observation, which the server decodes
+            health = [
+                time_calls(fn, obs, args.warmup)
+                for fn in (lambda o: client.health(), lambda o: client.request({"type": "health", "obs": o}))
+            ]
+            inlined = client.health()["inlined"]
+        loads = (load_before, os.getloadavg())
+        if args.latency_only:
+            print_latency(args, rounds, inside, health, loads, inlined)
+            return
         with server_process(export, args.threads) as url:
-            with PolicyClient(url, timeout=600) as client:
-                inside: list[float] = []  # the server's own time per request (checks, inference)
-
-                def infer(o: dict) -> None:
-                    inside.append(client.request({"type": "infer", "obs": o})["server_ms"] / 1e3)
-
-                def predict(o: dict) -> None:
-                    policy.predict(o["images"], o["instruction"], o["state"])
-
-                local, served, health = time_interleaved([predict, infer, lambda o: client.health()], obs, args.warmup)
             rows = [throughput(url, n, args.seconds) for n in args.clients]
             loops = [control_loop(url, args.rate, o, args.ticks) for o in (0, *args.overlaps)]
         with server_process(export, args.threads, args.delay_ms) as url:
             slow = [control_loop(url, args.slow_rate, o, args.ticks) for o in (0, *args.overlaps)]
-    (lm, lp), (sm, sp), (im, ip) = ms_stats(local), ms_stats(served), ms_stats(inside[args.warmup :])
-    hm, hp = ms_stats(health)
-    print(f"$ {command_line()}")
-    print(f"tiny debug model, CPU, {args.threads} torch thread(s); 2 cameras x {SIDE}x{SIDE} uint8 + state per request")
-    print(f"\nlatency, {args.calls} calls after {args.warmup} warm-up")
-    latency = [
-        ["in-process Policy.predict", f"{lm:.2f}", f"{lp:.2f}"],
-        ["server round trip", f"{sm:.2f}", f"{sp:.2f}"],
-        ["  of which inside the server", f"{im:.2f}", f"{ip:.2f}"],
-        ["health round trip (no payload)", f"{hm:.2f}", f"{hp:.2f}"],
-    ]
-    print(table(["path", "median ms", "p90 ms"], latency))
-    print(f"server overhead: {sm - lm:+.2f} ms median ({(sm - lm) / lm:+.1%})")
+    sm = print_latency(args, rounds, inside, health, loads, inlined)
     print(f"\nthroughput, concurrent client processes, {args.seconds:.0f} s each (one model, requests serialised)")
     print(table(["clients", "requests/s", "median ms", "p90 ms"], rows))
     header = ["execution", "steps/s", "ticks waiting", "wait ms/tick", "stale rows skipped"]

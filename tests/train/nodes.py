@@ -59,17 +59,25 @@ class Launch:
     def text(self) -> str:
         return self.output.read_text()
 
-    def kill(self) -> None:
-        """SIGKILL the launcher and every process below it (torchrun puts each rank in a new session)."""
+    def _tree(self) -> list[psutil.Process]:
+        """The launcher and every process below it (torchrun puts each rank in a new session)."""
         try:
-            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+            return [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
         except psutil.NoSuchProcess:
-            procs = []
-        for p in procs:
+            return []
+
+    def signal_all(self, signum: int) -> None:
+        """Send `signum` to the launcher and every process below it, as SLURM's `--signal` reaches a job's processes."""
+        for p in self._tree():
             try:
-                p.send_signal(signal.SIGKILL)
+                p.send_signal(signum)
             except psutil.NoSuchProcess:
                 pass
+
+    def kill(self) -> None:
+        """SIGKILL the launcher and every process below it."""
+        procs = self._tree()
+        self.signal_all(signal.SIGKILL)
         psutil.wait_procs(procs, timeout=30)
         self.proc.wait(timeout=30)
 

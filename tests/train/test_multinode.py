@@ -1,4 +1,5 @@
-"""Multi-node launches on one machine: two "nodes" on loopback (killed, then resumed), torchrun, accelerate, SLURM.
+"""Multi-node launches on one machine: two "nodes" on loopback (killed, then resumed), torchrun, accelerate
+(preempted, then resumed), SLURM.
 
 Each "node" is its own launcher invocation (NODE_RANK 0 and 1, one CPU rank each) sharing
 one filesystem, as nodes of a cluster share the run directory. Every launcher runs in its
@@ -7,6 +8,7 @@ ranks behind or hangs the suite.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +20,9 @@ import yaml
 
 from tests.train.jobs import CONFIG, ROOT, free_port
 from tests.train.nodes import LOSS_TERMS, MAX_STEPS, TIMEOUT_S, Launch, launcher_env, overrides, run_logs, wait_all
+from vla_scale.train.checkpoint import read_latest, tag_for
 from vla_scale.train.metrics import read_metrics
+from vla_scale.train.preempt import EXIT_PREEMPTED
 
 CKPT_EVERY = 4
 
@@ -99,47 +103,84 @@ def test_two_nodes_on_loopback_killed_after_a_checkpoint_then_resumed(tmp_path, 
                 assert got[term] == pytest.approx(want[term], rel=1e-6, abs=1e-7), (got["step"], term, killed_at)
 
 
-ACCELERATE_STEPS = 4
+ACCELERATE_STEPS = 8  # steps take ~0.15 s: room for the signal sent after step 1 to land well before the end
 
 
-def test_two_nodes_on_loopback_through_accelerate(tmp_path, toy_data, reference_run):
+def test_two_nodes_on_loopback_through_accelerate_preempted_then_resumed(tmp_path, toy_data, reference_run):
     """launchers/accelerate.sh, one invocation per node: `accelerate launch` with the prepared DeepSpeed-plugin
-    config starts the ranks, which train exactly as the 2-rank torchrun reference does (same losses)."""
+    config starts the ranks. SIGUSR1 to every process of the job after step 1 (as SLURM's `--signal` sends it):
+    the ranks save and exit 75 and so does each node's accelerate.sh; started again, both nodes resume from that
+    checkpoint, and every step's losses equal the uninterrupted 2-rank torchrun reference run's."""
     run_dir = tmp_path / "runs" / "debug"
-    args = overrides(tmp_path, toy_data, f"train.max_steps={ACCELERATE_STEPS}", f"train.ckpt_every={ACCELERATE_STEPS}")
-    knobs = dict(NUM_NODES="2", CPU_RANKS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    logs = {n: tmp_path / f"rank_logs_node{n}" for n in (0, 1)}  # torch.distributed.run's layout, one per node
-    nodes = [
-        Launch(
-            "accelerate.sh", args, launcher_env(NODE_RANK=str(n), RANK_LOG_DIR=str(logs[n]), **knobs), tmp_path, f"n{n}"
-        )
-        for n in (1, 0)  # node 1 first: it must wait for node 0 to prepare the run directory
-    ]
+    extra = (f"train.max_steps={ACCELERATE_STEPS}", f"train.ckpt_every={ACCELERATE_STEPS}")
+    args = overrides(tmp_path, toy_data, *extra, "train.preempt_signal=SIGUSR1")
+    logs = {(phase, n): tmp_path / f"rank_logs_{phase}{n}" for phase in ("preempted", "resumed") for n in (0, 1)}
+
+    def start_nodes(phase: str) -> list[Launch]:
+        # A fresh port per phase: the first phase's port may still be in TIME_WAIT.
+        knobs = dict(NUM_NODES="2", CPU_RANKS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        return [
+            Launch(
+                "accelerate.sh",
+                args,
+                launcher_env(NODE_RANK=str(n), RANK_LOG_DIR=str(logs[phase, n]), **knobs),
+                tmp_path,
+                f"{phase}{n}",
+            )
+            for n in (1, 0)  # node 1 first: it must wait for node 0 to prepare the run directory
+        ]
+
+    # Phase 1: preempted after step 1; each node's launcher passes the ranks' 75 through.
+    nodes = start_nodes("preempted")
     try:
-        wait_all(nodes, logs[0], time.monotonic() + TIMEOUT_S)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (run_dir / "metrics.jsonl").is_file() or not read_metrics(run_dir):
+            if any(n.proc.poll() is not None for n in nodes) or time.monotonic() > deadline:
+                report = "\n".join(f"----- {n.output.name}\n{n.text()[-6000:]}" for n in nodes)
+                pytest.fail(f"no step logged before a node exited or {TIMEOUT_S}s passed\n{report}")
+            time.sleep(0.05)
+        for n in nodes:
+            n.signal_all(signal.SIGUSR1)
+        codes = [n.proc.wait(timeout=max(1.0, deadline - time.monotonic())) for n in nodes]
     finally:
         for n in nodes:
             n.kill()
+    report = "\n".join(f"----- {n.output.name}\n{n.text()[-6000:]}" for n in nodes)
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], report + run_logs(logs["preempted", 0])
     assert "waiting for node 0 to prepare the run" in nodes[0].text()
-    assert f"done: {ACCELERATE_STEPS} steps" in nodes[1].text() + run_logs(logs[0])
+    stopped_at = int(read_latest(run_dir / "checkpoints").removeprefix("step_"))
+    assert 1 <= stopped_at < ACCELERATE_STEPS, f"stopped at {stopped_at}: the run ended before the signal"
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, stopped_at + 1))
+
+    # Phase 2: both nodes again on the same run directory, to the end.
+    nodes = start_nodes("resumed")
+    try:
+        wait_all(nodes, logs["resumed", 0], time.monotonic() + TIMEOUT_S)
+    finally:
+        for n in nodes:
+            n.kill()
+    resumed = nodes[1].text() + run_logs(logs["resumed", 0])
+    assert "resumed from" in resumed and f"done: {ACCELERATE_STEPS} steps" in resumed, resumed
 
     # The accelerate config points at the run's own ds_config.json: ZeRO stage, precision etc. from the one YAML.
     acc = yaml.safe_load((run_dir / "accelerate_config.yaml").read_text())
     assert acc["distributed_type"] == "DEEPSPEED", acc
     assert Path(acc["deepspeed_config"]["deepspeed_config_file"]) == (run_dir / "ds_config.json").resolve(), acc
     # One rank per node, each with its own stdout file, and each saved its own ZeRO-2 optimizer partition.
-    for n in (0, 1):
-        assert len(list(logs[n].rglob("stdout.log"))) == 1, run_logs(logs[n])
-    partitions = sorted(p.name for p in (run_dir / "checkpoints").rglob("*optim_states.pt"))
+    for key, folder in logs.items():
+        assert len(list(folder.rglob("stdout.log"))) == 1, (key, run_logs(folder))
+    partitions = sorted(p.name for p in (run_dir / "checkpoints" / tag_for(ACCELERATE_STEPS)).rglob("*optim_states.pt"))
     assert [p.split("_mp_")[0] for p in partitions] == ["zero_pp_rank_0", "zero_pp_rank_1"], partitions
 
+    # Every step logged once, with exactly the reference run's losses before and after the preemption (fp32, the
+    # same float arithmetic: exact data and optimizer resume).
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, ACCELERATE_STEPS + 1))
     for got, want in zip(records, read_metrics(reference_run.run_dir)[:ACCELERATE_STEPS], strict=True):
         for term in LOSS_TERMS:
             assert (term in got) == (term in want), (got["step"], term)
             if term in want:
-                assert got[term] == pytest.approx(want[term], rel=1e-6, abs=1e-7), (got["step"], term)
+                assert got[term] == want[term], (got["step"], term, stopped_at)
 
 
 def run_dir_helper(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

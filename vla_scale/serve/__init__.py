@@ -5,11 +5,13 @@ one request/reply stream per robot, which a websocket carries with no schema com
 msgpack is compact binary, already installed, and carries numpy arrays as raw bytes with their dtype and
 shape (`protocol.py`), so a 224 px frame costs a memcpy, not a text encoding. The `websockets` package
 gives both ends: an asyncio server, where one event loop handles every connection while inference runs on
-a worker thread, and a small blocking client for control loops.
+a worker thread (a fast model's on the loop itself), and its Sans-I/O protocol under a small blocking client
+for control loops.
 
 Modules: `protocol` (codec, message types, request checks), `server` (`PolicyServer`, per-connection
-episodes), `client` (`PolicyClient`), `executor` (`AsyncChunkExecutor`: the next chunk is requested while the
-current one executes), `agent` (the eval runner's policy agent through a server), `cli` (`vla-scale serve`).
+episodes), `client` (`PolicyClient`), `transport` (the client's connection), `executor` (`AsyncChunkExecutor`:
+the next chunk is requested while the current one executes), `agent` (the eval runner's policy agent through a
+server), `cli` (`vla-scale serve`).
 The client side imports neither torch nor the model: a robot process needs numpy, msgpack and websockets only.
 """
 

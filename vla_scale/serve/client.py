@@ -5,6 +5,7 @@ query. Requests on one client are sent one at a time (a lock makes it safe to ca
 from `AsyncChunkExecutor`'s background thread). A refused request raises `ServerError` with the field the
 server named; the connection stays usable. So it does after a request timed out (`TimeoutError`): the reply that
 arrives late carries that request's id, and the next request drops it instead of taking it for its own.
+The socket is read by the thread that waits for the reply (vla_scale/serve/transport.py says why).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import time
 from typing import Any
 
 import numpy as np
-from websockets.sync.client import connect
 
 from vla_scale.serve import protocol as proto
+from vla_scale.serve.transport import Connection
 
 
 class PolicyClient:
@@ -27,7 +28,7 @@ class PolicyClient:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._next_id = 0
-        self._ws = connect(url, open_timeout=timeout, max_size=max_message_bytes, compression=None)
+        self._ws = Connection(url, open_timeout=timeout, max_size=max_message_bytes)
         self.metadata: dict = proto.unpack(self._ws.recv(timeout))
         if self.metadata.get("type") != "metadata":
             raise RuntimeError(f"{url} did not open with the policy server's metadata: {self.metadata}")
@@ -80,7 +81,14 @@ class PolicyClient:
         return self.request({"type": "health"})
 
     def close(self) -> None:
-        self._ws.close()
+        """Close the connection; a request another thread is waiting on raises `ConnectionClosed`."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._ws.close()
+            finally:
+                self._lock.release()
+        else:
+            self._ws.abort()
 
     def __enter__(self) -> PolicyClient:
         return self

@@ -11,7 +11,7 @@ Messages (client → server; every request may carry an `id`, echoed in its repl
   "seed": int | None}` → `{"type": "actions", "actions": float32 [N, A], "server_ms": float}`
 - `{"type": "reset", "seed": int | None}` → `{"type": "reset"}`: a new episode for this connection
 - `{"type": "health"}` → `{"type": "health", "status": "ok" | "stopping", "connections": n, "sessions": n,
-  "busy": bool, "served": n}`
+  "busy": bool, "served": n, "inlined": n}` (`inlined`: requests run on the event loop, vla_scale/serve/server.py)
 - `{"type": "metadata"}` → the metadata map, which the server also sends unasked as the first frame
 
 Any request that cannot be served is answered `{"type": "error", "field": "obs.state", "message": "..."}` naming
@@ -57,7 +57,9 @@ def _default(obj: Any) -> Any:
         if obj.dtype.kind not in ARRAY_KINDS:
             raise TypeError(f"cannot send an array of dtype {obj.dtype}; only bool, int and float arrays travel")
         arr = np.ascontiguousarray(obj)
-        return {NDARRAY_KEY: True, "dtype": arr.dtype.str, "shape": list(arr.shape), "data": arr.tobytes()}
+        # a view, not `tobytes()`: msgpack copies the bytes into the message once instead of twice
+        data = memoryview(arr.reshape(-1).view(np.uint8))
+        return {NDARRAY_KEY: True, "dtype": arr.dtype.str, "shape": list(arr.shape), "data": data}
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"cannot send a {type(obj).__name__}")

@@ -1,11 +1,18 @@
 """`PolicyServer`: one exported policy behind a websocket, one episode per connection.
 
-The event loop (asyncio, `websockets`) only moves bytes and checks requests; inference runs on a single
-worker thread, so requests from all connections are served one at a time by the one model while the loop
-keeps answering health checks, metadata and other clients' bad requests. Each connection is a `Session`:
-its own `Policy` object over the shared model (frame/state history, seeded noise generator) and, for a
-history head (lstm / gpt), its own copy of the small head with its memory, installed on the model before
-each of its requests. A connection's state is dropped when it closes, whether or not a request was running.
+The event loop (asyncio, `websockets`) moves bytes and checks requests; inference runs on a single worker
+thread, so requests from all connections are served one at a time by the one model while the loop keeps
+answering health checks, metadata and other clients' bad requests. Exception: once the last `INLINE_WINDOW`
+inferences all took less than `inline_below_s` (a fast model), the next one runs on the event loop itself when
+the worker is idle. Handing a request to the worker and its reply back costs two thread wake-ups, ~0.3 ms on a
+lightly loaded 2-core machine and more under load: most of the server's overhead for a 5 ms model
+(tests/benchmarks/bench_server.py). Meanwhile other connections wait at most that one fast inference; a slow
+inference (or `delay_s`) sends the following ones back to the worker, and the first ones always go there.
+
+Each connection is a `Session`: its own `Policy` object over the shared model (frame/state history, seeded
+noise generator) and, for a history head (lstm / gpt), its own copy of the small head with its memory,
+installed on the model before each of its requests. A connection's state is dropped when it closes, whether
+or not a request was running.
 
 Shutdown (`stop()`, or SIGINT/SIGTERM under `run`): stop accepting, let in-flight requests finish and send
 their replies (new ones are refused with an error), then close every connection and release the port.
@@ -17,9 +24,11 @@ import asyncio
 import copy
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +45,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20  # 16 MiB: two 1024 px frames fit; larger
 HARD_LIMIT_FACTOR = 4  # beyond this multiple the websocket layer closes the connection (code 1009) unread
 MAX_IMAGE_SIDE = 4096
 SHUTDOWN_GRACE_S = 30.0  # how long in-flight requests may take to finish at shutdown
+INLINE_BELOW_S = 0.05  # default inline_below_s: the longest a fast inference may hold up the event loop
+INLINE_WINDOW = 8  # inferences that must all have been fast before one runs on the event loop
 
 
 @dataclass
@@ -59,6 +70,7 @@ class PolicyServer:
         control_rate_hz: float | None = None,
         name: str = "",
         shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+        inline_below_s: float = INLINE_BELOW_S,
     ) -> None:
         self.policy = policy
         self.host, self.port = host, port
@@ -67,6 +79,9 @@ class PolicyServer:
         self.control_rate_hz = control_rate_hz
         self.name = name
         self.shutdown_grace_s = shutdown_grace_s  # then a stuck inference is abandoned, not waited for
+        self.inline_below_s = inline_below_s  # 0: every inference on the worker thread
+        self._recent: deque[float] = deque(maxlen=INLINE_WINDOW)  # seconds of the last inferences
+        self.inlined = 0  # requests run on the event loop (reported by health)
         self.cameras = [c for c in (policy.static_camera, policy.wrist_camera) if c]
         self._stepwise = bool(getattr(policy.model, "stepwise", False))
         self._base_head = policy.model.action_head if self._stepwise else None
@@ -178,7 +193,10 @@ class PolicyServer:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         hard = self.max_message_bytes * HARD_LIMIT_FACTOR
-        async with serve(self._handle, self.host, self.port, max_size=hard, compression=None) as server:
+        # No websocket pings: PolicyClient reads its socket only while it waits for a reply (transport.py), so an
+        # idle robot could not answer them; TCP keepalive (`_keepalive`) finds dead peers instead.
+        server_cm = serve(self._handle, self.host, self.port, max_size=hard, compression=None, ping_interval=None)
+        async with server_cm as server:
             self.port = int(next(iter(server.sockets)).getsockname()[1])
             if announce:
                 print(f"serving {self.name or 'policy'} on {self.url} (Ctrl-C to stop)", flush=True)
@@ -205,6 +223,7 @@ class PolicyServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         key = id(ws)
+        _keepalive(ws.transport.get_extra_info("socket"))
         self._connections += 1
         try:
             await ws.send(proto.pack(self.metadata()))
@@ -265,11 +284,16 @@ class PolicyServer:
             "sessions": len(self._sessions),  # connections holding episode state (after their first reset/infer)
             "busy": bool(self._inflight),
             "served": self._served,
+            "inlined": self.inlined,  # of those, run on the event loop (fast model: module docstring)
         }
 
     async def _run(self, key: int, fn: Any) -> Any:
-        """`fn(session.policy)` on the inference thread, with this connection's episode state installed."""
+        """`fn(session.policy)` on the inference thread, with this connection's episode state installed (or on the
+        event loop for a fast model with the worker idle: module docstring)."""
         assert self._loop is not None
+        if self._inline():
+            self.inlined += 1
+            return self._in_session(key, fn)
         future = self._loop.run_in_executor(self._worker, self._in_session, key, fn)
         self._inflight.add(future)
         try:
@@ -288,11 +312,36 @@ class PolicyServer:
             self._sessions[key] = session
         elif session.head is not None:
             self.policy.model.action_head = session.head
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        out = fn(session.policy)
+        start = time.perf_counter()
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            out = fn(session.policy)
+        finally:
+            self._recent.append(time.perf_counter() - start)
         self._served += 1
         return out
+
+    def _inline(self) -> bool:
+        """Whether the next inference may run on the event loop: recent ones were all fast, none is in flight."""
+        recent = self._recent
+        return (
+            not self._inflight
+            and self.inline_below_s > 0
+            and len(recent) == recent.maxlen
+            and max(recent) < self.inline_below_s
+        )
+
+
+def _keepalive(sock: Any) -> None:
+    """Kernel keepalive probes after 30 s of silence, every 10 s; 3 unanswered drop the connection (and with it
+    the episode): a client whose machine vanished is noticed in ~1 min without any work by the client."""
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def load_server(export: str | Path, device: str = "cpu", **kwargs: Any) -> PolicyServer:

@@ -10,7 +10,8 @@ during it leaves the previous `latest` in place.
 
 `EXIT_PREEMPTED` (75, sysexits' EX_TEMPFAIL: "try again later") tells a wrapper such as
 launchers/slurm.sbatch that the run stopped early on purpose and should be requeued; the DeepSpeed
-launcher passes a rank's exit code through (torchrun reports its own failure code instead: README).
+launcher passes a rank's exit code through, launchers/accelerate.sh too (vla_scale/train/accelerate_launch.py),
+torchrun reports its own failure code instead (README).
 """
 
 from __future__ import annotations
