@@ -80,8 +80,8 @@ def collate_robot(
         ids.append(cache[w.instruction][:max_text_len])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     text_ids = _pad(ids, pad_id)
-    lengths = torch.tensor([len(r) for r in ids])
-    text_mask = torch.arange(text_ids.shape[1])[None, :] < lengths[:, None]
+    lengths = np.array([len(r) for r in ids])
+    text_mask = torch.from_numpy(np.arange(text_ids.shape[1])[None, :] < lengths[:, None])
     has_wrist = all(w.wrist_images is not None for w in windows)
     return Batch(
         data_source="robot",

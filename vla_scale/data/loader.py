@@ -32,10 +32,10 @@ def batch_sources(seed: int, batch_index: int, weights: np.ndarray, kinds: list[
     the same model path at the same step and the ZeRO collectives line up; within that kind
     each sample picks its dataset by weight. Overall, source i supplies a share `weights[i]`.
     """
-    names = sorted(set(kinds))
-    if len(names) == 1 and sum(1 for w in weights if w > 0) == 1:  # one source: no draw to make (the common
-        return [int(np.flatnonzero(np.asarray(weights) > 0)[0])] * size  # case; seeding an rng costs ~0.1 ms)
+    if len(weights) == 1:  # one source: no draw to make (the common case; seeding an rng costs ~0.1 ms)
+        return [0] * size
     rng = np.random.default_rng([seed, batch_index, 104729])
+    names = sorted(set(kinds))
     totals = np.array([sum(w for w, k in zip(weights, kinds, strict=True) if k == name) for name in names])
     kind = names[int(rng.choice(len(names), p=totals / totals.sum()))]
     members = [i for i, k in enumerate(kinds) if k == kind]

@@ -34,4 +34,5 @@ def chunk_actions(action: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarra
 
 def to_channels_first(images: np.ndarray) -> np.ndarray:
     """uint8 `[..., H, W, C]` → `[..., C, H, W]`."""
-    return np.moveaxis(images, -1, -3)  # a view, like einops' rearrange, at a tenth of its call overhead
+    n = images.ndim  # a view, as einops' rearrange gave, without its (or np.moveaxis's) call overhead
+    return images.transpose(*range(n - 3), n - 1, n - 3, n - 2)
