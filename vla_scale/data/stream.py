@@ -228,6 +228,10 @@ class SourceStream:
                 self.cached_bytes += img.nbytes
         return img
 
+    def _frames(self, ep: _Episode, camera: str, frames: range) -> np.ndarray:
+        got = [self._frame(ep, camera, t) for t in frames]
+        return got[0][None] if len(got) == 1 else np.stack(got)  # one frame is never cached: a view will do
+
     def _release(self, entry: _Entry) -> None:
         """The window has left the buffer: drop the decoded frames no window still in it needs."""
         ep = entry.episode
@@ -248,11 +252,11 @@ class SourceStream:
         frames = range(entry.start, entry.start + self.window_size)
         key, size = str(ep.raw.get("__key__")), self.manifest.image_size
         sized = self.manifest.cameras[:1]  # the writer measures image_size on the first camera only
-        images = np.stack([self._frame(ep, self.static_camera, t) for t in frames])
+        images = self._frames(ep, self.static_camera, frames)
         check_frame_size(key, self.static_camera, size if self.static_camera in sized else [], images.shape)
         wrist = None
         if WRIST_CAMERA in ep.meta.get("cameras", []):
-            wrist = np.stack([self._frame(ep, WRIST_CAMERA, t) for t in frames])
+            wrist = self._frames(ep, WRIST_CAMERA, frames)
             check_frame_size(key, WRIST_CAMERA, size if WRIST_CAMERA in sized else [], wrist.shape)
         if self.augment.enabled:
             rng = window_rng(self.seed, entry.epoch, entry.key)  # one draw per camera, shared by the frames
