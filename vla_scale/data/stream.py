@@ -41,7 +41,7 @@ from vla_scale.data.window import Window, chunk_actions
 log = logging.getLogger(__name__)
 
 WRIST_CAMERA = "rgb_wrist"
-FRAME_CACHE_BYTES = 256 * 2**20  # per reader; beyond it frames shared by overlapping windows are decoded again
+FRAME_CACHE_BYTES = 256 * 2**20  # per source and reader; beyond it shared frames are decoded again
 
 
 class DataError(RuntimeError):
