@@ -28,7 +28,7 @@ class SpaceChoice:
 
     action_binary: tuple[int, ...] | None = None
     state_binary: tuple[int, ...] = ()
-    threshold: float | None = None  # None: 0.5 for {0, 1} data, 0 for {-1, 1} data
+    threshold: float | tuple[float, ...] | None = None  # None: 0.5 for {0, 1} data, 0 for {-1, 1}; or one per dim
     normalization: str = "mean_std"
     action_mode: str = "unspecified"
     action_names: tuple[str, ...] = ()
@@ -44,7 +44,8 @@ class SpaceCheck:
     """The writer's running check of a `SpaceChoice` against every episode, and its resolution at close."""
 
     choice: SpaceChoice | Spaces
-    values: dict[str, set[float]] = field(default_factory=lambda: {"action": set(), "state": set()})
+    # the values each binary dimension took (name -> dim -> values), for its convention: 0/1 or -1/1
+    values: dict[str, dict[int, set[float]]] = field(default_factory=lambda: {"action": {}, "state": {}})
     # guessed layout: the values of the other action dims while they look binary too (dim -> values; None: not)
     others: dict[int, set[float] | None] = field(default_factory=dict)
 
@@ -72,10 +73,12 @@ class SpaceCheck:
                 )
             if guessed:
                 self._track_others(arr[:, :-1])
-            if near.all():
-                self.values[name].update(np.unique(np.round(values)).tolist())
-            else:
-                self.values[name].add(0.5)  # not two-valued: keep the 0/1 convention and the threshold given
+            for j, d in enumerate(dims):
+                seen = self.values[name].setdefault(d, set())
+                if near[:, j].all():
+                    seen.update(np.unique(np.round(values[:, j])).tolist())
+                else:
+                    seen.add(0.5)  # not two-valued: keep the 0/1 convention and the threshold given
 
     def _track_others(self, action: np.ndarray) -> None:
         for d in range(action.shape[1]):
@@ -99,7 +102,8 @@ class SpaceCheck:
         choice = self.choice
         spaces = {}
         for name, dim, names in (("action", action_dim, choice.action_names), ("state", state_dim, choice.state_names)):
-            dims, seen = self.binary_dims(name, dim), self.values[name]
+            dims = self.binary_dims(name, dim)
+            seen = set().union(*(self.values[name].get(d, set()) for d in dims))
             if name == "action" and choice.action_binary is None:
                 if {-1.0, 0.0} <= seen:
                     raise FormatError(
@@ -111,10 +115,35 @@ class SpaceCheck:
                         f"action dimensions {also} also switch between two values like a binary gripper (two arms?), "
                         f"so guessing only the last one could be wrong; declare them with {FLAGS}"
                     )
-            signed = bool(dims) and seen <= {-1.0, 1.0}
-            threshold = choice.threshold if choice.threshold is not None else (0.0 if signed else 0.5)
-            spaces[name] = Space(dim, dims, threshold, (-1.0, 1.0) if signed else (0.0, 1.0), names)
+            # each binary dimension in its own convention: -1/1 (threshold 0) or 0/1 (threshold 0.5)
+            signed = [bool(self.values[name].get(d)) and self.values[name][d] <= {-1.0, 1.0} for d in dims]
+            guess = tuple(0.0 if sg else 0.5 for sg in signed)
+            threshold = choice.threshold if choice.threshold is not None else _one_or_each(guess, 0.5)
+            values = _one_or_each(tuple((-1.0, 1.0) if sg else (0.0, 1.0) for sg in signed), (0.0, 1.0))
+            if isinstance(threshold, tuple) and len(threshold) != len(dims):
+                if dims:
+                    raise FormatError(
+                        f"--gripper-threshold gives {len(threshold)} thresholds, the {name} has {len(dims)} binary "
+                        f"dimensions {list(dims)}: give one number for all or one per binary dimension"
+                    )
+                threshold = 0.5  # no binary dimension here: unused
+            spaces[name] = Space(dim, dims, threshold, values, names)
         return Spaces(spaces["action"], spaces["state"], choice.normalization, choice.action_mode)
+
+
+def _one_or_each(each: tuple, default):
+    """One value when every binary dimension has the same (the manifest stays as before), else one per dimension."""
+    if not each:
+        return default
+    return each[0] if len(set(each)) == 1 else each
+
+
+def _thresholds(text: str) -> float | tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("--gripper-threshold takes a number or comma-separated numbers") from None
+    return values[0] if len(values) == 1 else values
 
 
 def _dims(text: str, flag: str) -> tuple[int, ...]:
@@ -149,9 +178,11 @@ def add_space_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--gripper-threshold",
-        type=float,
+        type=_thresholds,
         default=None,
-        help="a binary dimension counts as 1 above this (default: 0.5, or 0 when its values are -1/1)",
+        metavar="T[,T...]",
+        help="a binary dimension counts as 1 above this; one number for all, or one per binary dimension in "
+        "order (e.g. 0.5,0 for a 0/1 and a -1/1 gripper) (default: 0.5, or 0 when the values are -1/1)",
     )
     g.add_argument("--normalization", choices=NORMALIZATIONS, default="mean_std", help="(default: %(default)s)")
     g.add_argument(

@@ -116,3 +116,40 @@ def test_writer_refuses_a_continuous_last_dim_without_a_declaration(tmp_path) ->
         w.write_episode(ep)
     action = Manifest.load(tmp_path / "c").robot_spaces.action
     assert (action.binary, action.threshold, action.binary_values) == ((3,), 0.0, (-1.0, 1.0))
+
+
+def test_each_binary_dim_keeps_its_own_threshold_and_values(tmp_path) -> None:
+    """Two grippers in two conventions (dim 6: 0/1, dim 13: -1/1): one threshold for both would misread one."""
+    x = bimanual()
+    x[:, 13] = np.where(x[:, 13] > 0, 1.0, -1.0)
+    x[:, 6] = np.where(x[:, 6] > 0, 0.9, 0.1)  # a 0..1 command that is only near its ends: 0.5 splits it
+    space = Space(14, (6, 13), (0.5, 0.0), ((0.0, 1.0), (-1.0, 1.0)))
+    norm = Normalizer({"action": stats_of(x), "state": stats_of(x[:, :4])}, Spaces(space, Space(4)))
+    out = norm.normalize_action(x)
+    np.testing.assert_array_equal(out[:, 12], x[:, 6] > 0.5)
+    np.testing.assert_array_equal(out[:, 13], x[:, 13] > 0)
+    back = norm.unnormalize_action(out[:, :12], out[:, 12:])
+    np.testing.assert_array_equal(back[:, 13], x[:, 13])  # -1 / 1 again, not 0 / 1
+    np.testing.assert_array_equal(back[:, 6], (x[:, 6] > 0.5).astype(np.float32))
+    assert "6: > 0.5 → 1, else 0; 13: > 0 → 1, else -1" in space.describe()
+    with pytest.raises(FormatError, match=r"3 thresholds for 2 binary dimensions \[6, 13\]"):
+        Space(14, (6, 13), (0.5, 0.0, 0.0))
+    with pytest.raises(FormatError, match="one such pair per binary dimension"):
+        Space(14, (6, 13), 0.5, ((0.0, 1.0),))
+
+    # The writer infers each dimension's convention, takes one threshold per dimension from the command line
+    # (`--gripper-threshold 0.5,0`), and the manifest round-trips it.
+    ep = make_episode(0, 6, action_dim=5)
+    ep.action[:, 1] = [0, 1, 1, 0, 0, 1]
+    ep.action[:, 4] = [1, -1, -1, 1, 1, -1]
+    with ShardWriter(tmp_path / "a", "a", "robot", spaces=SpaceChoice(action_binary=(1, 4))) as w:
+        w.write_episode(ep)
+    action = Manifest.load(tmp_path / "a").robot_spaces.action
+    assert (action.threshold, action.binary_values) == ((0.5, 0.0), ((0.0, 1.0), (-1.0, 1.0)))
+    choice = SpaceChoice(action_binary=(1, 4), threshold=(0.25, -0.5))
+    with ShardWriter(tmp_path / "b", "b", "robot", spaces=choice) as w:
+        w.write_episode(ep)
+    assert Manifest.load(tmp_path / "b").robot_spaces.action.thresholds == (0.25, -0.5)
+    with pytest.raises(FormatError, match="--gripper-threshold gives 3 thresholds, the action has 2 binary"):
+        with ShardWriter(tmp_path / "c", "c", "robot", spaces=SpaceChoice((1, 4), threshold=(0.5, 0, 0))) as w:
+            w.write_episode(ep)

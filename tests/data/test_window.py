@@ -1,8 +1,12 @@
 """Windowing with chunked future actions, and normalisation from stats.json."""
 
+import itertools
+from collections import Counter
+
 import numpy as np
 
 from tests.data.toy_shards import make_episode, write_robot
+from vla_scale.data import stream as stream_module
 from vla_scale.data.format import load_stats
 from vla_scale.data.normalize import Normalizer, constant_dims
 from vla_scale.data.stream import BadSamples, Reader, SourceStream
@@ -98,3 +102,33 @@ def test_manifest_records_each_shards_longest_episode_for_the_prepare_checks(tmp
     assert [(s.max_length, s.longest_episode()) for s in shards] == [(4, 4), (7, 7)]
     # A manifest from before max_length was recorded: an upper bound (every other episode has >= 1 step).
     assert ShardInfo("old.tar", samples=3, frames=13).longest_episode() == 11
+
+
+def test_overlapping_windows_decode_each_frame_once_and_match_decoding_per_window(tmp_path, monkeypatch):
+    write_robot(tmp_path, [6, 7], per_shard=1)
+    calls = Counter()
+    real = stream_module.decode_frame
+
+    def counting(raw, meta, camera, t):
+        calls[(raw["__key__"], camera, t)] += 1
+        return real(raw, meta, camera, t)
+
+    monkeypatch.setattr(stream_module, "decode_frame", counting)
+
+    def run(buffer: int) -> tuple[list, SourceStream]:
+        s = SourceStream(tmp_path, Reader(), 0, buffer, False, 3, 2, BadSamples())
+        return (list(s._epoch_items()) if buffer == 1 else list(itertools.islice(iter(s), 20))), s
+
+    cached, stream = run(1)
+    assert len(calls) == 13 and set(calls.values()) == {1}  # 6 + 7 frames, each decoded once for 4 + 5 windows
+    assert stream.cached_bytes == 0  # every frame released once its last window left
+    shuffled, _ = run(4)  # shuffle buffer: windows of one episode leave out of order, across epochs
+    monkeypatch.setattr(stream_module, "FRAME_CACHE_BYTES", 0)  # nothing kept: a decode per window and frame
+    calls.clear()
+    plain, _ = run(1)
+    assert sum(calls.values()) == 9 * 3
+    plain_shuffled, _ = run(4)
+    for a, b in zip(cached + shuffled, plain + plain_shuffled, strict=True):
+        assert a.key == b.key
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.action, b.action)

@@ -74,6 +74,15 @@ def test_v3_av1_video_and_png_images(v3: Path, tmp_path: Path) -> None:
     assert len(Manifest.load(tmp_path / "out").shards) == 2
 
 
+def test_v3_videos_split_over_files_and_chunks_elsewhere_than_the_data(tmp_path: Path) -> None:
+    """Episode 0 alone in video chunk 0; episodes 1 and 2 share chunk 1's file, though their data sit in two files:
+    each episode's frames must come from its own file from its own start time."""
+    src = make_v3(tmp_path / "v3", video_files={(0, 0): [0], (1, 0): [1, 2]})
+    assert (src / "videos" / "observation.images.top" / "chunk-001" / "file-000.mp4").is_file()
+    assert convert(src, tmp_path / "out") == 0
+    check_output(tmp_path / "out", video_cams=("rgb_static",))
+
+
 def test_v21_one_file_per_episode(tmp_path: Path) -> None:
     src = make_v21(tmp_path / "v21")
     assert convert(src, tmp_path / "out", "--shard-size-mb", "1") == 0

@@ -20,14 +20,20 @@ from vla_scale.data.format import VLSample
 from vla_scale.data.window import Window, to_channels_first
 
 IMAGE_PLACEHOLDER = "<image>"
+_TOKEN_CACHE_SIZE = 4096
 
 
 def _pad(rows: Sequence[list[int]], pad_id: int, fill: int | None = None) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
-    out = torch.full((len(rows), width), pad_id if fill is None else fill, dtype=torch.long)
+    out = np.full((len(rows), width), pad_id if fill is None else fill, dtype=np.int64)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
+        out[i, : len(row)] = row
+    return torch.from_numpy(out)
+
+
+def _stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """`np.stack`, minus its ~10 us of checks for the micro-batch-1 case (a fresh array either way)."""
+    return arrays[0][None].copy() if len(arrays) == 1 else np.stack(arrays)
 
 
 def _stack_images(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -39,6 +45,8 @@ def _stack_images(arrays: Sequence[np.ndarray]) -> np.ndarray:
     """
     height = max(a.shape[-3] for a in arrays)
     width = max(a.shape[-2] for a in arrays)
+    if all(a.shape[-3:-1] == (height, width) for a in arrays):
+        return _stack(arrays)
 
     def fit(a: np.ndarray) -> np.ndarray:
         if a.shape[-3:-1] == (height, width):
@@ -54,12 +62,26 @@ def _tokenize(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def collate_robot(windows: Sequence[Window], tokenizer: Any, max_text_len: int) -> Batch:
-    """Robot windows (already normalised) → robot `Batch`."""
-    ids = [_tokenize(tokenizer, w.instruction)[:max_text_len] for w in windows]
+def collate_robot(
+    windows: Sequence[Window], tokenizer: Any, max_text_len: int, token_cache: dict[str, list[int]] | None = None
+) -> Batch:
+    """Robot windows (already normalised) → robot `Batch`.
+
+    `token_cache` (instruction → ids, kept by the caller for one tokenizer): an episode's windows share
+    its instruction, and tokenising it again costs more than decoding a small frame.
+    """
+    cache = {} if token_cache is None else token_cache
+    ids = []
+    for w in windows:
+        if w.instruction not in cache:
+            if len(cache) >= _TOKEN_CACHE_SIZE:  # bounded: datasets with a new instruction per episode exist
+                cache.clear()
+            cache[w.instruction] = _tokenize(tokenizer, w.instruction)
+        ids.append(cache[w.instruction][:max_text_len])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     text_ids = _pad(ids, pad_id)
-    text_mask = _pad([[1] * len(r) for r in ids], 0).bool()
+    lengths = np.array([len(r) for r in ids])
+    text_mask = torch.from_numpy(np.arange(text_ids.shape[1])[None, :] < lengths[:, None])
     has_wrist = all(w.wrist_images is not None for w in windows)
     return Batch(
         data_source="robot",
@@ -70,9 +92,9 @@ def collate_robot(windows: Sequence[Window], tokenizer: Any, max_text_len: int) 
         text_ids=text_ids,
         text_mask=text_mask,
         text_labels=torch.full_like(text_ids, IGNORE_INDEX),
-        state=torch.from_numpy(np.stack([w.state for w in windows])).float(),
-        action=torch.from_numpy(np.stack([w.action for w in windows])).float(),
-        action_mask=torch.from_numpy(np.stack([w.action_mask for w in windows])),
+        state=torch.from_numpy(_stack([w.state for w in windows])).float(),
+        action=torch.from_numpy(_stack([w.action for w in windows])).float(),
+        action_mask=torch.from_numpy(_stack([w.action_mask for w in windows])),
     )
 
 

@@ -18,6 +18,7 @@ IMAGE_EXTS = ("jpg", "png", "webp")
 IMAGE_ENCODINGS = ("auto", *IMAGE_EXTS)
 JPEG_QUALITY = 95
 _MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"))
+_PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
 def encode_image(img: np.ndarray, ext: str = "jpg", quality: int = JPEG_QUALITY) -> bytes:
@@ -67,8 +68,9 @@ def encode_camera(
 
 def decode_image(data: bytes) -> np.ndarray:
     """Compressed bytes → uint8 `[H, W, 3]`; raises FormatError when undecodable."""
+    fmt = image_format(data)  # naming the format spares PIL probing every plugin; None: let PIL try them all
     try:
-        with Image.open(io.BytesIO(data)) as pil:
-            return np.asarray(pil.convert("RGB"), dtype=np.uint8)
+        with Image.open(io.BytesIO(data), formats=None if fmt is None else [_PIL_FORMATS[fmt]]) as pil:
+            return np.asarray(pil if pil.mode == "RGB" else pil.convert("RGB"), dtype=np.uint8)
     except Exception as err:  # PIL raises several types for corrupt data
         raise FormatError(f"undecodable image ({err})") from err

@@ -22,6 +22,7 @@ from vla_scale.data.collate import collate_robot, collate_vl
 from vla_scale.data.elastic import check_elastic_state, iter_elastic, loader_workers, virtual_readers
 from vla_scale.data.format import Manifest
 from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream, state_mismatch
+from vla_scale.data.wire import BatchLoader, to_wire
 
 
 def batch_sources(seed: int, batch_index: int, weights: np.ndarray, kinds: list[str], size: int) -> list[int]:
@@ -31,6 +32,8 @@ def batch_sources(seed: int, batch_index: int, weights: np.ndarray, kinds: list[
     the same model path at the same step and the ZeRO collectives line up; within that kind
     each sample picks its dataset by weight. Overall, source i supplies a share `weights[i]`.
     """
+    if len(weights) == 1:  # one source: no draw to make (the common case; seeding an rng costs ~0.1 ms)
+        return [0] * size
     rng = np.random.default_rng([seed, batch_index, 104729])
     names = sorted(set(kinds))
     totals = np.array([sum(w for w, k in zip(weights, kinds, strict=True) if k == name) for name in names])
@@ -119,6 +122,7 @@ class MixedBatches(IterableDataset):
         streams = [iter(s) if s is not None else None for s in sources]
 
         kinds = [m.kind for m in self.manifests]
+        token_cache: dict[str, list[int]] = {}
 
         def sources_of(batch_index: int) -> list[int]:
             return batch_sources(self.spec.seed, batch_index, self.weights, kinds, self.spec.micro_batch_size)
@@ -147,7 +151,7 @@ class MixedBatches(IterableDataset):
             srcs = sources_of(batch_index)
             items = draw(srcs)
             if kinds[srcs[0]] == "robot":
-                batch = collate_robot(items, self.tokenizer, self.cfg.max_text_len)
+                batch = collate_robot(items, self.tokenizer, self.cfg.max_text_len, token_cache)
             else:
                 batch = collate_vl(items, self.tokenizer, self.cfg.max_text_len)
             batch.meta = {
@@ -160,10 +164,6 @@ class MixedBatches(IterableDataset):
             }
             yield batch
             k += 1
-
-
-def _identity(batch: Batch) -> Batch:
-    return batch
 
 
 def reset_worker_signals(worker_id: int) -> None:
@@ -190,11 +190,11 @@ def build_dataloader(cfg: DataConfig, spec: StreamSpec, tokenizer: Any, resume: 
         workers = loader_workers(
             workers, virtual_readers(spec.global_batch_size, spec.micro_batch_size), spec.world_size
         )
-    return DataLoader(
+    return BatchLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
-        collate_fn=_identity,
+        collate_fn=to_wire,  # runs in the workers: small arrays travel by value (vla_scale/data/wire.py)
         worker_init_fn=reset_worker_signals,
         persistent_workers=workers > 0,
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,

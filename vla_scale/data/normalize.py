@@ -57,6 +57,7 @@ class ArrayNormalizer:
         self.centre = centre[self.regressed]
         self.scale = safe_std(spread[self.regressed]) + EPS
         self.clip = mode == "q01_q99"
+        self.thresholds = np.asarray(space.thresholds, dtype=np.float64)  # one per binary dim
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         """`[..., D]` raw, dataset order → `[..., D]` float32: regressed dims scaled, then binary dims in {0, 1}."""
@@ -65,7 +66,7 @@ class ArrayNormalizer:
         out[..., :r] = (x[..., self.regressed] - self.centre) / self.scale
         if self.clip:
             np.clip(out[..., :r], -1.0, 1.0, out=out[..., :r])
-        out[..., r:] = (x[..., self.binary] > self.space.threshold).astype(np.float32)
+        out[..., r:] = (x[..., self.binary] > self.thresholds).astype(np.float32)
         return out
 
     def unnormalize(self, regressed: np.ndarray, binary: np.ndarray) -> np.ndarray:
@@ -73,8 +74,8 @@ class ArrayNormalizer:
         raw = regressed * self.scale + self.centre
         out = np.empty((*raw.shape[:-1], self.space.dim), dtype=raw.dtype)
         out[..., self.regressed] = raw
-        low, high = self.space.binary_values
-        out[..., self.binary] = np.where(binary > 0.5, high, low).astype(raw.dtype)
+        pairs = np.asarray(self.space.value_pairs, dtype=np.float64).reshape(-1, 2)  # [G, 2]
+        out[..., self.binary] = np.where(binary > 0.5, pairs[:, 1], pairs[:, 0]).astype(raw.dtype)
         return out
 
 

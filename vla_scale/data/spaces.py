@@ -9,6 +9,10 @@ A robot dataset's `manifest.json` declares them under `"spaces"` (written by eve
       "state":  {"binary": [], "threshold": 0.5, "binary_values": [0.0, 1.0], "names": []}
     }
 
+`threshold` is one number for every binary dimension or a list with one per binary dimension (in the order of
+`binary`): two grippers recorded in different conventions (0/1 and -1/1) need 0.5 and 0; `binary_values` likewise
+one [value for 0, value for 1] pair, or a list of pairs.
+
 A *binary* dimension (an open/close gripper command) is trained as a 0/1 target (1 when the raw value is
 above `threshold`) with a BCE logit, and a policy gives it back as `binary_values[0]` (target 0) or
 `binary_values[1]` (target 1). Every other dimension is *regressed*: normalised by the dataset's
@@ -40,26 +44,62 @@ class Space:
 
     dim: int
     binary: tuple[int, ...] = ()  # binary gripper dimensions, ascending
-    threshold: float = 0.5  # raw value > threshold → target 1
-    binary_values: tuple[float, float] = (0.0, 1.0)  # raw values a policy outputs for target 0 / 1
+    threshold: float | tuple[float, ...] = 0.5  # raw value > threshold → target 1; or one per binary dim
+    binary_values: tuple = (0.0, 1.0)  # raw values a policy outputs for target 0 / 1; or one pair per binary dim
     names: tuple[str, ...] = ()  # one per dimension, or none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "binary", tuple(sorted(int(i) for i in self.binary)))
-        object.__setattr__(self, "binary_values", tuple(float(v) for v in self.binary_values))
+        pairs = [v for v in self.binary_values if isinstance(v, list | tuple)]
+        if pairs:  # one (value for 0, value for 1) pair per binary dimension
+            if (
+                len(pairs) != len(self.binary_values)
+                or len(pairs) != len(self.binary)
+                or {len(p) for p in pairs} != {2}
+            ):
+                raise FormatError(
+                    f"binary_values {list(self.binary_values)}: one [value for 0, value for 1] for all binary "
+                    f"dimensions, or one such pair per binary dimension ({len(self.binary)})"
+                )
+            object.__setattr__(self, "binary_values", tuple((float(a), float(b)) for a, b in pairs))
+        else:
+            object.__setattr__(self, "binary_values", tuple(float(v) for v in self.binary_values))
         object.__setattr__(self, "names", tuple(str(n) for n in self.names))
+        if isinstance(self.threshold, list | tuple):
+            object.__setattr__(self, "threshold", tuple(float(t) for t in self.threshold))
+            if len(self.threshold) != len(self.binary):
+                raise FormatError(
+                    f"{len(self.threshold)} thresholds for {len(self.binary)} binary dimensions {list(self.binary)}; "
+                    "give one number for all or one per binary dimension"
+                )
+        else:
+            object.__setattr__(self, "threshold", float(self.threshold))
         bad = [i for i in self.binary if not 0 <= i < self.dim]
         if bad or len(set(self.binary)) != len(self.binary):
             raise FormatError(f"binary dimensions {list(self.binary)} must be distinct and in 0..{self.dim - 1}")
         if self.names and len(self.names) != self.dim:
             raise FormatError(f"{len(self.names)} names for {self.dim} dimensions; give one per dimension or none")
-        if len(self.binary_values) != 2:
+        if not pairs and len(self.binary_values) != 2:
             raise FormatError(f"binary_values must be [value for 0, value for 1], got {list(self.binary_values)}")
 
     @property
     def regressed(self) -> tuple[int, ...]:
         """Dimensions that are normalised and regressed, in dataset order."""
         return tuple(i for i in range(self.dim) if i not in self.binary)
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """The threshold of each binary dimension, in the order of `binary`."""
+        if isinstance(self.threshold, tuple):
+            return self.threshold
+        return (self.threshold,) * len(self.binary)
+
+    @property
+    def value_pairs(self) -> tuple[tuple[float, float], ...]:
+        """(value for 0, value for 1) of each binary dimension, in the order of `binary`."""
+        if self.binary_values and isinstance(self.binary_values[0], tuple):
+            return self.binary_values  # type: ignore[return-value]
+        return (tuple(self.binary_values),) * len(self.binary)  # type: ignore[return-value]
 
     @property
     def order(self) -> list[int]:
@@ -69,8 +109,8 @@ class Space:
     def to_json(self) -> dict:
         return {
             "binary": list(self.binary),
-            "threshold": self.threshold,
-            "binary_values": list(self.binary_values),
+            "threshold": list(self.threshold) if isinstance(self.threshold, tuple) else self.threshold,
+            "binary_values": [list(v) if isinstance(v, tuple) else v for v in self.binary_values],
             "names": list(self.names),
         }
 
@@ -85,7 +125,7 @@ class Space:
             return cls(
                 dim,
                 tuple(data.get("binary", ())),
-                float(data.get("threshold", 0.5)),
+                data.get("threshold", 0.5),
                 tuple(data.get("binary_values", (0.0, 1.0))),
                 tuple(data.get("names", ())),
             )
@@ -99,9 +139,15 @@ class Space:
             return ", ".join(f"{i} ({self.names[i]})" if self.names else str(i) for i in idx) or "none"
 
         line = f"{self.dim} dims; regressed: {dims(self.regressed)}; binary: {dims(self.binary)}"
-        if self.binary:
+        if self.binary and not isinstance(self.threshold, tuple) and not isinstance(self.binary_values[0], tuple):
             low, high = self.binary_values
             line += f" (> {self.threshold:g} → {high:g}, else {low:g})"
+        elif self.binary:
+            rules = (
+                f"{d}: > {t:g} → {hi:g}, else {lo:g}"
+                for d, t, (lo, hi) in zip(self.binary, self.thresholds, self.value_pairs, strict=True)
+            )
+            line += f" ({'; '.join(rules)})"
         return line
 
 

@@ -41,6 +41,7 @@ from vla_scale.data.window import Window, chunk_actions
 log = logging.getLogger(__name__)
 
 WRIST_CAMERA = "rgb_wrist"
+FRAME_CACHE_BYTES = 256 * 2**20  # per source and reader; beyond it shared frames are decoded again
 
 
 class DataError(RuntimeError):
@@ -116,6 +117,8 @@ class _Episode:
     chunks: np.ndarray  # [L, N, A]
     chunk_mask: np.ndarray  # [L, N]
     state: np.ndarray  # [L, S]
+    refs: np.ndarray | None = None  # [L] windows still in the buffer that use frame t (window_size > 1)
+    decoded: dict = field(default_factory=dict)  # (camera, t) -> frame, while refs[t] > 0
 
 
 @dataclass
@@ -184,6 +187,7 @@ class SourceStream:
         self.static_camera = self._static_camera()
         self.epoch = 0
         self.rng = np.random.default_rng([seed, reader.rank, reader.worker, 7919])
+        self.cached_bytes = 0  # decoded frames held for overlapping windows (`_frame`)
 
     def _static_camera(self) -> str | None:
         if self.kind != "robot":
@@ -207,7 +211,38 @@ class SourceStream:
             raise FormatError(f"sample {sample.get('__key__')}: no camera {self.static_camera!r}")
         chunks, chunk_mask = chunk_actions(self.normalizer.normalize_action(action), self.chunk)
         ep = _Episode(sample, meta, chunks, chunk_mask, self.normalizer.normalize_state(state))
-        return [_Entry(f"{where}/{t}", self.epoch, ep, t) for t in range(action.shape[0] - self.window_size + 1)]
+        starts = range(action.shape[0] - self.window_size + 1)
+        if self.window_size > 1 and len(starts) > 0:  # frame t is in the windows starting at t-W+1 .. t
+            ep.refs = np.convolve(np.ones(len(starts), np.int64), np.ones(self.window_size, np.int64))
+        return [_Entry(f"{where}/{t}", self.epoch, ep, t) for t in starts]
+
+    def _frame(self, ep: _Episode, camera: str, t: int) -> np.ndarray:
+        """Frame t, decoded once for all the overlapping windows that show it (within `FRAME_CACHE_BYTES`)."""
+        if ep.refs is None:
+            return decode_frame(ep.raw, ep.meta, camera, t)
+        img = ep.decoded.get((camera, t))
+        if img is None:
+            img = decode_frame(ep.raw, ep.meta, camera, t)
+            if self.cached_bytes + img.nbytes <= FRAME_CACHE_BYTES:
+                ep.decoded[(camera, t)] = img
+                self.cached_bytes += img.nbytes
+        return img
+
+    def _frames(self, ep: _Episode, camera: str, frames: range) -> np.ndarray:
+        got = [self._frame(ep, camera, t) for t in frames]
+        return got[0][None] if len(got) == 1 else np.stack(got)  # one frame is never cached: a view will do
+
+    def _release(self, entry: _Entry) -> None:
+        """The window has left the buffer: drop the decoded frames no window still in it needs."""
+        ep = entry.episode
+        if ep is None or ep.refs is None:
+            return
+        for t in range(entry.start, entry.start + self.window_size):
+            ep.refs[t] -= 1
+            if ep.refs[t] == 0:
+                for camera in (self.static_camera, WRIST_CAMERA):
+                    img = ep.decoded.pop((camera, t), None)
+                    self.cached_bytes -= 0 if img is None else img.nbytes
 
     def _materialize(self, entry: _Entry) -> Window | VLSample:
         if entry.raw is not None:
@@ -217,11 +252,11 @@ class SourceStream:
         frames = range(entry.start, entry.start + self.window_size)
         key, size = str(ep.raw.get("__key__")), self.manifest.image_size
         sized = self.manifest.cameras[:1]  # the writer measures image_size on the first camera only
-        images = np.stack([decode_frame(ep.raw, ep.meta, self.static_camera, t) for t in frames])
+        images = self._frames(ep, self.static_camera, frames)
         check_frame_size(key, self.static_camera, size if self.static_camera in sized else [], images.shape)
         wrist = None
         if WRIST_CAMERA in ep.meta.get("cameras", []):
-            wrist = np.stack([decode_frame(ep.raw, ep.meta, WRIST_CAMERA, t) for t in frames])
+            wrist = self._frames(ep, WRIST_CAMERA, frames)
             check_frame_size(key, WRIST_CAMERA, size if WRIST_CAMERA in sized else [], wrist.shape)
         if self.augment.enabled:
             rng = window_rng(self.seed, entry.epoch, entry.key)  # one draw per camera, shared by the frames
@@ -239,6 +274,12 @@ class SourceStream:
 
     def _emit(self, entry: _Entry) -> Window | VLSample | Replayed | None:
         """The item for a slot leaving the buffer; None when it is bad (counted, and skipped by the caller)."""
+        try:
+            return self._item(entry)
+        finally:
+            self._release(entry)
+
+    def _item(self, entry: _Entry) -> Window | VLSample | Replayed | None:
         if self.replay:
             if entry.key in self.bad_windows:
                 self.bad.report(self.name, entry.key, None)

@@ -91,9 +91,20 @@ def features() -> dict:
     }
 
 
-def make_v3(root: Path, codec: str = "libsvtav1", continuous_gripper: bool = False) -> Path:
-    """Episodes 0, 1 share data/video file 000 (episode 1 starts mid-file); episode 2 is in file 001."""
+def make_v3(
+    root: Path,
+    codec: str = "libsvtav1",
+    continuous_gripper: bool = False,
+    video_files: dict[tuple[int, int], list[int]] | None = None,
+) -> Path:
+    """Episodes 0, 1 share data file 000 (episode 1 starts mid-file); episode 2 is in file 001.
+
+    `video_files`: (chunk, file) → episodes of each mp4, when the videos roll over to new files (and chunks)
+    elsewhere than the data does, as LeRobot's writer does when a video file reaches its size limit first;
+    default: the data files' split.
+    """
     files = {0: [0, 1], 1: [2]}
+    videos = video_files or {(0, f): eps for f, eps in files.items()}
     info = {
         "codebase_version": "v3.0",
         "fps": FPS,
@@ -104,18 +115,24 @@ def make_v3(root: Path, codec: str = "libsvtav1", continuous_gripper: bool = Fal
     }
     (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
     (root / "meta" / "info.json").write_text(json.dumps(info))
-    rows, index = [], 0
-    for f, eps in files.items():
-        (root / "data" / "chunk-000").mkdir(parents=True, exist_ok=True)
-        table = frame_table(eps, index, continuous_gripper)
-        pq.write_table(table, root / "data" / "chunk-000" / f"file-{f:03d}.parquet")
+    where: dict[int, tuple[int, int, float]] = {}  # episode -> video chunk, file, start in seconds
+    for (chunk, f), eps in videos.items():
         write_mp4(
-            root / "videos" / "observation.images.top" / "chunk-000" / f"file-{f:03d}.mp4",
+            root / "videos" / "observation.images.top" / f"chunk-{chunk:03d}" / f"file-{f:03d}.mp4",
             [frame(e, t, 0) for e in eps for t in range(LENGTHS[e])],
             codec,
         )
         offset = 0
         for e in eps:
+            where[e] = (chunk, f, offset / FPS)
+            offset += LENGTHS[e]
+    rows, index = [], 0
+    for f, eps in files.items():
+        (root / "data" / "chunk-000").mkdir(parents=True, exist_ok=True)
+        table = frame_table(eps, index, continuous_gripper)
+        pq.write_table(table, root / "data" / "chunk-000" / f"file-{f:03d}.parquet")
+        for e in eps:
+            chunk, vfile, start = where[e]
             rows.append(
                 {
                     "episode_index": e,
@@ -125,13 +142,12 @@ def make_v3(root: Path, codec: str = "libsvtav1", continuous_gripper: bool = Fal
                     "data/file_index": f,
                     "dataset_from_index": index,
                     "dataset_to_index": index + LENGTHS[e],
-                    "videos/observation.images.top/chunk_index": 0,
-                    "videos/observation.images.top/file_index": f,
-                    "videos/observation.images.top/from_timestamp": offset / FPS,
-                    "videos/observation.images.top/to_timestamp": (offset + LENGTHS[e]) / FPS,
+                    "videos/observation.images.top/chunk_index": chunk,
+                    "videos/observation.images.top/file_index": vfile,
+                    "videos/observation.images.top/from_timestamp": start,
+                    "videos/observation.images.top/to_timestamp": start + LENGTHS[e] / FPS,
                 }
             )
-            offset += LENGTHS[e]
             index += LENGTHS[e]
     pq.write_table(pa.Table.from_pylist(rows), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
     pq.write_table(pa.table({"task": list(TASKS), "task_index": [0, 1]}), root / "meta" / "tasks.parquet")
