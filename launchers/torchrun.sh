@@ -21,6 +21,9 @@
 #   VLA_SCALE_DRY_RUN=1  print the prepare and launch commands instead of running them
 #
 # The config is validated and the run directory prepared (on node 0 only) before any process starts.
+# torchrun runs through vla_scale/train/torchrun_launch.py (its own parser and launch code): when the ranks stop for
+# preemption (exit 75) this script exits 75 too, where torchrun's CLI exits 1. With MAX_RESTARTS > 0 torchrun
+# restarts the ranks after a preemption like after any failure (they resume from the preemption's checkpoint).
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -50,4 +53,4 @@ if [[ -n "${RANK_LOG_DIR:-}" ]]; then
     LAUNCH+=(--log_dir "$RANK_LOG_DIR" --redirects 3)
 fi
 
-vla_exec "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" -m vla_scale.train.main --run_dir "$RUN_DIR"
+vla_exec "$PYTHON" -m vla_scale.train.torchrun_launch "${LAUNCH[@]}" -m vla_scale.train.main --run_dir "$RUN_DIR"

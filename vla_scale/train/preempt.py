@@ -10,13 +10,15 @@ during it leaves the previous `latest` in place.
 
 `EXIT_PREEMPTED` (75, sysexits' EX_TEMPFAIL: "try again later") tells a wrapper such as
 launchers/slurm.sbatch that the run stopped early on purpose and should be requeued; the DeepSpeed
-launcher passes a rank's exit code through, launchers/accelerate.sh too (vla_scale/train/accelerate_launch.py),
-torchrun reports its own failure code instead (README).
+launcher passes a rank's exit code through; torchrun and `accelerate launch` report their own failure code, so
+launchers/torchrun.sh and launchers/accelerate.sh start them through small wrappers that exit 75 instead
+(vla_scale/train/torchrun_launch.py, accelerate_launch.py; the rule is `preempted_exit_code` below).
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import time
 
 import torch
@@ -51,3 +53,28 @@ class Preemption:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def preempted_exit_code(failures: dict) -> int | None:
+    """For a torch elastic agent's failed ranks (`ChildFailedError.failures`, behind torchrun and `accelerate launch`):
+    `EXIT_PREEMPTED` when some rank exited with it and every other failed rank either did too or died of a
+    signal, else None.
+
+    The agent terminates the remaining ranks once one has exited (SIGTERM, SIGKILL after a grace period), so
+    those show up with negative codes: consequences of the preemption, not causes. Any positive code other
+    than 75 is a real failure. (torch's failure timestamps are whole seconds, too coarse to order them.)"""
+    codes = [failure.exitcode for failure in failures.values()]
+    if EXIT_PREEMPTED in codes and all(code == EXIT_PREEMPTED or code < 0 for code in codes):
+        return EXIT_PREEMPTED
+    return None
+
+
+def preempted_or_raise(err: Exception, launcher: str) -> int:
+    """`EXIT_PREEMPTED`, after a line on stderr, when a launcher's `ChildFailedError` is a preemption; else re-raises
+    it (the launcher's usual failure report and exit code)."""
+    code = preempted_exit_code(err.failures)
+    if code is None:
+        raise err
+    ranks = ", ".join(f"rank {rank}: {f.exitcode}" for rank, f in sorted(err.failures.items()))
+    print(f"[{launcher}] ranks stopped for preemption ({ranks}); exiting {code}", file=sys.stderr, flush=True)
+    return code
