@@ -227,7 +227,7 @@ done
 """
 
 
-@pytest.mark.parametrize("launcher", ["train", "torchrun"])
+@pytest.mark.parametrize("launcher", ["train", "torchrun", "accelerate"])
 def test_slurm_script_gives_each_node_its_rank_and_the_first_host_as_master(tmp_path, launcher):
     script = ROOT / "launchers/slurm.sbatch"
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
@@ -266,6 +266,10 @@ def test_slurm_script_gives_each_node_its_rank_and_the_first_host_as_master(tmp_
     assert not (tmp_path / "runs").exists(), "a dry run must not write the run directory"
     for node in (0, 1):
         launch = lines[node][1]
+        if launcher == "accelerate":
+            assert "--main_process_ip gpu-07" in launch and "--main_process_port 24242" in launch, launch
+            assert f"--machine_rank {node}" in launch and "--num_processes 4 --num_machines 2" in launch, launch
+            continue
         assert "--master_addr gpu-07" in launch and "--master_port 24242" in launch, launch
         assert f"--node_rank {node}" in launch, launch
         if launcher == "train":
