@@ -138,6 +138,26 @@ def test_cache_stays_under_its_limit_and_evicts_least_recently_used(robot, tmp_p
     assert len(list((tmp_path / "cache").iterdir())) <= 3
 
 
+def test_read_ahead_runs_on_into_the_next_epoch(robot, tmp_path):
+    with http_server(robot.parent) as (base, _):
+        s = stream(f"{base}/robot", tmp_path, read_ahead=2)
+        first = len(list(s._epoch_entries(fetch_next_epoch=True)))  # epoch 0 read to its end
+        fetcher = s._fetcher
+        assert fetcher is not None and not fetcher.closed  # kept for epoch 1
+        n0 = len(s.manifest.shards)
+        deadline = time.monotonic() + 20
+        while not {n0, n0 + 1} <= fetcher.ready.keys() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert {n0, n0 + 1} <= fetcher.ready.keys()  # epoch 1's first two shards fetched before it starts
+        assert n0 + 2 not in fetcher.ready  # and no further than read_ahead
+        s.epoch = 1
+        local = stream(robot)
+        local.epoch = 1
+        assert [e.key for e in s._epoch_entries()] == [e.key.replace(str(robot), f"{base}/robot")
+                                                       for e in local._epoch_entries()]  # fmt: skip
+        assert first > 0 and s._fetcher is None and fetcher.closed  # a one-epoch read closes it
+
+
 def test_warm_cache_is_not_fetched_again(robot, tmp_path):
     with http_server(robot.parent) as (base, faults):
         list(stream(f"{base}/robot", tmp_path)._epoch_items())

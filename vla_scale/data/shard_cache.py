@@ -196,57 +196,78 @@ def _evict(path: str) -> bool:
 
 
 class ShardFetcher:
-    """One reader's shards for one epoch, in reading order, fetched ahead by `read_ahead` background threads.
+    """One reader's shards in reading order, across epochs, fetched ahead by `read_ahead` background threads.
 
     `open(url)` returns the pinned cached file of the next shard; the threads keep up to `read_ahead`
     shards beyond the one being read fetched (in parallel: with high latency or a per-connection bandwidth
-    cap, one connection at a time would not keep up) and pinned. A fetch that failed in a thread is raised
-    by `open` for that shard, so the error reaches the reader at the shard it concerns.
+    cap, one connection at a time would not keep up) and pinned. `extend` appends the next epoch's shards
+    (their order is known from the seed) while the current epoch is read, so an epoch's first shards are
+    fetched ahead too instead of stalling the reader at every epoch boundary. A fetch that failed in a
+    thread is raised by `open` for that shard, so the error reaches the reader at the shard it concerns.
     """
 
     def __init__(self, location: Location, cache: ShardCache, urls: list[str], read_ahead: int):
         self.location, self.cache, self.read_ahead = location, cache, read_ahead
-        self.rels = [location.rel(u) for u in urls]
-        self.index = {u: i for i, u in enumerate(urls)}
-        self.current = -1
+        self.urls: list[str] = []
+        self.rels: list[str] = []
+        self.current = -1  # the position being read
         self.ready: dict[int, BinaryIO | Exception] = {}
         self.cond = threading.Condition()
         self.closed = False
         self.wait_s = 0.0  # time `open` spent waiting for shards (the data wait this hides)
-        self.next = 0  # the next shard index a thread claims
+        self.next = 0  # the next position a thread claims
+        self.extend(urls)
         for _ in range(max(1, read_ahead)):
             threading.Thread(target=self._run, name="shard-read-ahead", daemon=True).start()
 
+    def extend(self, urls: list[str]) -> None:
+        """Shards to read after those already given (the next epoch's), fetched ahead like the others."""
+        rels = [self.location.rel(u) for u in urls]
+        with self.cond:
+            self.urls += urls
+            self.rels += rels
+            self.cond.notify_all()
+
+    def _claim(self) -> tuple[int, bool] | None:
+        """(the next position to fetch, whether it is read-ahead) once it is within reach; None when closed."""
+        with self.cond:
+            while not self.closed and self.next >= len(self.rels):
+                self.cond.wait()
+            i = self.next
+            self.next += 1
+            while not self.closed and i > self.current + self.read_ahead:
+                self.cond.wait()
+            return None if self.closed else (i, i > self.current)
+
     def _run(self) -> None:
-        while True:
-            with self.cond:
-                i = self.next
-                if self.closed or i >= len(self.rels):
-                    return
-                self.next += 1
-                while not self.closed and i > self.current + self.read_ahead:
-                    self.cond.wait()
-                if self.closed:
-                    return
-                ahead = i > self.current
-            rel = self.rels[i]
+        while (claim := self._claim()) is not None:
+            i, ahead = claim
             try:
-                result: BinaryIO | Exception = self.cache.open(self.location, rel, ahead=ahead)
+                result: BinaryIO | Exception = self.cache.open(self.location, self.rels[i], ahead=ahead)
             except Exception as err:  # noqa: BLE001 - handed to the reader at this shard
                 result = err
             with self.cond:
-                if self.closed:
+                if self.closed or i < self.current:  # closed, or passed over by the reader: unpin
                     if not isinstance(result, Exception):
                         result.close()
-                    return
+                    if self.closed:
+                        return
+                    continue
                 self.ready[i] = result
                 self.cond.notify_all()
 
     def open(self, url: str) -> BinaryIO:
         """The shard `url` (the next one in order), cached and pinned; raises `Unreachable` naming its URL."""
-        i = self.index[url]
         start = time.perf_counter()
         with self.cond:
+            try:
+                i = self.urls.index(url, self.current + 1)
+            except ValueError:
+                raise ValueError(f"{url} is not among the shards still to read") from None
+            for skipped in range(self.current + 1, i):  # never opened (not expected): unpin what was fetched
+                result = self.ready.pop(skipped, None)
+                if result is not None and not isinstance(result, Exception):
+                    result.close()
             self.current = i
             self.cond.notify_all()
             while i not in self.ready:
