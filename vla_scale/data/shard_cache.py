@@ -1,7 +1,7 @@
-"""Streaming remote shards: a bounded local cache with LRU eviction, and per-reader read-ahead.
+"""Streaming remote shards: a bounded local cache of whole shards with LRU eviction.
 
-Each reader fetches the shard it is about to read, plus the next `read_ahead` ones in as many
-background threads, into a cache folder shared by every reader on the node. The cache holds complete
+Shards are fetched (ahead of their reader: vla_scale/data/read_ahead.py) into a cache folder shared by every
+reader on the node. The cache holds complete
 shards only (a download goes to a `.part` file renamed when complete, deleted by the next cache user if its
 process was killed); its size (`.part` files and
 the room held for downloads in progress included) is kept under `limit_bytes` by deleting the least
@@ -21,13 +21,10 @@ import hashlib
 import logging
 import os
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from vla_scale.config.schema_data import StorageConfig
-from vla_scale.data.locations import FetchOptions, Location, Unreachable, is_remote, open_location
+from vla_scale.data.locations import Location, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -193,112 +190,3 @@ def _evict(path: str) -> bool:
             return True
     except FileNotFoundError:
         return False
-
-
-class ShardFetcher:
-    """One reader's shards in reading order, across epochs, fetched ahead by `read_ahead` background threads.
-
-    `open(url)` returns the pinned cached file of the next shard; the threads keep up to `read_ahead`
-    shards beyond the one being read fetched (in parallel: with high latency or a per-connection bandwidth
-    cap, one connection at a time would not keep up) and pinned. `extend` appends the next epoch's shards
-    (their order is known from the seed) while the current epoch is read, so an epoch's first shards are
-    fetched ahead too instead of stalling the reader at every epoch boundary. A fetch that failed in a
-    thread is raised by `open` for that shard, so the error reaches the reader at the shard it concerns.
-    """
-
-    def __init__(self, location: Location, cache: ShardCache, urls: list[str], read_ahead: int):
-        self.location, self.cache, self.read_ahead = location, cache, read_ahead
-        self.urls: list[str] = []
-        self.rels: list[str] = []
-        self.current = -1  # the position being read
-        self.ready: dict[int, BinaryIO | Exception] = {}
-        self.cond = threading.Condition()
-        self.closed = False
-        self.wait_s = 0.0  # time `open` spent waiting for shards (the data wait this hides)
-        self.next = 0  # the next position a thread claims
-        self.extend(urls)
-        for _ in range(max(1, read_ahead)):
-            threading.Thread(target=self._run, name="shard-read-ahead", daemon=True).start()
-
-    def extend(self, urls: list[str]) -> None:
-        """Shards to read after those already given (the next epoch's), fetched ahead like the others."""
-        rels = [self.location.rel(u) for u in urls]
-        with self.cond:
-            self.urls += urls
-            self.rels += rels
-            self.cond.notify_all()
-
-    def _claim(self) -> tuple[int, bool] | None:
-        """(the next position to fetch, whether it is read-ahead) once it is within reach; None when closed."""
-        with self.cond:
-            while not self.closed and self.next >= len(self.rels):
-                self.cond.wait()
-            i = self.next
-            self.next += 1
-            while not self.closed and i > self.current + self.read_ahead:
-                self.cond.wait()
-            return None if self.closed else (i, i > self.current)
-
-    def _run(self) -> None:
-        while (claim := self._claim()) is not None:
-            i, ahead = claim
-            try:
-                result: BinaryIO | Exception = self.cache.open(self.location, self.rels[i], ahead=ahead)
-            except Exception as err:  # noqa: BLE001 - handed to the reader at this shard
-                result = err
-            with self.cond:
-                if self.closed or i < self.current:  # closed, or passed over by the reader: unpin
-                    if not isinstance(result, Exception):
-                        result.close()
-                    if self.closed:
-                        return
-                    continue
-                self.ready[i] = result
-                self.cond.notify_all()
-
-    def open(self, url: str) -> BinaryIO:
-        """The shard `url` (the next one in order), cached and pinned; raises `Unreachable` naming its URL."""
-        start = time.perf_counter()
-        with self.cond:
-            try:
-                i = self.urls.index(url, self.current + 1)
-            except ValueError:
-                raise ValueError(f"{url} is not among the shards still to read") from None
-            for skipped in range(self.current + 1, i):  # never opened (not expected): unpin what was fetched
-                result = self.ready.pop(skipped, None)
-                if result is not None and not isinstance(result, Exception):
-                    result.close()
-            self.current = i
-            self.cond.notify_all()
-            while i not in self.ready:
-                self.cond.wait()
-            result = self.ready.pop(i)
-        self.wait_s += time.perf_counter() - start
-        if isinstance(result, NoRoom):
-            return self.cache.open(self.location, self.rels[i])  # read-ahead had no room: fetch it now
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    def close(self) -> None:
-        """Stop the read-ahead and unpin what it fetched but no one read."""
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-            for result in self.ready.values():
-                if not isinstance(result, Exception):
-                    result.close()
-            self.ready.clear()
-
-
-def open_source(
-    folder: str | Path, storage: StorageConfig | None
-) -> tuple[Location, Callable[[list[str]], ShardFetcher] | None]:
-    """A dataset's location, and for a remote one a factory of per-epoch fetchers (None: read local files in place)."""
-    storage = storage or StorageConfig()
-    options = FetchOptions(retries=storage.retries, backoff_s=storage.backoff_s, timeout_s=storage.timeout_s)
-    location = open_location(folder, options)
-    if not is_remote(folder):
-        return location, None
-    cache = ShardCache(storage.cache_dir or default_cache_dir(), int(storage.cache_limit_gb * 1e9))
-    return location, lambda urls: ShardFetcher(location, cache, urls, storage.read_ahead)

@@ -34,7 +34,7 @@ from vla_scale.data.format import (
     load_stats,
 )
 from vla_scale.data.normalize import Normalizer
-from vla_scale.data.shard_cache import ShardFetcher, open_source
+from vla_scale.data.read_ahead import ShardFetcher, open_source
 from vla_scale.data.shard_read import SampleReader, check_frame_size, check_robot_dims
 from vla_scale.data.window import Window, chunk_actions
 
