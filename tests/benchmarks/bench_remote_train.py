@@ -8,8 +8,8 @@ shard cache, runs interleaved over `--rounds`. It prints, per run, `data_wait_fr
 `next(data_iter)` over their wall time, logged by the training loop: vla_scale/train/log_window.py) and the
 step time, for the whole run and without the first log window (DataLoader workers starting, the first shards).
 
-    python tests/benchmarks/bench_remote_train.py                    # 50 ms per request, 40 steps, 1 round
-    python tests/benchmarks/bench_remote_train.py --steps 60 --rounds 2
+    python tests/benchmarks/bench_remote_train.py                    # 50 ms per request, 60 steps, 2 rounds
+    python tests/benchmarks/bench_remote_train.py --work runs/bench_remote_train --rounds 3
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,8 @@ def train(work: Path, name: str, robot: str, vl: str, steps: int, log_every: int
         "train.ckpt_every=0",
         "wandb.mode=disabled",
     ]
+    for old in (work / "runs" / name, work / f"cache-{name}"):
+        shutil.rmtree(old, ignore_errors=True)  # a run left there would be resumed; a cache left would be warm
     log = work / f"{name}.log"
     start = time.perf_counter()
     with log.open("w") as fh:
@@ -76,9 +79,9 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=48)
     p.add_argument("--per-shard", type=int, default=4, help="episodes per shard")
     p.add_argument("--latency-ms", type=float, default=50.0)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--log-every", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--work", type=Path, default=None, help="keep runs and logs here (default: a temporary folder)")
     args = p.parse_args()
     global_batch = 8  # configs/debug.yaml
@@ -120,11 +123,14 @@ def main() -> None:
             if child.is_alive():
                 child.kill()
         out = []
+        local = {row[1]: row for row in rows if row[0] == "local"}
         for kind in sources:
             mine = [row for row in rows if row[0] == kind]
-            out.append([kind, *(f"{median([row[i] for row in mine]):.2%}" for i in (2, 3)),
+            extra = median([(row[3] - local[row[1]][3]) * 100 for row in mine])  # vs local in the same round
+            out.append([kind, *(f"{median([row[i] for row in mine]):.2%}" for i in (2, 3)), f"{extra:+.1f}",
                         *(f"{median([row[i] for row in mine]):.0f}" for i in (4, 5, 6))])  # fmt: skip
-        header = ["data from", "data_wait_frac", "after 1st window", "ms/step", "after 1st window", "run wall s"]
+        header = ["data from", "data_wait_frac", "after 1st window", "vs local, points", "ms/step",
+                  "after 1st window", "run wall s"]  # fmt: skip
         print(table(header, out))
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

@@ -155,6 +155,7 @@ def fetch_pool(storage: StorageConfig) -> FetchPool:
     """The process's pool (and shard cache) for this cache folder, limit and thread count."""
     folder = Path(storage.cache_dir or default_cache_dir()).resolve()
     key = (str(folder), int(storage.cache_limit_gb * 1e9), storage.fetch_threads)
+    folder.mkdir(parents=True, exist_ok=True)  # again: the folder may have been deleted since the pool was made
     with _POOLS_LOCK:
         if key not in _POOLS:
             _POOLS[key] = FetchPool(ShardCache(folder, key[1]), storage.fetch_threads)
