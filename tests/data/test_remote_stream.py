@@ -180,6 +180,11 @@ def test_readers_of_a_process_share_one_pool_of_fetch_threads(robot, tmp_path):
     assert len(started) == 2
     for v, r in enumerate(readers):
         assert_same([row[v] for row in got], items(stream(robot, reader=r), 30))
+    for it in remote:
+        it.close()
+    for t in started:
+        t.join(timeout=10)
+        assert not t.is_alive()  # no reader left: the pool's threads end
 
 
 def test_warm_cache_is_not_fetched_again(robot, tmp_path):

@@ -34,8 +34,15 @@ class FetchPool:
         self.cache = cache
         self.cond = threading.Condition()  # also each fetcher's: one lock orders all claims
         self.fetchers: list[ShardFetcher] = []
-        for _ in range(threads):
-            threading.Thread(target=self._run, name="shard-fetch", daemon=True).start()
+        self.max_threads, self.threads = threads, 0
+
+    def register(self, fetcher: ShardFetcher) -> None:
+        """Serve `fetcher` too; the threads are started here and end when no fetcher is left (none idle forever)."""
+        with self.cond:
+            self.fetchers.append(fetcher)
+            for _ in range(self.max_threads - self.threads):
+                threading.Thread(target=self._run, name="shard-fetch", daemon=True).start()
+            self.threads = self.max_threads
 
     def _pick(self) -> tuple[ShardFetcher, int, bool] | None:
         """(fetcher, position, is read-ahead) of the claimable shard its reader needs soonest; call under `cond`."""
@@ -54,6 +61,9 @@ class FetchPool:
         while True:
             with self.cond:
                 while (job := self._pick()) is None:
+                    if not self.fetchers:
+                        self.threads -= 1
+                        return
                     self.cond.wait()
             f, i, ahead = job
             try:
@@ -82,8 +92,7 @@ class ShardFetcher:
         self.closed = False
         self.wait_s = 0.0  # time `open` spent waiting for shards (the data wait this hides)
         self.extend(urls)
-        with self.cond:
-            pool.fetchers.append(self)
+        pool.register(self)
 
     def extend(self, urls: list[str]) -> None:
         """Shards to read after those already given (the next epoch's), fetched ahead like the others."""
@@ -141,6 +150,7 @@ class ShardFetcher:
             self.closed = True
             if self in self.pool.fetchers:
                 self.pool.fetchers.remove(self)
+            self.cond.notify_all()  # idle pool threads end when no fetcher is left
             for result in self.ready.values():
                 self._unpin(result)
             self.ready.clear()
