@@ -15,7 +15,8 @@ local, S3, ...), so each ratio compares two passes seconds apart. A pass reads `
 its rate counts from the first window on (the time to that window, stream start-up and the first shard's fetch
 included, is reported apart). Reported per configuration: the median windows/s over the rounds,
 the median of the per-round ratios to local (and their range), the share of time the reader waited on a shard,
-and CPU ms per window (all threads of the reading process: the overhead of fetching that load does not hide).
+and CPU ms per window (all threads of the reading process: the overhead of fetching that load does not hide),
+and the servers' CPU per window (on a real deployment they run elsewhere; here they take cores from the reader).
 
     python tests/benchmarks/bench_remote.py                   # 50 ms per request, 9 rounds
     python tests/benchmarks/bench_remote.py --latency-ms 0 --per-shard 16
@@ -52,6 +53,19 @@ class Pass:
     first_s: float  # constructing the stream (manifest.json, stats.json) and reading its first window
     wait_frac: float  # share of the time after the first window spent blocked on a shard not yet fetched
     cpu_ms: float  # process CPU time per window after the first (every thread)
+    server_ms: float  # CPU time of the servers' process per window (on this machine it competes with the reader)
+
+
+SERVER_PID = 0  # the servers' child process
+
+
+def server_cpu_s() -> float:
+    """CPU seconds the servers' process has used (utime + stime from /proc; 0 when not running or not Linux)."""
+    try:
+        fields = Path(f"/proc/{SERVER_PID}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(path: str, cache: Path | None, read_ahead: int, n: int, limit_gb: float = 20.0) -> Pass:
@@ -70,12 +84,13 @@ def measure(path: str, cache: Path | None, read_ahead: int, n: int, limit_gb: fl
         stream.opener = opener
     items = iter(stream)
     next(items)
-    waited0, cpu0, t0 = sum(f.wait_s for f in fetchers), time.process_time(), time.perf_counter()
+    waited0, cpu0, server0 = sum(f.wait_s for f in fetchers), time.process_time(), server_cpu_s()
+    t0 = time.perf_counter()
     count = sum(1 for _ in itertools.islice(items, n - 1))
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    wall, cpu, server = time.perf_counter() - t0, time.process_time() - cpu0, server_cpu_s() - server0
     items.close()  # ends the read-ahead
     waited = sum(f.wait_s for f in fetchers) - waited0
-    return Pass(count / wall, t0 - start, waited / wall, cpu / count * 1e3)
+    return Pass(count / wall, t0 - start, waited / wall, cpu / count * 1e3, server / count * 1e3)
 
 
 def serve(root: str, latency_s: float, names: list[str], ready, stop) -> None:  # noqa: ANN001 - multiprocessing
@@ -128,7 +143,7 @@ def report(configs: list[Config]) -> str:
     local = [p for c in configs for p in c.local]
     rows = [["local disk (all pairs)", f"{median([p.rate for p in local]):.0f}", "1.00", "", "",
              f"{median([p.first_s for p in local]):.2f}",
-             f"{median([p.cpu_ms for p in local]):.2f}"]]  # fmt: skip
+             f"{median([p.cpu_ms for p in local]):.2f}", f"{median([p.server_ms for p in local]):.2f}"]]  # fmt: skip
     for c in configs:
         ratios = sorted(p.rate / q.rate for p, q in zip(c.passes, c.local, strict=True))
         rows.append([
@@ -139,8 +154,10 @@ def report(configs: list[Config]) -> str:
             f"{median([p.wait_frac for p in c.passes]):.1%}",
             f"{median([p.first_s for p in c.passes]):.2f}",
             f"{median([p.cpu_ms for p in c.passes]):.2f}",
+            f"{median([p.server_ms for p in c.passes]):.2f}",
         ])  # fmt: skip
-    header = ["source", "windows/s", "x local", "range", "shard wait", "1st window s", "CPU ms/window"]
+    header = ["source", "windows/s", "x local", "range", "shard wait", "1st window s", "CPU ms/window",
+              "server CPU ms/window"]  # fmt: skip
     return table(header, rows)
 
 
@@ -171,6 +188,8 @@ def main() -> None:
         ready, stop = ctx.Queue(), ctx.Event()
         child = ctx.Process(target=serve, args=(str(tmp / "data"), args.latency_ms / 1000, ["robot"], ready, stop))
         child.start()
+        global SERVER_PID
+        SERVER_PID = child.pid or 0
         try:
             http, endpoint = ready.get(timeout=180)
             os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)

@@ -5,14 +5,15 @@ next shards fetched before it gets there, but threads per stream would multiply 
 Here a stream's `ShardFetcher` only says which shards its reader will open, in order (across epochs: the next
 epoch's order is known from the seed); the process's `FetchPool` threads (`data.storage.fetch_threads`), one
 shard cache, fetch the next shard of whichever reader is closest to needing one, never more than that reader's
-depth ahead of it. A reader's depth starts at `read_ahead` and grows by one, up to `read_ahead_max`, each time
-it still had to wait for a shard that was being fetched ahead (its shards take less time to read than to fetch,
-so more must be in flight). A fetch that failed is raised by `open` for that shard, so the error reaches the
-reader at the shard it concerns.
+depth ahead of it. A reader's depth starts at `read_ahead` and grows, up to `read_ahead_max`, each time it
+still had to wait for a shard that was being fetched ahead (its shards take less time to read than to fetch,
+so more must be in flight): by as many shards as it could have read in the time it waited. A fetch that
+failed is raised by `open` for that shard, so the error reaches the reader at the shard it concerns.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -24,7 +25,7 @@ from vla_scale.config.schema_data import StorageConfig
 from vla_scale.data.locations import FetchOptions, Location, is_remote, open_location
 from vla_scale.data.shard_cache import NoRoom, ShardCache, default_cache_dir
 
-_HANDOFF_S = 0.01  # a shorter wait for a shard fetched ahead is the thread hand-off, not a fetch too slow
+_HANDOFF_S = 0.002  # a shorter wait for a shard fetched ahead is the thread hand-off, not a fetch too slow
 
 
 class FetchPool:
@@ -91,6 +92,7 @@ class ShardFetcher:
         self.ready: dict[int, BinaryIO | Exception] = {}
         self.closed = False
         self.wait_s = 0.0  # time `open` spent waiting for shards (the data wait this hides)
+        self.opened = time.perf_counter()  # when `open` last returned
         self.extend(urls)
         pool.register(self)
 
@@ -128,11 +130,13 @@ class ShardFetcher:
             while i not in self.ready:
                 self.cond.wait()
             result = self.ready.pop(i)
-            slow = time.perf_counter() - start > _HANDOFF_S
-            if in_flight and slow and self.depth < self.max_depth and not isinstance(result, NoRoom):
-                self.depth += 1  # fetching takes longer than reading `depth` shards: keep one more in flight
+            waited, reading = time.perf_counter() - start, start - self.opened  # `reading`: the previous shard
+            if in_flight and waited > _HANDOFF_S and not isinstance(result, NoRoom):
+                # fetching takes longer than reading `depth` shards: keep as many more in flight as it waited shards
+                self.depth = min(self.max_depth, self.depth + max(1, math.ceil(waited / max(reading, 1e-3))))
                 self.cond.notify_all()
-        self.wait_s += time.perf_counter() - start
+        self.wait_s += waited
+        self.opened = time.perf_counter()
         if isinstance(result, NoRoom):
             return self.pool.cache.open(self.location, self.rels[i])  # read-ahead had no room: fetch it now
         if isinstance(result, Exception):
