@@ -134,7 +134,7 @@ def run_rounds(configs: list[Config], local: str, tmp: Path, rounds: int, n: int
                 else:
                     c.passes.append(measure(c.url, cache, c.read_ahead, n, 20.0 if c.warm else cold_limit_gb))
             if not c.warm:
-                shutil.rmtree(cache)
+                shutil.rmtree(cache, ignore_errors=True)  # a fetch still in flight may finish meanwhile
         done = ", ".join(f"{c.name} {c.passes[-1].rate / c.local[-1].rate:.2f}" for c in configs)
         print(f"round {r + 1}/{rounds} (x local): {done}; load {os.getloadavg()[0]:.1f}", flush=True)
 
