@@ -5,6 +5,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -138,6 +139,54 @@ def test_cache_stays_under_its_limit_and_evicts_least_recently_used(robot, tmp_p
     assert len(list((tmp_path / "cache").iterdir())) <= 3
 
 
+def test_read_ahead_runs_on_into_the_next_epoch(robot, tmp_path):
+    with http_server(robot.parent) as (base, _):
+        s = stream(f"{base}/robot", tmp_path, read_ahead=2, read_ahead_max=2)
+        first = len(list(s._epoch_entries(fetch_next_epoch=True)))  # epoch 0 read to its end
+        fetcher = s._fetcher
+        assert fetcher is not None and not fetcher.closed  # kept for epoch 1
+        n0 = len(s.manifest.shards)
+        deadline = time.monotonic() + 20
+        while not {n0, n0 + 1} <= fetcher.ready.keys() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert {n0, n0 + 1} <= fetcher.ready.keys()  # epoch 1's first two shards fetched before it starts
+        assert n0 + 2 not in fetcher.ready  # and no further than read_ahead
+        s.epoch = 1
+        local = stream(robot)
+        local.epoch = 1
+        assert [e.key for e in s._epoch_entries()] == [e.key.replace(str(robot), f"{base}/robot")
+                                                       for e in local._epoch_entries()]  # fmt: skip
+        assert first > 0 and s._fetcher is None and fetcher.closed  # a one-epoch read closes it
+
+
+def test_read_ahead_deepens_while_fetching_is_slower_than_reading(robot, tmp_path):
+    with http_server(robot.parent) as (base, faults):
+        faults.latency_s = 0.2  # far longer than reading a shard of 2 short episodes
+        s = stream(f"{base}/robot", tmp_path, read_ahead=1, read_ahead_max=2)
+        it = iter(s)
+        assert_same([next(it) for _ in range(40)], items(stream(robot), 40))
+        assert s._fetcher is not None and s._fetcher.depth == 2  # grown (to its maximum, no further)
+        it.close()
+
+
+def test_readers_of_a_process_share_one_pool_of_fetch_threads(robot, tmp_path):
+    """Elastic mode runs many virtual readers per worker: their streams must not each start fetch threads."""
+    before = {t for t in threading.enumerate() if t.name == "shard-fetch"}
+    readers = [Reader(rank=v, world_size=3) for v in range(3)]
+    with http_server(robot.parent) as (base, _):
+        remote = [iter(stream(f"{base}/robot", tmp_path, reader=r, fetch_threads=2)) for r in readers]
+        got = [[next(it) for it in remote] for _ in range(30)]  # round-robin, as virtual readers are drawn
+    started = {t for t in threading.enumerate() if t.name == "shard-fetch"} - before
+    assert len(started) == 2
+    for v, r in enumerate(readers):
+        assert_same([row[v] for row in got], items(stream(robot, reader=r), 30))
+    for it in remote:
+        it.close()
+    for t in started:
+        t.join(timeout=10)
+        assert not t.is_alive()  # no reader left: the pool's threads end
+
+
 def test_warm_cache_is_not_fetched_again(robot, tmp_path):
     with http_server(robot.parent) as (base, faults):
         list(stream(f"{base}/robot", tmp_path)._epoch_items())
@@ -152,6 +201,8 @@ def test_storage_config_is_validated():
     for key, value, msg in [
         ("cache_limit_gb", 0.0, "data.storage.cache_limit_gb must be > 0"),
         ("read_ahead", -1, "data.storage.read_ahead must be >= 0"),
+        ("read_ahead_max", -1, "data.storage.read_ahead_max must be >= 0"),
+        ("fetch_threads", 0, "data.storage.fetch_threads must be >= 1"),
         ("retries", -2, "data.storage.retries must be >= 0"),
         ("timeout_s", 0.0, "data.storage.timeout_s must be > 0"),
     ]:
@@ -168,6 +219,18 @@ def test_vl_dataset_over_http(tmp_path):
     assert [v.conversations for v in remote] == [v.conversations for v in local]
 
 
+def complete_bytes(folder) -> int:
+    """Bytes of the complete shards in a cache folder (not .part downloads; one evicted meanwhile counts 0)."""
+    total = 0
+    for entry in os.scandir(folder):
+        if not entry.name.endswith(".part"):
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
 def test_cache_limit_holds_for_pipe_locations_whose_size_is_unknown_up_front(robot, tmp_path):
     sizes = sorted(p.stat().st_size for p in robot.glob("shard-*.tar"))
     limit = sizes[-1] + sizes[-2] + sizes[-3]  # room for the shard being read and two ahead, not all four
@@ -175,8 +238,7 @@ def test_cache_limit_holds_for_pipe_locations_whose_size_is_unknown_up_front(rob
     s = stream(f"pipe:echo {{}} >> {log}; cat {robot}/{{}}", tmp_path, cache_limit_gb=limit / 1e9, read_ahead=2)
     seen = []
     for item in itertools.islice(iter(s), 80):  # ~3 epochs
-        shards = [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".part")]
-        assert sum(p.stat().st_size for p in shards) <= limit
+        assert complete_bytes(tmp_path / "cache") <= limit
         seen.append(item)
     assert_same(seen, items(stream(robot), 80))
     assert len(log.read_text().split()) > 4  # shards were evicted and fetched again in later epochs

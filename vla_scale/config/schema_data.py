@@ -46,12 +46,15 @@ class StorageConfig:
     """Datasets in object storage or behind HTTP (`s3://`, `http(s)://`, `pipe:` paths): cache and retries.
 
     Shards are streamed into `cache_dir` (shared by the node's readers), kept under `cache_limit_gb` by
-    evicting the least recently used; each reader fetches `read_ahead` shards beyond the one it reads.
+    evicting the least recently used; `fetch_threads` per process fetch, for every reader, `read_ahead` shards
+    beyond the one it reads, more (up to `read_ahead_max`) for a reader that still waits for them.
     """
 
     cache_dir: str = ""  # "" = $VLA_SCALE_CACHE_DIR, else ~/.cache/vla_scale/shards
     cache_limit_gb: float = 20.0
     read_ahead: int = 2  # shards fetched ahead per reader (0: fetch each when it is reached)
+    read_ahead_max: int = 8  # a reader's read-ahead grows up to this while it still waits for shards
+    fetch_threads: int = 8  # fetches at a time per process, shared by all its readers and sources
     retries: int = 5  # retries of a transient failure (HTTP 5xx/429, dropped connection, timeout)
     backoff_s: float = 0.5  # first retry delay, doubled at each retry
     timeout_s: float = 60.0  # connect/read timeout per request
@@ -61,7 +64,8 @@ class StorageConfig:
             raise ConfigError(
                 f"{prefix}.cache_limit_gb must be > 0 (the shard cache size in GB), got {self.cache_limit_gb}"
             )
-        check_at_least(self, prefix, ("read_ahead", "retries", "backoff_s"), 0)
+        check_at_least(self, prefix, ("read_ahead", "read_ahead_max", "retries", "backoff_s"), 0)
+        check_at_least(self, prefix, ("fetch_threads",), 1)
         if self.timeout_s <= 0:
             raise ConfigError(f"{prefix}.timeout_s must be > 0 seconds, got {self.timeout_s}")
 

@@ -26,6 +26,7 @@ import shlex
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -172,17 +173,9 @@ class S3Location(Location):
         self._client, self._pid = None, -1
 
     def client(self):  # noqa: ANN201 - a boto3 S3 client (boto3 is imported only when S3 is used)
-        """One client per process (a boto3 client must not cross a fork into DataLoader workers)."""
+        """The process's client for these settings (a boto3 client must not cross a fork into DataLoader workers)."""
         if self._client is None or self._pid != os.getpid():
-            import boto3
-            from botocore.config import Config
-
-            cfg = Config(
-                retries={"total_max_attempts": 1},
-                connect_timeout=self.options.timeout_s,
-                read_timeout=self.options.timeout_s,
-            )
-            self._client, self._pid = boto3.session.Session().client("s3", config=cfg), os.getpid()
+            self._client, self._pid = _s3_client(self.options.timeout_s), os.getpid()
         return self._client
 
     def key(self, rel: str) -> str:
@@ -213,6 +206,26 @@ class S3Location(Location):
     def put(self, local: Path, rel: str) -> None:
         """Upload one file (for `data_tools upload`); boto3's transfer manager does multipart for large shards."""
         self.client().upload_file(str(local), self.bucket, self.key(rel))
+
+
+_S3_CLIENTS: dict[tuple, object] = {}
+_S3_CLIENTS_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=lambda: globals().update(_S3_CLIENTS={}, _S3_CLIENTS_LOCK=threading.Lock()))
+
+
+def _s3_client(timeout_s: float):  # noqa: ANN202 - a boto3 S3 client
+    """One boto3 client per process, timeout and AWS_* environment, shared by all S3 locations and threads: making
+    one costs tens of ms of CPU (botocore loads its service model), and each dataset file read and each reader's
+    stream would make its own. Clients are thread-safe; the key holds AWS_* so a changed endpoint is honoured."""
+    key = (timeout_s, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+    with _S3_CLIENTS_LOCK:
+        if key not in _S3_CLIENTS:
+            import boto3
+            from botocore.config import Config
+
+            cfg = Config(retries={"total_max_attempts": 1}, connect_timeout=timeout_s, read_timeout=timeout_s)
+            _S3_CLIENTS[key] = boto3.session.Session().client("s3", config=cfg)
+        return _S3_CLIENTS[key]
 
 
 class PipeLocation(Location):

@@ -1,7 +1,7 @@
-"""Streaming remote shards: a bounded local cache with LRU eviction, and per-reader read-ahead.
+"""Streaming remote shards: a bounded local cache of whole shards with LRU eviction.
 
-Each reader fetches the shard it is about to read, plus the next `read_ahead` ones in as many
-background threads, into a cache folder shared by every reader on the node. The cache holds complete
+Shards are fetched (ahead of their reader: vla_scale/data/read_ahead.py) into a cache folder shared by every
+reader on the node. The cache holds complete
 shards only (a download goes to a `.part` file renamed when complete, deleted by the next cache user if its
 process was killed); its size (`.part` files and
 the room held for downloads in progress included) is kept under `limit_bytes` by deleting the least
@@ -21,13 +21,10 @@ import hashlib
 import logging
 import os
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from vla_scale.config.schema_data import StorageConfig
-from vla_scale.data.locations import FetchOptions, Location, Unreachable, is_remote, open_location
+from vla_scale.data.locations import Location, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -193,91 +190,3 @@ def _evict(path: str) -> bool:
             return True
     except FileNotFoundError:
         return False
-
-
-class ShardFetcher:
-    """One reader's shards for one epoch, in reading order, fetched ahead by `read_ahead` background threads.
-
-    `open(url)` returns the pinned cached file of the next shard; the threads keep up to `read_ahead`
-    shards beyond the one being read fetched (in parallel: with high latency or a per-connection bandwidth
-    cap, one connection at a time would not keep up) and pinned. A fetch that failed in a thread is raised
-    by `open` for that shard, so the error reaches the reader at the shard it concerns.
-    """
-
-    def __init__(self, location: Location, cache: ShardCache, urls: list[str], read_ahead: int):
-        self.location, self.cache, self.read_ahead = location, cache, read_ahead
-        self.rels = [location.rel(u) for u in urls]
-        self.index = {u: i for i, u in enumerate(urls)}
-        self.current = -1
-        self.ready: dict[int, BinaryIO | Exception] = {}
-        self.cond = threading.Condition()
-        self.closed = False
-        self.wait_s = 0.0  # time `open` spent waiting for shards (the data wait this hides)
-        self.next = 0  # the next shard index a thread claims
-        for _ in range(max(1, read_ahead)):
-            threading.Thread(target=self._run, name="shard-read-ahead", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                i = self.next
-                if self.closed or i >= len(self.rels):
-                    return
-                self.next += 1
-                while not self.closed and i > self.current + self.read_ahead:
-                    self.cond.wait()
-                if self.closed:
-                    return
-                ahead = i > self.current
-            rel = self.rels[i]
-            try:
-                result: BinaryIO | Exception = self.cache.open(self.location, rel, ahead=ahead)
-            except Exception as err:  # noqa: BLE001 - handed to the reader at this shard
-                result = err
-            with self.cond:
-                if self.closed:
-                    if not isinstance(result, Exception):
-                        result.close()
-                    return
-                self.ready[i] = result
-                self.cond.notify_all()
-
-    def open(self, url: str) -> BinaryIO:
-        """The shard `url` (the next one in order), cached and pinned; raises `Unreachable` naming its URL."""
-        i = self.index[url]
-        start = time.perf_counter()
-        with self.cond:
-            self.current = i
-            self.cond.notify_all()
-            while i not in self.ready:
-                self.cond.wait()
-            result = self.ready.pop(i)
-        self.wait_s += time.perf_counter() - start
-        if isinstance(result, NoRoom):
-            return self.cache.open(self.location, self.rels[i])  # read-ahead had no room: fetch it now
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    def close(self) -> None:
-        """Stop the read-ahead and unpin what it fetched but no one read."""
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-            for result in self.ready.values():
-                if not isinstance(result, Exception):
-                    result.close()
-            self.ready.clear()
-
-
-def open_source(
-    folder: str | Path, storage: StorageConfig | None
-) -> tuple[Location, Callable[[list[str]], ShardFetcher] | None]:
-    """A dataset's location, and for a remote one a factory of per-epoch fetchers (None: read local files in place)."""
-    storage = storage or StorageConfig()
-    options = FetchOptions(retries=storage.retries, backoff_s=storage.backoff_s, timeout_s=storage.timeout_s)
-    location = open_location(folder, options)
-    if not is_remote(folder):
-        return location, None
-    cache = ShardCache(storage.cache_dir or default_cache_dir(), int(storage.cache_limit_gb * 1e9))
-    return location, lambda urls: ShardFetcher(location, cache, urls, storage.read_ahead)

@@ -34,7 +34,7 @@ from vla_scale.data.format import (
     load_stats,
 )
 from vla_scale.data.normalize import Normalizer
-from vla_scale.data.shard_cache import open_source
+from vla_scale.data.read_ahead import ShardFetcher, open_source
 from vla_scale.data.shard_read import SampleReader, check_frame_size, check_robot_dims
 from vla_scale.data.window import Window, chunk_actions
 
@@ -188,6 +188,7 @@ class SourceStream:
         self.epoch = 0
         self.rng = np.random.default_rng([seed, reader.rank, reader.worker, 7919])
         self.cached_bytes = 0  # decoded frames held for overlapping windows (`_frame`)
+        self._fetcher: ShardFetcher | None = None  # a remote source's read-ahead, kept from epoch to epoch
 
     def _static_camera(self) -> str | None:
         if self.kind != "robot":
@@ -292,10 +293,18 @@ class SourceStream:
             self.bad.report(self.name, entry.key, err)
             return None
 
-    def _epoch_entries(self) -> Iterator[_Entry]:
+    def _epoch_entries(self, fetch_next_epoch: bool = False) -> Iterator[_Entry]:
+        """The current epoch's entries in reading order. `fetch_next_epoch` (the endless stream): a remote
+        source's read-ahead runs on into the next epoch's first shards, and its fetcher is kept for that epoch."""
         listed = {self.location.url(s.path): s.samples for s in self.manifest.shards}
         paths, stride = epoch_assignment(list(listed), self.epoch, self.seed, self.reader, self.shard_shuffle)
-        fetcher = self.opener(paths) if self.opener else None  # remote: fetches this epoch's shards ahead
+        fetcher = self._fetcher
+        if self.opener is not None and fetcher is None:
+            fetcher = self._fetcher = self.opener(paths)  # remote: fetches this epoch's shards ahead
+        if fetcher is not None and fetch_next_epoch:
+            following, _ = epoch_assignment(list(listed), self.epoch + 1, self.seed, self.reader, self.shard_shuffle)
+            fetcher.extend(following)
+        finished = False
 
         def on_bad(where: str, err: Exception, n: int) -> None:
             self.bad.report(self.name, where, err, n)
@@ -308,9 +317,11 @@ class SourceStream:
                         yield from self._ingest(sample)
                     except (FormatError, KeyError, ValueError) as err:
                         self.bad.report(self.name, f"{sample.get('__url__')}:{sample.get('__key__')}", err)
+            finished = True
         finally:
-            if fetcher:
+            if fetcher is not None and not (finished and fetch_next_epoch):
                 fetcher.close()
+                self._fetcher = None
 
     def _epoch_items(self) -> Iterator[Window | VLSample]:
         """The current epoch's usable items in reading order (no shuffle buffer); for tools and tests."""
@@ -324,7 +335,7 @@ class SourceStream:
         bad_in_a_row = 0
         while True:
             produced = 0
-            for entry in self._epoch_entries():
+            for entry in self._epoch_entries(fetch_next_epoch=True):
                 produced += 1
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(entry)

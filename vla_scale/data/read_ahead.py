@@ -1,0 +1,189 @@
+"""Read-ahead of remote shards: one pool of fetch threads per process, shared by every reader's stream.
+
+Why: each reader (a source stream of a DataLoader worker, or of each virtual reader in elastic mode) needs its
+next shards fetched before it gets there, but threads per stream would multiply with sources x virtual readers.
+Here a stream's `ShardFetcher` only says which shards its reader will open, in order (across epochs: the next
+epoch's order is known from the seed); the process's `FetchPool` threads (`data.storage.fetch_threads`), one
+shard cache, fetch the next shard of whichever reader is closest to needing one, never more than that reader's
+depth ahead of it. A reader's depth starts at `read_ahead` and grows, up to `read_ahead_max`, each time it
+still had to wait for a shard that was being fetched ahead (its shards take less time to read than to fetch,
+so more must be in flight): by as many shards as it could have read in the time it waited. A fetch that
+failed is raised by `open` for that shard, so the error reaches the reader at the shard it concerns.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from vla_scale.config.schema_data import StorageConfig
+from vla_scale.data.locations import FetchOptions, Location, is_remote, open_location
+from vla_scale.data.shard_cache import NoRoom, ShardCache, default_cache_dir
+
+_HANDOFF_S = 0.002  # a shorter wait for a shard fetched ahead is the thread hand-off, not a fetch too slow
+
+
+class FetchPool:
+    """The process's fetch threads for one shard cache, serving every `ShardFetcher`, most urgent first."""
+
+    def __init__(self, cache: ShardCache, threads: int):
+        self.cache = cache
+        self.cond = threading.Condition()  # also each fetcher's: one lock orders all claims
+        self.fetchers: list[ShardFetcher] = []
+        self.max_threads, self.threads = threads, 0
+
+    def register(self, fetcher: ShardFetcher) -> None:
+        """Serve `fetcher` too; the threads are started here and end when no fetcher is left (none idle forever)."""
+        with self.cond:
+            self.fetchers.append(fetcher)
+            for _ in range(self.max_threads - self.threads):
+                threading.Thread(target=self._run, name="shard-fetch", daemon=True).start()
+            self.threads = self.max_threads
+
+    def _pick(self) -> tuple[ShardFetcher, int, bool] | None:
+        """(fetcher, position, is read-ahead) of the claimable shard its reader needs soonest; call under `cond`."""
+        best: tuple[int, ShardFetcher, int] | None = None
+        for f in self.fetchers:
+            i = f.next
+            if i < len(f.rels) and i <= f.current + f.depth and (best is None or i - f.current < best[0]):
+                best = (i - f.current, f, i)
+        if best is None:
+            return None
+        _, f, i = best
+        f.next += 1
+        return f, i, i > f.current
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while (job := self._pick()) is None:
+                    if not self.fetchers:
+                        self.threads -= 1
+                        return
+                    self.cond.wait()
+            f, i, ahead = job
+            try:
+                result: BinaryIO | Exception = self.cache.open(f.location, f.rels[i], ahead=ahead)
+            except Exception as err:  # noqa: BLE001 - handed to the reader at this shard
+                result = err
+            f.deliver(i, result)
+
+
+class ShardFetcher:
+    """One reader's shards in reading order, fetched ahead by the process's `FetchPool`.
+
+    `open(url)` returns the pinned cached file of the next shard; up to `depth` shards beyond it are fetched
+    and pinned meanwhile. `extend` appends the next epoch's shards while the current epoch is read, so an
+    epoch's first shards are fetched ahead too instead of stalling the reader at every epoch boundary.
+    """
+
+    def __init__(self, pool: FetchPool, location: Location, urls: list[str], read_ahead: int, read_ahead_max: int):
+        self.pool, self.location, self.cond = pool, location, pool.cond
+        self.depth, self.max_depth = read_ahead, max(read_ahead, read_ahead_max) if read_ahead else 0
+        self.urls: list[str] = []
+        self.rels: list[str] = []
+        self.current = -1  # the position being read
+        self.next = 0  # the next position a pool thread claims
+        self.ready: dict[int, BinaryIO | Exception] = {}
+        self.closed = False
+        self.wait_s = 0.0  # time `open` spent waiting for shards (the data wait this hides)
+        self.opened = time.perf_counter()  # when `open` last returned
+        self.extend(urls)
+        pool.register(self)
+
+    def extend(self, urls: list[str]) -> None:
+        """Shards to read after those already given (the next epoch's), fetched ahead like the others."""
+        rels = [self.location.rel(u) for u in urls]
+        with self.cond:
+            self.urls += urls
+            self.rels += rels
+            self.cond.notify_all()
+
+    def deliver(self, i: int, result: BinaryIO | Exception) -> None:
+        """A pool thread's result for position `i` (unpinned at once if the reader is gone or past it)."""
+        with self.cond:
+            if not self.closed and i >= self.current:
+                self.ready[i] = result
+                self.cond.notify_all()
+                return
+        if not isinstance(result, Exception):
+            result.close()
+
+    def open(self, url: str) -> BinaryIO:
+        """The shard `url` (the next one in order), cached and pinned; raises `Unreachable` naming its URL."""
+        start = time.perf_counter()
+        with self.cond:
+            try:
+                i = self.urls.index(url, self.current + 1)
+            except ValueError:
+                raise ValueError(f"{url} is not among the shards still to read") from None
+            for skipped in range(self.current + 1, i):  # never opened (not expected): unpin what was fetched
+                self._unpin(self.ready.pop(skipped, None))
+            in_flight = i not in self.ready and 0 < i < self.next  # fetched ahead, but not done yet
+            self.current, self.next = i, max(self.next, i)
+            self.cond.notify_all()
+            while i not in self.ready:
+                self.cond.wait()
+            result = self.ready.pop(i)
+            waited, reading = time.perf_counter() - start, start - self.opened  # `reading`: the previous shard
+            if in_flight and waited > _HANDOFF_S and not isinstance(result, NoRoom):
+                # fetching takes longer than reading `depth` shards: keep as many more in flight as it waited shards
+                self.depth = min(self.max_depth, self.depth + max(1, math.ceil(waited / max(reading, 1e-3))))
+                self.cond.notify_all()
+        self.wait_s += waited
+        self.opened = time.perf_counter()
+        if isinstance(result, NoRoom):
+            return self.pool.cache.open(self.location, self.rels[i])  # read-ahead had no room: fetch it now
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @staticmethod
+    def _unpin(result: BinaryIO | Exception | None) -> None:
+        if result is not None and not isinstance(result, Exception):
+            result.close()
+
+    def close(self) -> None:
+        """Stop the read-ahead and unpin what it fetched but no one read."""
+        with self.cond:
+            self.closed = True
+            if self in self.pool.fetchers:
+                self.pool.fetchers.remove(self)
+            self.cond.notify_all()  # idle pool threads end when no fetcher is left
+            for result in self.ready.values():
+                self._unpin(result)
+            self.ready.clear()
+
+
+_POOLS: dict[tuple, FetchPool] = {}
+_POOLS_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=lambda: globals().update(_POOLS={}, _POOLS_LOCK=threading.Lock()))  # no threads
+
+
+def fetch_pool(storage: StorageConfig) -> FetchPool:
+    """The process's pool (and shard cache) for this cache folder, limit and thread count."""
+    folder = Path(storage.cache_dir or default_cache_dir()).resolve()
+    key = (str(folder), int(storage.cache_limit_gb * 1e9), storage.fetch_threads)
+    folder.mkdir(parents=True, exist_ok=True)  # again: the folder may have been deleted since the pool was made
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            _POOLS[key] = FetchPool(ShardCache(folder, key[1]), storage.fetch_threads)
+        return _POOLS[key]
+
+
+def open_source(
+    folder: str | Path, storage: StorageConfig | None
+) -> tuple[Location, Callable[[list[str]], ShardFetcher] | None]:
+    """A dataset's location, and for a remote one a factory of fetchers (None: read local files in place)."""
+    storage = storage or StorageConfig()
+    options = FetchOptions(retries=storage.retries, backoff_s=storage.backoff_s, timeout_s=storage.timeout_s)
+    location = open_location(folder, options)
+    if not is_remote(folder):
+        return location, None
+    pool = fetch_pool(storage)
+    return location, lambda urls: ShardFetcher(pool, location, urls, storage.read_ahead, storage.read_ahead_max)
