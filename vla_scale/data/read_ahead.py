@@ -45,18 +45,24 @@ class FetchPool:
                 threading.Thread(target=self._run, name="shard-fetch", daemon=True).start()
             self.threads = self.max_threads
 
-    def _pick(self) -> tuple[ShardFetcher, int, bool] | None:
-        """(fetcher, position, is read-ahead) of the claimable shard its reader needs soonest; call under `cond`."""
+    def _pick(self) -> tuple[ShardFetcher, int, bool, int] | None:
+        """(fetcher, position, is read-ahead, claim generation) of the claimable shard its reader needs soonest;
+        call under `cond`."""
         best: tuple[int, ShardFetcher, int] | None = None
         for f in self.fetchers:
             i = f.next
-            if i < len(f.rels) and i <= f.current + f.depth and (best is None or i - f.current < best[0]):
+            if (
+                not f.paused
+                and i < len(f.rels)
+                and i <= f.current + f.depth
+                and (best is None or i - f.current < best[0])
+            ):
                 best = (i - f.current, f, i)
         if best is None:
             return None
         _, f, i = best
         f.next += 1
-        return f, i, i > f.current
+        return f, i, i > f.current, f.generation
 
     def _run(self) -> None:
         while True:
@@ -66,12 +72,12 @@ class FetchPool:
                         self.threads -= 1
                         return
                     self.cond.wait()
-            f, i, ahead = job
+            f, i, ahead, generation = job
             try:
                 result: BinaryIO | Exception = self.cache.open(f.location, f.rels[i], ahead=ahead)
             except Exception as err:  # noqa: BLE001 - handed to the reader at this shard
                 result = err
-            f.deliver(i, result)
+            f.deliver(i, result, generation)
 
 
 class ShardFetcher:
@@ -89,6 +95,8 @@ class ShardFetcher:
         self.rels: list[str] = []
         self.current = -1  # the position being read
         self.next = 0  # the next position a pool thread claims
+        self.generation = 0  # claims of an older generation were given back (`_give_back_ahead`): dropped
+        self.paused = False  # no new claims while the reader fetches a shard read-ahead had no room for
         self.ready: dict[int, BinaryIO | Exception] = {}
         self.closed = False
         self.wait_s = 0.0  # time `open` spent waiting for shards (the data wait this hides)
@@ -104,15 +112,26 @@ class ShardFetcher:
             self.rels += rels
             self.cond.notify_all()
 
-    def deliver(self, i: int, result: BinaryIO | Exception) -> None:
-        """A pool thread's result for position `i` (unpinned at once if the reader is gone or past it)."""
+    def deliver(self, i: int, result: BinaryIO | Exception, generation: int) -> None:
+        """A pool thread's result for position `i` (unpinned at once if the reader is gone or past it, or the claim
+        was given back meanwhile)."""
         with self.cond:
-            if not self.closed and i >= self.current:
+            if not self.closed and i >= self.current and generation == self.generation and i not in self.ready:
                 self.ready[i] = result
                 self.cond.notify_all()
                 return
-        if not isinstance(result, Exception):
-            result.close()
+        self._unpin(result)
+
+    def _give_back_ahead(self, i: int) -> None:
+        """Unpin every shard fetched beyond `i` and let the pool claim them again later; call under `cond`.
+
+        Why: read-ahead found no room for `i`, and the reader is about to fetch it anyway; shards beyond it that
+        were pinned meanwhile (room freed after `i`'s attempt) would otherwise push the cache over its limit."""
+        for j in [j for j in self.ready if j > i]:
+            self._unpin(self.ready.pop(j))
+        self.generation += 1  # results of claims beyond `i` still in flight are dropped on delivery
+        self.next = i + 1
+        self.paused = True  # until the reader holds `i`: shards pinned again meanwhile could not be evicted for it
 
     def open(self, url: str) -> BinaryIO:
         """The shard `url` (the next one in order), cached and pinned; raises `Unreachable` naming its URL."""
@@ -130,6 +149,8 @@ class ShardFetcher:
             while i not in self.ready:
                 self.cond.wait()
             result = self.ready.pop(i)
+            if isinstance(result, NoRoom):
+                self._give_back_ahead(i)
             waited, reading = time.perf_counter() - start, start - self.opened  # `reading`: the previous shard
             if in_flight and waited > _HANDOFF_S and not isinstance(result, NoRoom):
                 # fetching takes longer than reading `depth` shards: keep as many more in flight as it waited shards
@@ -137,8 +158,13 @@ class ShardFetcher:
                 self.cond.notify_all()
         self.wait_s += waited
         self.opened = time.perf_counter()
-        if isinstance(result, NoRoom):
-            return self.pool.cache.open(self.location, self.rels[i])  # read-ahead had no room: fetch it now
+        if isinstance(result, NoRoom):  # read-ahead had no room: fetch it now, then let read-ahead go on
+            try:
+                return self.pool.cache.open(self.location, self.rels[i])
+            finally:
+                with self.cond:
+                    self.paused = False
+                    self.cond.notify_all()
         if isinstance(result, Exception):
             raise result
         return result
