@@ -42,7 +42,8 @@ from data_tools.upload import upload  # noqa: E402
 from tests.benchmarks.bench_common import command_line, median, table  # noqa: E402
 from tests.data.remote_servers import BUCKET, S3_ENV, Faults, http_server, s3_server  # noqa: E402
 from vla_scale.config.schema_data import StorageConfig  # noqa: E402
-from vla_scale.data.stream import BadSamples, Reader, SourceStream  # noqa: E402
+from vla_scale.data.reader import BadSamples, Reader  # noqa: E402
+from vla_scale.data.stream import SourceStream  # noqa: E402
 
 
 @dataclass

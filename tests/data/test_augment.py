@@ -7,7 +7,8 @@ from tests.data.toy_shards import write_robot
 from vla_scale.config import ConfigError, load_config
 from vla_scale.config.schema import AugmentConfig
 from vla_scale.data.augment import augment_frames, window_rng
-from vla_scale.data.stream import BadSamples, Reader, SourceStream
+from vla_scale.data.reader import BadSamples, Reader
+from vla_scale.data.stream import SourceStream
 
 
 def textured(t: int = 3, size: int = 24) -> np.ndarray:

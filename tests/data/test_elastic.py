@@ -11,7 +11,7 @@ from tests.data.toy_shards import corrupt_first_image, write_robot, write_vl
 from vla_scale.config.schema import AugmentConfig, DataConfig, SourceConfig
 from vla_scale.data.elastic import loader_workers, rank_virtual_readers
 from vla_scale.data.loader import StreamSpec, StreamTracker, build_dataloader
-from vla_scale.data.stream import DataError
+from vla_scale.data.reader import DataError
 
 MICRO, GLOBAL, SEED = 3, 12, 3  # 4 micro-batches per optimizer step: 1, 2 or 4 ranks
 

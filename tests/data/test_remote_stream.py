@@ -19,8 +19,9 @@ from vla_scale.config.schema import Config, DataConfig, SourceConfig
 from vla_scale.config.schema_data import StorageConfig
 from vla_scale.data.format import FormatError, Manifest
 from vla_scale.data.locations import FetchOptions, PipeLocation, Unreachable
+from vla_scale.data.reader import BadSamples, DataError, Reader
 from vla_scale.data.shard_cache import ShardCache
-from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream
+from vla_scale.data.stream import SourceStream
 from vla_scale.train.prepare import check_datasets
 
 LENGTHS = [5, 6, 4, 7, 5, 6, 5, 4]  # 4 shards of 2 episodes

@@ -8,7 +8,7 @@ import torch
 from tests.data.toy_shards import corrupt_first_image, write_robot, write_vl
 from vla_scale.config.schema import AugmentConfig, DataConfig, SourceConfig
 from vla_scale.data.loader import StreamSpec, StreamTracker, build_dataloader
-from vla_scale.data.stream import DataError
+from vla_scale.data.reader import DataError
 
 MICRO = 3
 

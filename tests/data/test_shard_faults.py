@@ -13,7 +13,8 @@ from tests.data.toy_shards import write_robot
 from vla_scale.config.schema import DataConfig, SourceConfig
 from vla_scale.data.format import encode_npy
 from vla_scale.data.loader import MixedBatches, StreamSpec
-from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream
+from vla_scale.data.reader import BadSamples, DataError, Reader
+from vla_scale.data.stream import SourceStream
 
 
 def stream(folder, reader=None, window=3, policy="skip"):

@@ -10,8 +10,9 @@ from data_tools.writer import ShardWriter
 from tests.data.toy_shards import make_episode, write_robot
 from vla_scale.data.format import FormatError, Manifest, load_stats
 from vla_scale.data.normalize import Normalizer, constant_dims
+from vla_scale.data.reader import BadSamples, Reader
 from vla_scale.data.spaces import NORMALIZATIONS, Space, Spaces
-from vla_scale.data.stream import BadSamples, Reader, SourceStream
+from vla_scale.data.stream import SourceStream
 
 
 def stats_of(x: np.ndarray) -> dict[str, np.ndarray]:

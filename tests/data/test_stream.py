@@ -12,7 +12,8 @@ from tests.data.toy_shards import corrupt_first_image, write_robot, write_vl
 from vla_scale.config.schema import DataConfig, SourceConfig
 from vla_scale.data.batch import IGNORE_INDEX, Batch
 from vla_scale.data.loader import MixedBatches, StreamSpec, StreamTracker, batch_sources, build_dataloader
-from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream, epoch_assignment
+from vla_scale.data.reader import BadSamples, DataError, Reader, epoch_assignment
+from vla_scale.data.stream import SourceStream
 
 
 def stream(folder, reader, window=1, chunk=1, buffer=1, policy="skip", seed=0):

@@ -9,7 +9,8 @@ from tests.data.toy_shards import make_episode, write_robot
 from vla_scale.data import stream as stream_module
 from vla_scale.data.format import load_stats
 from vla_scale.data.normalize import Normalizer, constant_dims
-from vla_scale.data.stream import BadSamples, Reader, SourceStream
+from vla_scale.data.reader import BadSamples, Reader
+from vla_scale.data.stream import SourceStream
 from vla_scale.data.window import chunk_actions
 
 

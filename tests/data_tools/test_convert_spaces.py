@@ -16,8 +16,9 @@ from tests.data_tools.sources.hdf5 import ALOHA_LENGTHS, aloha_action, make_aloh
 from tests.data_tools.sources.lerobot import LENGTHS, action, make_v3
 from vla_scale.data.format import Manifest, decode_episode, load_stats
 from vla_scale.data.normalize import Normalizer
+from vla_scale.data.reader import BadSamples, Reader
 from vla_scale.data.spaces import Space, Spaces
-from vla_scale.data.stream import BadSamples, Reader, SourceStream
+from vla_scale.data.stream import SourceStream
 
 
 def episodes(out: Path) -> list:

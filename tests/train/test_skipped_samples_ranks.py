@@ -10,7 +10,7 @@ from tests.data.test_shard_faults import replace_member
 from tests.train.jobs import CONFIG, run_ranks
 from vla_scale.config.load import load_config
 from vla_scale.data.format import Manifest
-from vla_scale.data.stream import Reader, epoch_assignment
+from vla_scale.data.reader import Reader, epoch_assignment
 from vla_scale.train.metrics import read_metrics
 
 pytestmark = pytest.mark.integration

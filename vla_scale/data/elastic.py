@@ -35,7 +35,7 @@ from torch.utils.data import get_worker_info
 
 from vla_scale.data.batch import Batch
 from vla_scale.data.collate import collate_robot, collate_vl
-from vla_scale.data.stream import BadSamples, DataError, Reader, state_mismatch
+from vla_scale.data.reader import BadSamples, DataError, Reader, state_mismatch
 
 
 def virtual_readers(global_batch_size: int, micro_batch_size: int) -> int:

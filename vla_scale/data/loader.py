@@ -21,7 +21,8 @@ from vla_scale.data.batch import Batch
 from vla_scale.data.collate import collate_robot, collate_vl
 from vla_scale.data.elastic import check_elastic_state, iter_elastic, loader_workers, virtual_readers
 from vla_scale.data.format import Manifest
-from vla_scale.data.stream import BadSamples, DataError, Reader, SourceStream, state_mismatch
+from vla_scale.data.reader import BadSamples, DataError, Reader, state_mismatch
+from vla_scale.data.stream import SourceStream
 from vla_scale.data.wire import BatchLoader, to_wire
 
 
