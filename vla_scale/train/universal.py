@@ -128,14 +128,22 @@ def restore_frozen(model, ckpt_dir: Path, tag: str) -> int:
     frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
     if not frozen:
         return 0
-    saved = load_fp32_state_dict(ckpt_dir.parent, tag)
-    missing = [n for n, _ in frozen if n not in saved]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # Under ZeRO-3 only rank 0 writes the gathered values: the other ranks neither read the checkpoint's full
+    # fp32 weights (a model's worth of memory each) nor check them; rank 0's verdict reaches them.
+    all_partitioned = all(hasattr(p, "ds_id") for _, p in frozen)
+    reads = rank == 0 or not all_partitioned
+    saved = load_fp32_state_dict(ckpt_dir.parent, tag) if reads else {}
+    missing = [n for n, _ in frozen if n not in saved] if reads else []
+    if all_partitioned and dist.is_initialized():
+        verdict = [missing]
+        dist.broadcast_object_list(verdict, src=0)
+        missing = verdict[0]
     if missing:
         raise RuntimeError(
             f"{ckpt_dir / tag} holds no value for {len(missing)} frozen parameters ({', '.join(missing[:3])}, ...): "
             "it cannot be resumed on another number of ranks; resume on the world size that wrote it"
         )
-    rank = dist.get_rank() if dist.is_initialized() else 0
     for name, p in frozen:
         if hasattr(p, "ds_id"):  # ZeRO-3 partitioned
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
