@@ -1,7 +1,8 @@
 """Loopback servers for the remote-dataset tests and benchmark: a moto S3 server and a static HTTP server.
 
 Both take the same fault injection (a `Faults` object, changeable while they run): N transient
-HTTP 500s for a file, a connection dropped halfway through a file's body, a latency per request.
+HTTP 500s for a file, a connection dropped halfway through a file's body, a latency per request, a gate that
+holds a request back until a condition holds.
 Both bind port 0 on 127.0.0.1 and are shut down when their context exits.
 """
 
@@ -13,7 +14,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,6 +36,7 @@ class Faults:
     latency_s: float = 0.0  # added before every answer
     requests: Counter = field(default_factory=Counter)  # name -> requests seen (GET and HEAD)
     puts: list = field(default_factory=list)  # S3: object paths in the order their uploads completed
+    gate: Callable[[str], None] | None = None  # called with the name before answering; may block to hold it back
 
     def decide(self, path: str) -> str:
         """'error', 'drop' or 'ok' for one request of `path` (and count it)."""
@@ -42,6 +44,8 @@ class Faults:
         self.requests[name] += 1
         if self.latency_s:
             time.sleep(self.latency_s)
+        if self.gate is not None:
+            self.gate(name)
         if self.errors[name] > 0:
             self.errors[name] -= 1
             return "error"

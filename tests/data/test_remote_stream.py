@@ -162,10 +162,21 @@ def test_read_ahead_runs_on_into_the_next_epoch(robot, tmp_path):
 
 def test_read_ahead_deepens_while_fetching_is_slower_than_reading(robot, tmp_path):
     with http_server(robot.parent) as (base, faults):
-        # Far longer than reading a shard of 2 short episodes, even on a loaded machine (0.2 s was not: in a full
-        # suite run every fetch was done before the reader, slowed by the other jobs, came to it, so no wait grew it)
-        faults.latency_s = 1.0
         s = stream(f"{base}/robot", tmp_path, read_ahead=1, read_ahead_max=2)
+
+        def slower_than_reading(name: str) -> None:
+            """Answer a shard only once the reader waits for it (a timed latency races a loaded machine's reader)."""
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                f = s._fetcher
+                if name.endswith(".tar") and f is not None and f.current >= 0 and f.rels[f.current].endswith(name):
+                    break
+                if not name.endswith(".tar"):
+                    return
+                time.sleep(0.005)
+            time.sleep(0.05)  # the reader is waiting: keep it waiting longer than a thread hand-off
+
+        faults.gate = slower_than_reading
         it = iter(s)
         assert_same([next(it) for _ in range(20)], items(stream(robot), 20))
         assert s._fetcher is not None and s._fetcher.depth == 2  # grown (to its maximum, no further)
