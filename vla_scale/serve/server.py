@@ -45,6 +45,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20  # 16 MiB: two 1024 px frames fit; larger
 HARD_LIMIT_FACTOR = 4  # beyond this multiple the websocket layer closes the connection (code 1009) unread
 MAX_IMAGE_SIDE = 4096
 SHUTDOWN_GRACE_S = 30.0  # how long in-flight requests may take to finish at shutdown
+# How long a connection closed at shutdown waits for the client's closing handshake. An idle PolicyClient reads
+# its socket only during a request (transport.py), so it never answers: websockets' default 10 s per shutdown
+# was pure waiting. Past this the TCP connection is dropped; the client's next call gets ConnectionClosed.
+CLOSE_TIMEOUT_S = 1.0
 INLINE_BELOW_S = 0.05  # default inline_below_s: the longest a fast inference may hold up the event loop
 INLINE_WINDOW = 8  # inferences that must all have been fast before one runs on the event loop
 
@@ -195,7 +199,10 @@ class PolicyServer:
         hard = self.max_message_bytes * HARD_LIMIT_FACTOR
         # No websocket pings: PolicyClient reads its socket only while it waits for a reply (transport.py), so an
         # idle robot could not answer them; TCP keepalive (`_keepalive`) finds dead peers instead.
-        server_cm = serve(self._handle, self.host, self.port, max_size=hard, compression=None, ping_interval=None)
+        server_cm = serve(
+            self._handle, self.host, self.port, max_size=hard, compression=None, ping_interval=None,
+            close_timeout=CLOSE_TIMEOUT_S,
+        )  # fmt: skip
         async with server_cm as server:
             self.port = int(next(iter(server.sockets)).getsockname()[1])
             if announce:
