@@ -25,6 +25,7 @@ $(PY):
 $(STAMP): pyproject.toml $(LOCK) | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" -e ".[dev]" -c $(LOCK)
+	$(PY) -m vla_scale.train.build_ops  # DeepSpeed's CPU Adam (optimizer offload), compiled once here, not per run
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -222,7 +222,7 @@ def test_lora_zero1_bf16_run_exports_merged_and_kept(tmp_path, toy_data):
 
 
 def test_zero3_with_optimizer_and_parameter_offload(tmp_path, toy_data):
-    """Compiles DeepSpeed's cpu_adam op on first use (about a minute; cached in TORCH_EXTENSIONS_DIR after)."""
+    """Runs DeepSpeed's cpu_adam op as `make install` built it (`build_ops`; compiled here on first use otherwise)."""
     run_ranks(
         tmp_path,
         toy_data,
