@@ -28,9 +28,12 @@ vla_setup() {
         if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
     fi
 
-    # Ranks per node: one per GPU, or CPU_RANKS processes on a machine without GPU.
-    local gpus_visible
-    gpus_visible=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    # Ranks per node: one per GPU, or CPU_RANKS processes on a machine without GPU. Counting GPUs imports
+    # torch (over a second of CPU per launch); a machine without NVIDIA, ROCm or WSL GPU device files has none.
+    local gpus_visible=0
+    if compgen -G "/dev/nvidia[0-9]*" >/dev/null || [[ -e /dev/kfd || -e /dev/dxg ]]; then
+        gpus_visible=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    fi
     if [[ "$gpus_visible" -gt 0 ]]; then
         PER_NODE=${GPUS_PER_NODE:-$gpus_visible}
     else

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,25 @@ def test_zero3_bf16_two_ranks(tmp_path, toy_data):
     tag_dir = run_dir / "checkpoints" / "step_00000002"
     shards = sorted(p.name for p in tag_dir.glob("*optim_states.pt"))
     assert len(shards) == 2, f"expected one optimizer partition per rank, got {shards}"
+
+
+def test_a_machine_without_gpu_device_files_is_not_asked_for_a_gpu_count(tmp_path):
+    """Counting GPUs imports torch, over a second per launch; with no GPU device files the launcher skips it."""
+    if any(p.name[len("nvidia") :].isdigit() for p in Path("/dev").glob("nvidia*")) or Path("/dev/kfd").exists():
+        pytest.skip("this machine has GPU device files")
+    calls = tmp_path / "python_calls.txt"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(wrapper), "VLA_SCALE_DRY_RUN": "1", "CPU_RANKS": "4", "MASTER_PORT": "29555"}
+    proc = subprocess.run(
+        [str(ROOT / "launchers/train.sh"), str(ROOT / "configs/debug.yaml"), f"run.output_dir={tmp_path / 'runs'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--num_gpus 4" in proc.stdout, proc.stdout  # CPU_RANKS ranks, as on any machine without GPUs
+    assert "import torch" not in calls.read_text()
