@@ -90,6 +90,34 @@ def test_build_shm_op_is_still_what_the_cpu_backend_calls(monkeypatch):
     assert comm_torch.build_shm_op() is None
 
 
+def test_zero_optimizer_check_answers_as_before_without_importing_muon():
+    """In a fresh interpreter: nothing else there has imported DeepSpeed's Muon module yet."""
+    probe = textwrap.dedent(
+        """
+        import inspect, sys
+        import torch
+        from deepspeed.runtime import engine
+        from deepspeed.runtime.zero import utils
+        from vla_scale import compat
+        from vla_scale.train.engine import GuardedAdamW, init_distributed
+        init_distributed(60)  # the original logs through deepspeed.comm
+        assert "is_zero_supported_optimizer(" in inspect.getsource(engine.DeepSpeedEngine._do_optimizer_sanity_check)
+        assert "muon_optimizer import MuonWithAuxAdam" in inspect.getsource(utils.is_zero_supported_optimizer)
+        p = [torch.nn.Parameter(torch.zeros(2))]
+        optimizers = [torch.optim.Adam(p), torch.optim.AdamW(p), GuardedAdamW(p), torch.optim.SGD(p)]
+        compat.skip_muon_import_in_zero_check()
+        patched = [engine.is_zero_supported_optimizer(o) for o in optimizers]
+        assert "deepspeed.runtime.zero.muon.muon_optimizer" not in sys.modules
+        assert patched == [utils.is_zero_supported_optimizer(o) for o in optimizers], patched  # the original
+        print("OK", patched)
+        """
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "OK [True, True, False, False]" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
 def test_cpu_info_replacement_reaches_deepspeed_and_has_what_it_reads(monkeypatch):
     import cpuinfo
     from deepspeed.ops.adam import cpu_adam

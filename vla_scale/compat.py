@@ -37,6 +37,29 @@ def skip_shm_allreduce_build() -> None:
     comm_torch.build_shm_op = lambda: None
 
 
+def skip_muon_import_in_zero_check() -> None:
+    """Let DeepSpeed's ZeRO optimizer check answer without importing its Muon optimizer (~0.8 s of CPU per rank).
+
+    `deepspeed.runtime.zero.utils.is_zero_supported_optimizer`, called by every `deepspeed.initialize` under
+    ZeRO, imports `deepspeed.runtime.zero.muon.muon_optimizer` (torch.compile, inductor) only to append
+    `MuonWithAuxAdam` to `ZERO_SUPPORTED_OPTIMIZERS`. vla_scale never builds that optimizer, so for any other
+    type the list lookup without the import gives the same answer; a Muon optimizer still gets the original.
+    The engine module imported the function by name, so its own reference is the one replaced.
+    """
+    engine = importlib.import_module("deepspeed.runtime.engine")
+    zero_utils = importlib.import_module("deepspeed.runtime.zero.utils")
+    _require(engine, "is_zero_supported_optimizer", "deepspeed.runtime.engine")
+    _require(zero_utils, "ZERO_SUPPORTED_OPTIMIZERS", "deepspeed.runtime.zero.utils")
+    original = zero_utils.is_zero_supported_optimizer
+
+    def is_zero_supported_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+        if type(optimizer).__name__ == "MuonWithAuxAdam":
+            return original(optimizer)
+        return type(optimizer) in zero_utils.ZERO_SUPPORTED_OPTIMIZERS
+
+    engine.is_zero_supported_optimizer = is_zero_supported_optimizer
+
+
 def fast_cpu_info() -> dict:
     """The fields DeepSpeed reads from py-cpuinfo (arch, flags, vendor), taken from /proc/cpuinfo and uname.
 

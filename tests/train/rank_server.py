@@ -44,7 +44,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PRELOAD = (
     "vla_scale.train.loop",
     "deepspeed",
-    "deepspeed.runtime.zero.muon.muon_optimizer",  # DeepSpeed's optimizer check imports it (torch.compile, inductor)
     "transformers.models.llava.modeling_llava",  # the debug config's family, and its tiny parts:
     "transformers.models.llama.modeling_llama",
     "transformers.models.siglip.modeling_siglip",

@@ -13,7 +13,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vla_scale.compat import remove_engine_forward_hooks, skip_shm_allreduce_build, use_fast_cpu_info
+from vla_scale.compat import (
+    remove_engine_forward_hooks,
+    skip_muon_import_in_zero_check,
+    skip_shm_allreduce_build,
+    use_fast_cpu_info,
+)
 from vla_scale.config import ConfigError
 from vla_scale.config.schema import Config, OptimConfig
 from vla_scale.train.stages import Stage, apply_stage, stage_at
@@ -129,6 +134,7 @@ def build_engine(model: nn.Module, cfg: Config, ds_config: dict):
     import deepspeed
 
     optimizer = build_optimizer(model, cfg)
+    skip_muon_import_in_zero_check()  # an import of ~0.8 s per rank that only concerns Muon optimizers
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, optimizer
 
