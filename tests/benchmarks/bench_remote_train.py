@@ -33,7 +33,9 @@ from tests.data.remote_servers import BUCKET, S3_ENV  # noqa: E402
 from vla_scale.train.metrics import read_metrics  # noqa: E402
 
 
-def train(work: Path, name: str, robot: str, vl: str, steps: int, log_every: int, env: dict) -> tuple[list, float]:
+def train(
+    work: Path, name: str, robot: str, vl: str, steps: int, log_every: int, env: dict, overrides: list[str]
+) -> tuple[list, float]:
     """One run of launchers/train.sh (2 CPU ranks); returns its metrics records and its wall time."""
     cmd = [
         "launchers/train.sh",
@@ -48,6 +50,7 @@ def train(work: Path, name: str, robot: str, vl: str, steps: int, log_every: int
         f"train.log_every={log_every}",
         "train.ckpt_every=0",
         "wandb.mode=disabled",
+        *overrides,
     ]
     for old in (work / "runs" / name, work / f"cache-{name}"):
         shutil.rmtree(old, ignore_errors=True)  # a run left there would be resumed; a cache left would be warm
@@ -83,6 +86,13 @@ def main() -> None:
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--work", type=Path, default=None, help="keep runs and logs here (default: a temporary folder)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="a config override for every run, e.g. model.backbone.tiny.hidden_size=256 for a step as slow as a "
+        "real one (the tiny backbone is built for the first run's config; use a fresh --work)",
+    )
     args = p.parse_args()
     global_batch = 8  # configs/debug.yaml
     with tempfile.TemporaryDirectory() as tmp_str:
@@ -112,7 +122,9 @@ def main() -> None:
             }
             for r in range(args.rounds):
                 for kind, (robot, vl) in sources.items():
-                    records, wall = train(work, f"{kind}-{r}", robot, vl, args.steps, args.log_every, env)
+                    records, wall = train(
+                        work, f"{kind}-{r}", robot, vl, args.steps, args.log_every, env, args.override
+                    )
                     w_all, w_rest, ms_all, ms_rest = summary(records, global_batch)
                     rows.append((kind, r, w_all, w_rest, ms_all, ms_rest, wall, os.getloadavg()[0]))
                     print(f"{kind} round {r + 1}: data_wait_frac {w_all:.2%} ({w_rest:.2%} after the first window), "

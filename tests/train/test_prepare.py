@@ -1,6 +1,8 @@
 """The prepare step: everything that can be checked before a process group exists."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,3 +233,11 @@ def test_robot_sources_with_different_declared_spaces_are_refused(tmp_path, data
     del manifest["spaces"]
     (robot / "manifest.json").write_text(json.dumps(manifest))
     _prepare(tmp_path, data, sources)
+
+
+def test_prepare_and_run_dir_do_not_import_torch():
+    """Every launch runs them once before any rank starts; torch's import would add ~1 s of CPU to each."""
+    probe = "import sys, vla_scale.cli, vla_scale.train.prepare, vla_scale.train.run_dir; print(sorted(" \
+            "m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'deepspeed')))"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:2000]

@@ -11,6 +11,9 @@ Layout under `<run_dir>/checkpoints/`:
 
 `debug.save_pause_s` (the `pause_s` argument of `save`) holds every rank inside the save, after
 the files are written and before `latest` moves: a drill hook for testing a kill during a save.
+
+`vla-scale prepare` reads `latest` and the meta file before any rank starts; torch (and `universal`, which
+needs it) is imported by `save` only, so that step does not pay torch's import (~1 s per launch).
 """
 
 from __future__ import annotations
@@ -20,10 +23,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-
-import torch.distributed as dist
-
-from vla_scale.train import universal
 
 LATEST = "latest"
 META = "vla_scale_state.json"  # step and stage, readable before an engine exists (the stage decides its shape)
@@ -50,6 +49,10 @@ def _write_latest(ckpt_dir: Path, tag: str) -> None:
 
 def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int, pause_s: float = 0.0) -> str:
     """Collective: every rank calls it. Returns the tag written; `pause_s` is the `debug.save_pause_s` drill."""
+    import torch.distributed as dist
+
+    from vla_scale.train import universal
+
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)

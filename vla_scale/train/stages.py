@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from vla_scale.config.load import ConfigError
 from vla_scale.config.schema import TRAINABLE_GROUPS, Config, StageConfig
+
+if TYPE_CHECKING:
+    from torch import nn  # annotations only: `vla-scale prepare` reads the stages without importing torch
 
 ADAPTER_PREFIX = "adapter."
 LORA_MARK = ".lora_"

@@ -11,12 +11,11 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from vla_scale.config.schema import BackboneConfig, TinyBackboneConfig, TinyClipConfig
 from vla_scale.model.backbones.registry import get_backbone_class
@@ -107,7 +106,9 @@ def write_folder_once(target: str | os.PathLike, build: Callable[[Path], Any]) -
     target = Path(target)
     if target.exists():
         return False
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    torch = sys.modules.get("torch")  # not imported (`vla-scale prepare` avoids its cost): no process group either
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_rank() != 0:  # fmt: skip
         # transformers' save_pretrained writes weights on rank 0 only: this rank's copy would lack them.
         raise RuntimeError(
             f"{target} does not exist and rank {torch.distributed.get_rank()} cannot write it: write tiny checkpoints "
