@@ -297,3 +297,37 @@ def test_hung_pipe_command_is_killed_after_timeout_and_retried(robot, tmp_path):
     slow = PipeLocation(f"pipe:for i in 1 2 3 4; do sleep 0.2; cat {robot}/{{}}; done", FetchOptions(timeout_s=0.5))
     out = io.BytesIO()  # slower in total than timeout_s, but never silent that long: not a hang
     assert slow.fetch("shard-000000.tar", out) == 4 * (robot / "shard-000000.tar").stat().st_size
+
+
+def test_the_loader_starts_every_remote_sources_first_shards_before_drawing(robot, tmp_path, tokenizer):
+    """The mixer draws from a source only when a batch needs it; its first shard must already be on the way."""
+    from vla_scale.data.loader import MixedBatches, StreamSpec
+
+    vl = write_vl(tmp_path / "vl", 6, per_shard=3)
+    spec = StreamSpec(seed=0, rank=0, world_size=1, micro_batch_size=2)
+    with http_server(robot.parent) as (robot_base, robot_faults), http_server(vl.parent) as (vl_base, vl_faults):
+        sources = [SourceConfig(f"{robot_base}/robot", 1.0), SourceConfig(f"{vl_base}/vl", 1.0)]
+        cfg = DataConfig(sources=sources, num_workers=0, storage=storage(tmp_path, read_ahead=1))
+        streams = MixedBatches(cfg, spec, tokenizer)._streams(Reader(), BadSamples("raise"), set())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(0 in s._fetcher.ready for s in streams):
+            time.sleep(0.01)
+        assert all(0 in s._fetcher.ready for s in streams)  # fetched before any item was asked for
+        first_shards = [s._fetcher.rels[0] for s in streams]
+        firsts = [next(iter(s)) for s in streams]
+        counts = [faults.requests[name] for faults, name in zip((robot_faults, vl_faults), first_shards, strict=True)]
+        assert counts == [1, 1]  # the shards fetched at the start were the ones read: no second request
+    local = DataConfig(sources=[SourceConfig(str(robot), 1.0), SourceConfig(str(vl), 1.0)], num_workers=0)
+    local_streams = MixedBatches(local, spec, tokenizer)._streams(Reader(), BadSamples("raise"), set())
+    assert [f.key.rsplit("/", 1)[-1] for f in firsts] == [next(iter(s)).key.rsplit("/", 1)[-1] for s in local_streams]
+
+
+def test_a_fetch_started_for_one_epoch_is_replaced_when_another_is_read(robot, tmp_path):
+    with http_server(robot.parent) as (base, _):
+        s = stream(f"{base}/robot", tmp_path)
+        s.start_fetching()  # for epoch 0
+        s.epoch = 1  # as a resume that starts in a later epoch would
+        local = stream(robot)
+        local.epoch = 1
+        assert [e.key for e in s._epoch_entries()] == [e.key.replace(str(robot), f"{base}/robot")
+                                                       for e in local._epoch_entries()]  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from vla_scale.data.batch import Batch
 from vla_scale.data.collate import collate_robot, collate_vl
 from vla_scale.data.elastic import check_elastic_state, iter_elastic, loader_workers, virtual_readers
 from vla_scale.data.format import Manifest
+from vla_scale.data.locations import is_remote
 from vla_scale.data.reader import BadSamples, DataError, Reader, state_mismatch
 from vla_scale.data.stream import SourceStream
 from vla_scale.data.wire import BatchLoader, to_wire
@@ -90,8 +92,16 @@ class MixedBatches(IterableDataset):
         self.manifests = [Manifest.load(s.path) for s in cfg.sources]
 
     def _streams(self, reader: Reader, bad: BadSamples, bad_windows: set[str]) -> list[SourceStream | None]:
-        return [
-            SourceStream(
+        """One stream per source (None for weight 0), each remote one already fetching its first shards.
+
+        Remote sources are opened in parallel threads: each reads stats.json (robot) at 1 request latency, and
+        the mixer's first batch waits for all of them."""
+
+        def stream(i: int) -> SourceStream | None:
+            if self.weights[i] == 0:
+                return None  # weight-0 sources are never scheduled
+            src = self.cfg.sources[i]
+            s = SourceStream(
                 src.path,
                 reader,
                 seed=self.spec.seed + i,
@@ -104,11 +114,16 @@ class MixedBatches(IterableDataset):
                 augment=self.cfg.augment,
                 max_bad_in_a_row=self.cfg.max_bad_in_a_row,
                 storage=self.cfg.storage,
+                manifest=self.manifests[i],  # read once, in the main process
             )
-            if self.weights[i] > 0
-            else None  # weight-0 sources are never scheduled
-            for i, src in enumerate(self.cfg.sources)
-        ]
+            s.start_fetching()
+            return s
+
+        indices = range(len(self.cfg.sources))
+        if sum(is_remote(s.path) for s in self.cfg.sources) < 2:
+            return [stream(i) for i in indices]
+        with ThreadPoolExecutor(len(self.cfg.sources), thread_name_prefix="open-source") as pool:
+            return list(pool.map(stream, indices))  # in order; the first source's error is raised first
 
     def __iter__(self) -> Iterator[Batch]:
         if self.cfg.elastic:

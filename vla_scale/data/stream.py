@@ -96,10 +96,11 @@ class SourceStream:
         augment: AugmentConfig | None = None,
         max_bad_in_a_row: int = 10_000,
         storage: StorageConfig | None = None,
+        manifest: Manifest | None = None,
     ):
         self.location, self.opener = open_source(folder, storage)  # a local folder, s3://, http(s):// or pipe:
         self.folder = Path(folder) if self.opener is None else folder
-        self.manifest = Manifest.load(self.folder)
+        self.manifest = manifest if manifest is not None else Manifest.load(self.folder)  # given: read already
         if not self.manifest.shards:
             raise DataError(f"{self.folder}/manifest.json lists no shards")
         self.name = self.manifest.name
@@ -122,6 +123,7 @@ class SourceStream:
         self.rng = np.random.default_rng([seed, reader.rank, reader.worker, 7919])
         self.cached_bytes = 0  # decoded frames held for overlapping windows (`_frame`)
         self._fetcher: ShardFetcher | None = None  # a remote source's read-ahead, kept from epoch to epoch
+        self._fetcher_epoch = -1  # the epoch whose shards `_fetcher` holds first
 
     def _static_camera(self) -> str | None:
         if self.kind != "robot":
@@ -231,9 +233,13 @@ class SourceStream:
         source's read-ahead runs on into the next epoch's first shards, and its fetcher is kept for that epoch."""
         listed = {self.location.url(s.path): s.samples for s in self.manifest.shards}
         paths, stride = epoch_assignment(list(listed), self.epoch, self.seed, self.reader, self.shard_shuffle)
+        if self._fetcher is not None and self._fetcher_epoch != self.epoch:  # started for another epoch
+            self._fetcher.close()
+            self._fetcher = None
         fetcher = self._fetcher
         if self.opener is not None and fetcher is None:
             fetcher = self._fetcher = self.opener(paths)  # remote: fetches this epoch's shards ahead
+            self._fetcher_epoch = self.epoch
         if fetcher is not None and fetch_next_epoch:
             following, _ = epoch_assignment(list(listed), self.epoch + 1, self.seed, self.reader, self.shard_shuffle)
             fetcher.extend(following)
@@ -255,6 +261,20 @@ class SourceStream:
             if fetcher is not None and not (finished and fetch_next_epoch):
                 fetcher.close()
                 self._fetcher = None
+            elif fetcher is not None:
+                self._fetcher_epoch = self.epoch + 1  # kept: it holds the next epoch's shards now
+
+    def start_fetching(self) -> None:
+        """A remote source: start fetching the current epoch's first shards now, not at the first item asked for.
+
+        Why: the mixer may draw from a source only several batches in, and its first shard, fetched only then,
+        stalls that batch; started here, every source's first shards are fetched together while the loader starts.
+        """
+        if self.opener is None or self._fetcher is not None:
+            return
+        listed = [self.location.url(s.path) for s in self.manifest.shards]
+        paths, _ = epoch_assignment(listed, self.epoch, self.seed, self.reader, self.shard_shuffle)
+        self._fetcher, self._fetcher_epoch = self.opener(paths), self.epoch
 
     def _epoch_items(self) -> Iterator[Window | VLSample]:
         """The current epoch's usable items in reading order (no shuffle buffer); for tools and tests."""
