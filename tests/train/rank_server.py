@@ -264,6 +264,9 @@ class RankServer:
 # shared by jobs whose environments differ only in these (the child still gets the job's own values).
 PER_JOB_ENV = ("MASTER_PORT", "PYTEST_CURRENT_TEST")
 MAX_SERVERS = 4  # the least recently used beyond this are closed (each holds torch & co. in memory)
+# Jobs of more ranks start fresh interpreters: the suite has one such job (elastic 2 -> 1 -> 4), whose servers
+# (a preload costs more CPU than a fresh rank's own imports) would serve it once and evict the 2-rank ones.
+MAX_WARM_RANKS = 2
 _servers: dict[tuple, RankServer] = {}  # in order of last use
 _failed: list[str] = []
 
@@ -271,8 +274,8 @@ _failed: list[str] = []
 def servers_for(envs: list[dict[str, str]]) -> list[RankServer] | None:
     """One ready server per rank, for ranks started with these environments (PER_JOB_ENV aside; a server
     starts on first use); None where ranks must be fresh interpreters: DISABLE_ENV=0, a GPU (CUDA does not
-    survive a fork), or a server that failed to start (warned about once)."""
-    if os.environ.get(DISABLE_ENV) == "0" or _failed:
+    survive a fork), a server that failed to start (warned about once), or more than MAX_WARM_RANKS ranks."""
+    if os.environ.get(DISABLE_ENV) == "0" or _failed or len(envs) > MAX_WARM_RANKS:
         return None
     import torch
 
