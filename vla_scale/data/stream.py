@@ -228,11 +228,19 @@ class SourceStream:
             self.bad.report(self.name, entry.key, err)
             return None
 
+    def _listed(self) -> dict[str, int]:
+        """Every shard's URL (or path) -> its sample count, in manifest order."""
+        return {self.location.url(s.path): s.samples for s in self.manifest.shards}
+
+    def _assignment(self, epoch: int) -> tuple[list[str], int]:
+        """(this reader's shards of `epoch` in reading order, its sample stride within them)."""
+        return epoch_assignment(list(self._listed()), epoch, self.seed, self.reader, self.shard_shuffle)
+
     def _epoch_entries(self, fetch_next_epoch: bool = False) -> Iterator[_Entry]:
         """The current epoch's entries in reading order. `fetch_next_epoch` (the endless stream): a remote
         source's read-ahead runs on into the next epoch's first shards, and its fetcher is kept for that epoch."""
-        listed = {self.location.url(s.path): s.samples for s in self.manifest.shards}
-        paths, stride = epoch_assignment(list(listed), self.epoch, self.seed, self.reader, self.shard_shuffle)
+        listed = self._listed()
+        paths, stride = self._assignment(self.epoch)
         if self._fetcher is not None and self._fetcher_epoch != self.epoch:  # started for another epoch
             self._fetcher.close()
             self._fetcher = None
@@ -241,7 +249,7 @@ class SourceStream:
             fetcher = self._fetcher = self.opener(paths)  # remote: fetches this epoch's shards ahead
             self._fetcher_epoch = self.epoch
         if fetcher is not None and fetch_next_epoch:
-            following, _ = epoch_assignment(list(listed), self.epoch + 1, self.seed, self.reader, self.shard_shuffle)
+            following, _ = self._assignment(self.epoch + 1)
             fetcher.extend(following)
         finished = False
 
@@ -272,9 +280,7 @@ class SourceStream:
         """
         if self.opener is None or self._fetcher is not None:
             return
-        listed = [self.location.url(s.path) for s in self.manifest.shards]
-        paths, _ = epoch_assignment(listed, self.epoch, self.seed, self.reader, self.shard_shuffle)
-        self._fetcher, self._fetcher_epoch = self.opener(paths), self.epoch
+        self._fetcher, self._fetcher_epoch = self.opener(self._assignment(self.epoch)[0]), self.epoch
 
     def _epoch_items(self) -> Iterator[Window | VLSample]:
         """The current epoch's usable items in reading order (no shuffle buffer); for tools and tests."""

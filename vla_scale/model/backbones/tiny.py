@@ -107,11 +107,11 @@ def write_folder_once(target: str | os.PathLike, build: Callable[[Path], Any]) -
     if target.exists():
         return False
     torch = sys.modules.get("torch")  # not imported (`vla-scale prepare` avoids its cost): no process group either
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_rank() != 0:  # fmt: skip
+    dist = torch.distributed if torch is not None else None
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         # transformers' save_pretrained writes weights on rank 0 only: this rank's copy would lack them.
         raise RuntimeError(
-            f"{target} does not exist and rank {torch.distributed.get_rank()} cannot write it: write tiny checkpoints "
+            f"{target} does not exist and rank {dist.get_rank()} cannot write it: write tiny checkpoints "
             "before the process group starts (launchers/train.sh does, in its prepare step)"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
