@@ -19,6 +19,7 @@ from vla_scale.config.schema import Config, DataConfig, SourceConfig
 from vla_scale.config.schema_data import StorageConfig
 from vla_scale.data.format import FormatError, Manifest
 from vla_scale.data.locations import FetchOptions, PipeLocation, Unreachable
+from vla_scale.data.read_ahead import open_source
 from vla_scale.data.reader import BadSamples, DataError, Reader
 from vla_scale.data.shard_cache import ShardCache
 from vla_scale.data.stream import SourceStream
@@ -181,6 +182,25 @@ def test_read_ahead_deepens_while_fetching_is_slower_than_reading(robot, tmp_pat
         assert_same([next(it) for _ in range(20)], items(stream(robot), 20))
         assert s._fetcher is not None and s._fetcher.depth == 2  # grown (to its maximum, no further)
         it.close()
+
+
+def test_read_ahead_depth_is_planned_from_fetch_and_read_times_before_any_wait(robot, tmp_path):
+    """Shards fetched in 0.5 s and read in ~0.05 s need ~10 in flight: after one shard read the depth is raised
+    from the timings, without first making the reader wait for a shard fetched ahead."""
+    with http_server(robot.parent) as (base, faults):
+        faults.latency_s = 0.5
+        location, fetchers = open_source(f"{base}/robot", storage(tmp_path, read_ahead=2, read_ahead_max=6))
+        urls = [location.url(s.name) for s in sorted(robot.glob("shard-*.tar"))]
+        fetcher = fetchers(urls)
+        try:
+            fetcher.open(urls[0]).close()  # fetched with shard 1 (read-ahead 2), both ~0.5 s
+            time.sleep(0.05)  # "reading" shard 0
+            waited = fetcher.wait_s
+            fetcher.open(urls[1]).close()  # arrived meanwhile: no wait to react to
+            assert fetcher.wait_s - waited < 0.1
+            assert fetcher.depth >= 3  # planned: 0.5 s of fetching over ~0.05 s of reading (capped at 6)
+        finally:
+            fetcher.close()
 
 
 def test_readers_of_a_process_share_one_pool_of_fetch_threads(robot, tmp_path):

@@ -47,13 +47,13 @@ class StorageConfig:
 
     Shards are streamed into `cache_dir` (shared by the node's readers), kept under `cache_limit_gb` by
     evicting the least recently used; `fetch_threads` per process fetch, for every reader, `read_ahead` shards
-    beyond the one it reads, more (up to `read_ahead_max`) for a reader that still waits for them.
+    beyond the one it reads, more (up to `read_ahead_max`) for a reader whose shards are read faster than fetched.
     """
 
     cache_dir: str = ""  # "" = $VLA_SCALE_CACHE_DIR, else ~/.cache/vla_scale/shards
     cache_limit_gb: float = 20.0
     read_ahead: int = 2  # shards fetched ahead per reader (0: fetch each when it is reached)
-    read_ahead_max: int = 8  # a reader's read-ahead grows up to this while it still waits for shards
+    read_ahead_max: int = 8  # a reader's read-ahead grows up to this while fetching is slower than reading
     fetch_threads: int = 8  # fetches at a time per process, shared by all its readers and sources
     retries: int = 5  # retries of a transient failure (HTTP 5xx/429, dropped connection, timeout)
     backoff_s: float = 0.5  # first retry delay, doubled at each retry

@@ -5,10 +5,12 @@ next shards fetched before it gets there, but threads per stream would multiply 
 Here a stream's `ShardFetcher` only says which shards its reader will open, in order (across epochs: the next
 epoch's order is known from the seed); the process's `FetchPool` threads (`data.storage.fetch_threads`), one
 shard cache, fetch the next shard of whichever reader is closest to needing one, never more than that reader's
-depth ahead of it. A reader's depth starts at `read_ahead` and grows, up to `read_ahead_max`, each time it
-still had to wait for a shard that was being fetched ahead (its shards take less time to read than to fetch,
-so more must be in flight): by as many shards as it could have read in the time it waited. A fetch that
-failed is raised by `open` for that shard, so the error reaches the reader at the shard it concerns.
+depth ahead of it. A reader's depth starts at `read_ahead` and grows, up to `read_ahead_max`, when its
+shards take less time to read than to fetch (so more must be in flight): at each shard to the recent fetch time
+over the recent read time, so it is planned from the first shard on, and each time the reader still had to wait
+for a shard fetched ahead, by as many shards as it could have read in the time it waited; and never deeper than
+the cache had room for (a read-ahead that found no room caps it). A fetch that failed is raised by `open` for
+that shard, so the error reaches the reader at the shard it concerns.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ class FetchPool:
 
     def __init__(self, cache: ShardCache, threads: int):
         self.cache = cache
-        self.cond = threading.Condition()  # also each fetcher's: one lock orders all claims
+        self.lock = threading.Lock()  # one lock orders all claims; each fetcher's reader waits on its own condition
+        self.work = threading.Condition(self.lock)  # idle pool threads wait here, woken one per claimable shard
         self.fetchers: list[ShardFetcher] = []
         self.max_threads, self.threads = threads, 0
 
     def register(self, fetcher: ShardFetcher) -> None:
         """Serve `fetcher` too; the threads are started here and end when no fetcher is left (none idle forever)."""
-        with self.cond:
+        with self.lock:
             self.fetchers.append(fetcher)
             for _ in range(self.max_threads - self.threads):
                 threading.Thread(target=self._run, name="shard-fetch", daemon=True).start()
@@ -47,7 +50,17 @@ class FetchPool:
 
     def _pick(self) -> tuple[ShardFetcher, int, bool, int] | None:
         """(fetcher, position, is read-ahead, claim generation) of the claimable shard its reader needs soonest;
-        call under `cond`."""
+        call under `lock`."""
+        best = self._soonest()
+        if best is None:
+            return None
+        f, i = best
+        f.next += 1
+        f.claimed[i] = time.perf_counter()
+        return f, i, i > f.current, f.generation
+
+    def _soonest(self) -> tuple[ShardFetcher, int] | None:
+        """(fetcher, position) of the claimable shard its reader needs soonest, not claimed; call under `lock`."""
         best: tuple[int, ShardFetcher, int] | None = None
         for f in self.fetchers:
             i = f.next
@@ -58,20 +71,25 @@ class FetchPool:
                 and (best is None or i - f.current < best[0])
             ):
                 best = (i - f.current, f, i)
-        if best is None:
-            return None
-        _, f, i = best
-        f.next += 1
-        return f, i, i > f.current, f.generation
+        return None if best is None else (best[1], best[2])
+
+    def wake(self) -> None:
+        """A shard may have become claimable: wake one idle thread (it wakes the next if more are); call under
+        `lock`. Why one: every thread woken for nothing costs two context switches and a GIL hand-off, and with
+        small shards the reader paid for that herd in its throughput."""
+        self.work.notify()
 
     def _run(self) -> None:
         while True:
-            with self.cond:
+            with self.lock:
                 while (job := self._pick()) is None:
                     if not self.fetchers:
                         self.threads -= 1
+                        self.work.notify()  # the next idle thread ends too
                         return
-                    self.cond.wait()
+                    self.work.wait()
+                if self._soonest() is not None:
+                    self.work.notify()  # another shard is claimable: the next idle thread takes it
             f, i, ahead, generation = job
             try:
                 result: BinaryIO | Exception = self.cache.open(f.location, f.rels[i], ahead=ahead)
@@ -89,7 +107,8 @@ class ShardFetcher:
     """
 
     def __init__(self, pool: FetchPool, location: Location, urls: list[str], read_ahead: int, read_ahead_max: int):
-        self.pool, self.location, self.cond = pool, location, pool.cond
+        self.pool, self.location = pool, location
+        self.cond = threading.Condition(pool.lock)  # this fetcher's reader waits here for its shards
         self.depth, self.max_depth = read_ahead, max(read_ahead, read_ahead_max) if read_ahead else 0
         self.urls: list[str] = []
         self.rels: list[str] = []
@@ -98,6 +117,9 @@ class ShardFetcher:
         self.generation = 0  # claims of an older generation were given back (`_give_back_ahead`): dropped
         self.paused = False  # no new claims while the reader fetches a shard read-ahead had no room for
         self.ready: dict[int, BinaryIO | Exception] = {}
+        self.claimed: dict[int, float] = {}  # when a pool thread claimed each position still being fetched
+        self.fetch_s = 0.0  # recent time from claim to delivery of a shard (moving average)
+        self.read_s = 0.0  # recent time the reader took to read a shard (moving average)
         self.closed = False
         self.wait_s = 0.0  # time `open` spent waiting for shards (the data wait this hides)
         self.opened = time.perf_counter()  # when `open` last returned
@@ -110,15 +132,21 @@ class ShardFetcher:
         with self.cond:
             self.urls += urls
             self.rels += rels
-            self.cond.notify_all()
+            self.pool.wake()
 
     def deliver(self, i: int, result: BinaryIO | Exception, generation: int) -> None:
         """A pool thread's result for position `i` (unpinned at once if the reader is gone or past it, or the claim
         was given back meanwhile)."""
         with self.cond:
+            claimed = self.claimed.pop(i, None)
+            if claimed is not None and not isinstance(result, Exception):
+                self.fetch_s = _average(self.fetch_s, time.perf_counter() - claimed)
+            if isinstance(result, NoRoom) and i > self.current:  # the cache holds no more ahead: plan no deeper
+                self.max_depth = max(1, min(self.max_depth, i - self.current - 1))
+                self.depth = min(self.depth, self.max_depth)
             if not self.closed and i >= self.current and generation == self.generation and i not in self.ready:
                 self.ready[i] = result
-                self.cond.notify_all()
+                self.cond.notify()  # the reader (one per fetcher)
                 return
         self._unpin(result)
 
@@ -144,8 +172,11 @@ class ShardFetcher:
             for skipped in range(self.current + 1, i):  # never opened (not expected): unpin what was fetched
                 self._unpin(self.ready.pop(skipped, None))
             in_flight = i not in self.ready and 0 < i < self.next  # fetched ahead, but not done yet
+            if self.current >= 0 and self.max_depth:  # the previous shard was read: plan the depth from the timings
+                self.read_s = _average(self.read_s, start - self.opened)
+                self._deepen(math.ceil(self.fetch_s / max(self.read_s, 1e-3)))
             self.current, self.next = i, max(self.next, i)
-            self.cond.notify_all()
+            self.pool.wake()
             while i not in self.ready:
                 self.cond.wait()
             result = self.ready.pop(i)
@@ -154,8 +185,8 @@ class ShardFetcher:
             waited, reading = time.perf_counter() - start, start - self.opened  # `reading`: the previous shard
             if in_flight and waited > _HANDOFF_S and not isinstance(result, NoRoom):
                 # fetching takes longer than reading `depth` shards: keep as many more in flight as it waited shards
-                self.depth = min(self.max_depth, self.depth + max(1, math.ceil(waited / max(reading, 1e-3))))
-                self.cond.notify_all()
+                self._deepen(self.depth + max(1, math.ceil(waited / max(reading, 1e-3))))
+                self.pool.wake()
         self.wait_s += waited
         self.opened = time.perf_counter()
         if isinstance(result, NoRoom):  # read-ahead had no room: fetch it now, then let read-ahead go on
@@ -164,10 +195,14 @@ class ShardFetcher:
             finally:
                 with self.cond:
                     self.paused = False
-                    self.cond.notify_all()
+                    self.pool.wake()
         if isinstance(result, Exception):
             raise result
         return result
+
+    def _deepen(self, depth: int) -> None:
+        """Keep `depth` shards in flight if that is more than now (never beyond `read_ahead_max`); under `cond`."""
+        self.depth = max(self.depth, min(self.max_depth, depth))
 
     @staticmethod
     def _unpin(result: BinaryIO | Exception | None) -> None:
@@ -180,10 +215,15 @@ class ShardFetcher:
             self.closed = True
             if self in self.pool.fetchers:
                 self.pool.fetchers.remove(self)
-            self.cond.notify_all()  # idle pool threads end when no fetcher is left
+            self.pool.wake()  # idle pool threads end when no fetcher is left (each wakes the next)
             for result in self.ready.values():
                 self._unpin(result)
             self.ready.clear()
+
+
+def _average(mean: float, sample: float) -> float:
+    """Moving average of recent timings (the first sample sets it): one slow or quick shard moves it halfway."""
+    return sample if mean == 0.0 else 0.5 * (mean + sample)
 
 
 _POOLS: dict[tuple, FetchPool] = {}
