@@ -4,6 +4,7 @@ and export one; evaluate and serve a policy."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -13,7 +14,10 @@ from vla_scale.config import ConfigError
 def _prepare(args: argparse.Namespace) -> int:
     from vla_scale.train.prepare import prepare_run
 
-    run_dir = prepare_run(args.config, args.overrides, args.world_size)
+    # stdout carries the run directory alone (the launchers read it with `$(...)`); anything else printed while
+    # preparing goes to stderr, e.g. DeepSpeed's accelerator warning when writing a tiny backbone imports it.
+    with contextlib.redirect_stdout(sys.stderr):
+        run_dir = prepare_run(args.config, args.overrides, args.world_size)
     print(run_dir)
     return 0
 

@@ -129,15 +129,21 @@ def test_prepare_checks_the_manifest_at_the_url_before_any_rank(robot, tmp_path)
 def test_cache_stays_under_its_limit_and_evicts_least_recently_used(robot, tmp_path):
     sizes = sorted(p.stat().st_size for p in robot.glob("shard-*.tar"))
     limit = sizes[-1] + sizes[-2] + sizes[-3]  # room for the shard being read and two ahead, not all four
+    before = set(threading.enumerate())
     with http_server(robot.parent) as (base, faults):
         s = stream(f"{base}/robot", tmp_path, cache_limit_gb=limit / 1e9, read_ahead=2)
         cache = ShardCache(tmp_path / "cache", limit)
-        seen = []
-        for item in itertools.islice(iter(s), 80):  # ~3 epochs
+        seen, it = [], iter(s)
+        for item in itertools.islice(it, 80):  # ~3 epochs
             assert cache.used_bytes() <= limit
             seen.append(item)
+        it.close()  # ends the read-ahead; the fetches still in flight finish before the pool's threads end
+        for t in set(threading.enumerate()) - before:
+            if t.name == "shard-fetch":
+                t.join(timeout=30)
         assert_same(seen, items(stream(robot), 80))
         assert sum(faults.requests.values()) > 4 + 1  # shards were evicted and fetched again in later epochs
+    assert cache.used_bytes() <= limit
     assert len(list((tmp_path / "cache").iterdir())) <= 3
 
 

@@ -31,7 +31,12 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, toy_data: Path) -> R
     """nodes.MAX_STEPS steps of configs/debug.yaml (ZeRO-2, fp32) on the toy data, 2 CPU ranks started by
     launchers/torchrun.sh, one checkpoint at the end. Read-only for its users (a test that moves a file
     away puts it back). Built once per session, by whichever xdist worker needs it first."""
-    work = built_once(tmp_path_factory, "reference", lambda out: run_torchrun(out, toy_data, "train.ckpt_every=0"))
+    # Its own backbone folder: tests/train/test_export_policy.py moves it away for a moment.
+    work = built_once(
+        tmp_path_factory,
+        "reference",
+        lambda out: run_torchrun(out, toy_data, "train.ckpt_every=0", f"model.backbone.pretrained={out / 'backbone'}"),
+    )
     run_dir, logs = work / "runs" / "debug", work / "rank_logs"
     optim = yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]
     assert optim["schedule"] == "constant" and not optim["warmup_steps"], (

@@ -96,14 +96,24 @@ def finetune_smoke(work: Path, dataset: Path, gradient_checkpointing: bool | Non
 
 
 def debug_overrides(tmp_path: Path, data: Path, *extra: str) -> list[str]:
-    """configs/debug.yaml on the toy data, writing runs and the tiny backbone under `tmp_path`."""
+    """configs/debug.yaml on the toy data, writing runs under `tmp_path`, with the session's tiny backbone
+    (`tiny_backbone`)."""
     return [
         f"run.output_dir={tmp_path / 'runs'}",
         f"data.sources.0.path={data / 'robot'}",
         f"data.sources.1.path={data / 'vl'}",
-        f"model.backbone.pretrained={tmp_path / 'backbone'}",
+        f"model.backbone.pretrained={tiny_backbone(tmp_path, data, *extra)}",
         *extra,
     ]
+
+
+def tiny_backbone(tmp_path: Path, data: Path, *extra: str) -> Path:
+    """Where the debug run's tiny backbone is: one folder beside the session's data for every job that keeps
+    configs/debug.yaml's backbone and seed (the first prepare writes it, atomically; a job started meanwhile
+    writes the identical folder and discards it), else `tmp_path`/backbone. Why shared: writing it costs each
+    job's prepare ~5 s (importing torch and transformers) before its ranks start."""
+    own = any(e.startswith(("model.backbone", "run.seed=")) for e in extra)
+    return tmp_path / "backbone" if own else data.parent / "backbones" / "tiny-llava-debug"
 
 
 def rank_logs(tmp_path: Path, tail: int | None = 6000) -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.jobs import launch, rank_logs, run_ranks, start_launcher
+from tests.train.jobs import launch, rank_logs, run_ranks, start_launcher, tiny_backbone
 from tests.train.nodes import MAX_STEPS
 from tests.train.policy_check import first_episode, reference_actions
 from vla_scale.cli import main as cli_main
@@ -51,11 +51,12 @@ def _stage_reports(logs: str) -> dict[int, dict]:
     return {int(i): json.loads(body) for i, body in found}
 
 
-def _check_stages(run_dir: Path, tmp_path: Path, windows: list[tuple[int, int, int]]) -> None:
+def _check_stages(run_dir: Path, windows: list[tuple[int, int, int]]) -> None:
     """For (stage, from_step, to_step): between the two checkpoints exactly the stage's parameters may change."""
     model, cfg = build_run_model(run_dir)
     stages = resolve_stages(model, cfg)
-    tiny = {f"adapter.{k}": v for k, v in load_backbone("llava", str(tmp_path / "backbone")).state_dict().items()}
+    loaded = load_backbone("llava", cfg.model.backbone.pretrained)
+    tiny = {f"adapter.{k}": v for k, v in loaded.state_dict().items()}
     first = _weights(run_dir, windows[0][1])
     # stage 0 trains only the heads: the backbone is still the checkpoint it was loaded from
     assert not _changed({k: tiny[k] for k in first if k in tiny}, first)
@@ -75,7 +76,7 @@ def _check_stages(run_dir: Path, tmp_path: Path, windows: list[tuple[int, int, i
 def test_staged_unfreezing_zero2_switches_mid_run_and_resumes_mid_stage(tmp_path, toy_data):
     run_ranks(tmp_path, toy_data, STAGES, "train.max_steps=6", "train.ckpt_every=1", "train.keep_last=0")
     run_dir = tmp_path / "runs" / "debug"
-    _check_stages(run_dir, tmp_path, [(0, 1, 2), (1, 2, 4), (2, 4, 6)])
+    _check_stages(run_dir, [(0, 1, 2), (1, 2, 4), (2, 4, 6)])
     reports = _stage_reports(rank_logs(tmp_path, tail=None))
     assert sorted(reports) == [0, 1, 2]
     # Adam state (ZeRO-2: this rank's half) exists only for what each stage trains
@@ -104,7 +105,7 @@ def test_staged_unfreezing_zero3(tmp_path, toy_data):
     run_ranks(
         tmp_path, toy_data, STAGES, "train.zero_stage=3", "train.max_steps=6", "train.ckpt_every=2", "train.keep_last=0"
     )
-    _check_stages(tmp_path / "runs" / "debug", tmp_path, [(1, 2, 4), (2, 4, 6)])
+    _check_stages(tmp_path / "runs" / "debug", [(1, 2, 4), (2, 4, 6)])
     reports = _stage_reports(rank_logs(tmp_path, tail=None))
     assert reports[0]["optim_state_mb"] < reports[1]["optim_state_mb"] < reports[2]["optim_state_mb"]
 
@@ -198,7 +199,7 @@ def test_lora_zero1_bf16_run_exports_merged_and_kept(tmp_path, toy_data):
     )
     run_dir = tmp_path / "runs" / "debug"
     state = _weights(run_dir, 2)
-    tiny = load_backbone("llava", str(tmp_path / "backbone")).state_dict()
+    tiny = load_backbone("llava", str(tiny_backbone(tmp_path, toy_data))).state_dict()
     base = {k.replace(".base_layer", ""): v for k, v in state.items() if k.startswith("adapter.") and ".lora_" not in k}
     for key, value in base.items():  # LoRA default: the backbone itself stays frozen (up to the bf16 round trip)
         torch.testing.assert_close(value, tiny[key.removeprefix("adapter.")].float().to(torch.bfloat16).float())

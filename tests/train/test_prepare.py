@@ -25,7 +25,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def test_prepare_writes_resolved_config_ds_json_and_tiny_backbone(tmp_path, data):
-    run_dir = prepare_run(ROOT / "configs/debug.yaml", overrides(tmp_path, data, "optim.lr=0.01"), world_size=2)
+    own = f"model.backbone.pretrained={tmp_path / 'backbone'}"  # not the session's shared one: written here
+    run_dir = prepare_run(ROOT / "configs/debug.yaml", overrides(tmp_path, data, "optim.lr=0.01", own), world_size=2)
     assert run_dir == tmp_path / "runs" / "debug"
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["optim"]["lr"] == 0.01
@@ -91,7 +92,8 @@ def _prepare(tmp_path: Path, data: Path, *extra: str, world_size: int = 2) -> Pa
         ),
         (
             ("model.action_space=discrete", "model.discrete.n_bin=100000"),
-            r"model\.discrete\.n_bin \(100000\) must be smaller than the LM vocabulary \(\d+ tokens\).*backbone\); "
+            r"model\.discrete\.n_bin \(100000\) must be smaller than the LM vocabulary \(\d+ tokens\).*\(the tokenizer "
+            r"of /\S+\); "
             r"lower model\.discrete\.n_bin",
         ),
     ],
