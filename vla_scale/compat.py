@@ -44,7 +44,9 @@ def skip_muon_import_in_zero_check() -> None:
     ZeRO, imports `deepspeed.runtime.zero.muon.muon_optimizer` (torch.compile, inductor) only to append
     `MuonWithAuxAdam` to `ZERO_SUPPORTED_OPTIMIZERS`. vla_scale never builds that optimizer, so for any other
     type the list lookup without the import gives the same answer; a Muon optimizer still gets the original.
-    The engine module imported the function by name, so its own reference is the one replaced.
+    The engine module imported the function by name, so its own reference is the one replaced. This spares
+    ZeRO-0 and ZeRO-3 ranks the import; ZeRO-1/2's gradient reduction (`average_tensor`) still imports the
+    module at the first backward, inside DeepSpeed's step code, where no narrow replacement fits.
     """
     engine = importlib.import_module("deepspeed.runtime.engine")
     zero_utils = importlib.import_module("deepspeed.runtime.zero.utils")

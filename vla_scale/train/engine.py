@@ -134,7 +134,7 @@ def build_engine(model: nn.Module, cfg: Config, ds_config: dict):
     import deepspeed
 
     optimizer = build_optimizer(model, cfg)
-    skip_muon_import_in_zero_check()  # an import of ~0.8 s per rank that only concerns Muon optimizers
+    skip_muon_import_in_zero_check()  # ~0.8 s per rank that only concerns Muon optimizers (ZeRO-1/2 pay it later)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, optimizer
 
