@@ -97,12 +97,15 @@ def finetune_smoke(work: Path, dataset: Path, gradient_checkpointing: bool | Non
 
 def debug_overrides(tmp_path: Path, data: Path, *extra: str) -> list[str]:
     """configs/debug.yaml on the toy data, writing runs under `tmp_path`, with the session's tiny backbone
-    (`tiny_backbone`)."""
+    (`tiny_backbone`), and wandb off unless `extra` turns it on (`wandb.mode=offline`): its offline run costs
+    rank 0 about a second of start-up and shutdown per job, and only the jobs that check wandb's output need it
+    (tests/train/test_launcher_integration.py; tests/train/test_metrics.py drives it directly)."""
     return [
         f"run.output_dir={tmp_path / 'runs'}",
         f"data.sources.0.path={data / 'robot'}",
         f"data.sources.1.path={data / 'vl'}",
         f"model.backbone.pretrained={tiny_backbone(tmp_path, data, *extra)}",
+        "wandb.mode=disabled",
         *extra,
     ]
 

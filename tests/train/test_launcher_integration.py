@@ -28,8 +28,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_two_rank_job_logs_every_term_and_checkpoints_then_resumes(tmp_path, toy_data, reference_run):
-    launch(tmp_path, toy_data, "train.max_steps=4", "train.ckpt_every=2")
+    launch(tmp_path, toy_data, "train.max_steps=4", "train.ckpt_every=2", "wandb.mode=offline")
     run_dir = tmp_path / "runs" / "debug"
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()  # rank 0's offline wandb run, kept across the resume
+    assert [p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")] == [run_id]
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     seen = set().union(*records)
@@ -46,8 +48,9 @@ def test_two_rank_job_logs_every_term_and_checkpoints_then_resumes(tmp_path, toy
     assert (run_dir / "config.yaml").is_file()
 
     # Same run directory, longer schedule: resumes at step 4 and continues to 6.
-    proc = launch(tmp_path, toy_data, "train.max_steps=6", "train.ckpt_every=2")
+    proc = launch(tmp_path, toy_data, "train.max_steps=6", "train.ckpt_every=2", "wandb.mode=offline")
     assert "resumed from" in (proc.stdout + rank_logs(tmp_path))
+    assert {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")} == {run_id}
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert (ckpts / "latest").read_text().strip() == "step_00000006"
