@@ -1,14 +1,29 @@
 """`python -m vla_scale.train.build_ops`: the ops `make install` compiles ahead of training."""
 
+import sys
+
 import pytest
 from deepspeed.ops import op_builder
 
 from vla_scale.train import build_ops
 
 
-def test_cpu_adam_builds_and_loads():
+def test_cpu_adam_builds_and_loads(monkeypatch):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    folder = build_ops.use_environment_extensions_dir()  # as `make install` and training do
     assert build_ops.build("cpu_adam") is None  # cached after `make install`; compiled here otherwise
     assert hasattr(op_builder.CPUAdamBuilder().load(verbose=False), "create_adam")
+    assert list((folder / "cpu_adam").glob("cpu_adam*.so"))  # in this environment's folder, not a shared one
+
+
+def test_each_python_environment_has_its_own_extensions_folder(monkeypatch, tmp_path):
+    """Two environments with the same Python (two checkouts) must not rebuild each other's ops."""
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    here = build_ops.extensions_dir()
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
+    assert build_ops.extensions_dir() != here
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert build_ops.extensions_dir() == tmp_path / "mine"  # an explicit choice wins
 
 
 def test_a_build_failure_is_a_warning_not_a_failed_install(monkeypatch, capsys):

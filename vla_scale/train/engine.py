@@ -21,6 +21,7 @@ from vla_scale.compat import (
 )
 from vla_scale.config import ConfigError
 from vla_scale.config.schema import Config, OptimConfig
+from vla_scale.train.build_ops import use_environment_extensions_dir
 from vla_scale.train.stages import Stage, apply_stage, stage_at
 
 
@@ -110,6 +111,7 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     if cfg.train.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-compiles the cpu_adam op on first use
 
+        use_environment_extensions_dir()  # where `make install` built it (python -m vla_scale.train.build_ops)
         use_fast_cpu_info()  # read by DeepSpeedCPUAdam and its op builder
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
     # ZeRO 1-3 skip non-finite steps themselves when they compute a grad norm (clipping on) or check
