@@ -11,6 +11,7 @@ from vla_scale.train import build_ops
 def test_cpu_adam_builds_and_loads(monkeypatch):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     folder = build_ops.use_environment_extensions_dir()  # as `make install` and training do
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(folder))  # (so that the variable is removed after the test)
     assert build_ops.build("cpu_adam") is None  # cached after `make install`; compiled here otherwise
     assert hasattr(op_builder.CPUAdamBuilder().load(verbose=False), "create_adam")
     assert list((folder / "cpu_adam").glob("cpu_adam*.so"))  # in this environment's folder, not a shared one
