@@ -1,5 +1,6 @@
 """Metric meters and sinks (single process; the 2-rank reduction runs in the launcher integration test)."""
 
+import os
 import time
 
 import pytest
@@ -56,7 +57,18 @@ def test_writer_appends_jsonl_and_drops_steps_past_the_resumed_checkpoint(tmp_pa
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
 
 
-def test_offline_wandb_run_keeps_its_id_across_resume(monkeypatch, tmp_path):
+@pytest.fixture
+def restored_environ():
+    """`wandb.init` leaves WANDB_SERVICE (its service's socket) in os.environ; the jobs this worker starts later
+    would hand it to their ranks (which then attach to this process's wandb service) and, differing in their
+    environment, need rank servers of their own (tests/train/rank_server.py)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_offline_wandb_run_keeps_its_id_across_resume(restored_environ, monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
