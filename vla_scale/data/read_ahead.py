@@ -164,6 +164,7 @@ class ShardFetcher:
     def open(self, url: str) -> BinaryIO:
         """The shard `url` (the next one in order), cached and pinned; raises `Unreachable` naming its URL."""
         start = time.perf_counter()
+        reading = start - self.opened  # the time the reader took for the previous shard
         with self.cond:
             try:
                 i = self.urls.index(url, self.current + 1)
@@ -173,7 +174,7 @@ class ShardFetcher:
                 self._unpin(self.ready.pop(skipped, None))
             in_flight = i not in self.ready and 0 < i < self.next  # fetched ahead, but not done yet
             if self.current >= 0 and self.max_depth:  # the previous shard was read: plan the depth from the timings
-                self.read_s = _average(self.read_s, start - self.opened)
+                self.read_s = _average(self.read_s, reading)
                 self._deepen(math.ceil(self.fetch_s / max(self.read_s, 1e-3)))
             self.current, self.next = i, max(self.next, i)
             self.pool.wake()
@@ -182,7 +183,7 @@ class ShardFetcher:
             result = self.ready.pop(i)
             if isinstance(result, NoRoom):
                 self._give_back_ahead(i)
-            waited, reading = time.perf_counter() - start, start - self.opened  # `reading`: the previous shard
+            waited = time.perf_counter() - start
             if in_flight and waited > _HANDOFF_S and not isinstance(result, NoRoom):
                 # fetching takes longer than reading `depth` shards: keep as many more in flight as it waited shards
                 self._deepen(self.depth + max(1, math.ceil(waited / max(reading, 1e-3))))
