@@ -42,6 +42,7 @@ from data_tools.upload import upload  # noqa: E402
 from tests.benchmarks.bench_common import command_line, median, table  # noqa: E402
 from tests.data.remote_servers import BUCKET, S3_ENV, Faults, http_server, s3_server  # noqa: E402
 from vla_scale.config.schema_data import StorageConfig  # noqa: E402
+from vla_scale.data.fetch_process import helper_pids  # noqa: E402
 from vla_scale.data.reader import BadSamples, Reader  # noqa: E402
 from vla_scale.data.stream import SourceStream  # noqa: E402
 
@@ -54,24 +55,31 @@ class Pass:
     first_s: float  # constructing the stream (manifest.json, stats.json) and reading its first window
     wait_frac: float  # share of the time after the first window spent blocked on a shard not yet fetched
     cpu_ms: float  # process CPU time per window after the first (every thread)
+    helper_ms: float  # CPU time of the reader's fetch process per window (data.storage.fetch_process)
     server_ms: float  # CPU time of the servers' process per window (on this machine it competes with the reader)
 
 
 SERVER_PID = 0  # the servers' child process
 
 
-def server_cpu_s() -> float:
-    """CPU seconds the servers' process has used (utime + stime from /proc; 0 when not running or not Linux)."""
+def cpu_s(pid: int) -> float:
+    """CPU seconds process `pid` has used (utime + stime from /proc; 0 when not running or not Linux)."""
     try:
-        fields = Path(f"/proc/{SERVER_PID}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(path: str, cache: Path | None, read_ahead: int, n: int, limit_gb: float = 20.0) -> Pass:
+def measure(
+    path: str, cache: Path | None, read_ahead: int, n: int, limit_gb: float = 20.0, fetch_process: bool = True
+) -> Pass:
     """Read `n` windows of the endless stream (shuffle buffer, decode, normalise) as one training reader does."""
-    storage = StorageConfig(cache_dir=str(cache), read_ahead=read_ahead, cache_limit_gb=limit_gb) if cache else None
+    storage = (
+        StorageConfig(cache_dir=str(cache), read_ahead=read_ahead, cache_limit_gb=limit_gb, fetch_process=fetch_process)
+        if cache
+        else None
+    )
     start = time.perf_counter()
     stream = SourceStream(path, Reader(), 0, 16, True, 2, 4, BadSamples("fail"), storage=storage)
     fetchers = []
@@ -85,13 +93,20 @@ def measure(path: str, cache: Path | None, read_ahead: int, n: int, limit_gb: fl
         stream.opener = opener
     items = iter(stream)
     next(items)
-    waited0, cpu0, server0 = sum(f.wait_s for f in fetchers), time.process_time(), server_cpu_s()
+    helpers = helper_pids()
+
+    def helpers_cpu_s() -> float:
+        return sum(cpu_s(pid) for pid in helpers)
+
+    waited0, cpu0, server0 = sum(f.wait_s for f in fetchers), time.process_time(), cpu_s(SERVER_PID)
+    helper0 = helpers_cpu_s()
     t0 = time.perf_counter()
     count = sum(1 for _ in itertools.islice(items, n - 1))
-    wall, cpu, server = time.perf_counter() - t0, time.process_time() - cpu0, server_cpu_s() - server0
+    wall, cpu, server = time.perf_counter() - t0, time.process_time() - cpu0, cpu_s(SERVER_PID) - server0
+    helper = helpers_cpu_s() - helper0
     items.close()  # ends the read-ahead
     waited = sum(f.wait_s for f in fetchers) - waited0
-    return Pass(count / wall, t0 - start, waited / wall, cpu / count * 1e3, server / count * 1e3)
+    return Pass(count / wall, t0 - start, waited / wall, cpu / count * 1e3, helper / count * 1e3, server / count * 1e3)
 
 
 def serve(root: str, latency_s: float, names: list[str], ready, stop) -> None:  # noqa: ANN001 - multiprocessing
@@ -117,6 +132,7 @@ class Config:
     url: str
     read_ahead: int
     warm: bool
+    fetch_process: bool = True  # False: downloads on the reader's own threads (data.storage.fetch_process)
     passes: list[Pass] = field(default_factory=list)
     local: list[Pass] = field(default_factory=list)
 
@@ -125,7 +141,8 @@ def run_rounds(configs: list[Config], local: str, tmp: Path, rounds: int, n: int
     """Each remote pass paired with a local one; which of the two goes first alternates between rounds."""
     for c in configs:
         if c.warm:
-            measure(c.url, tmp / f"cache-{c.name}", c.read_ahead, n)  # fill the cache (not measured)
+            # fill the cache (not measured)
+            measure(c.url, tmp / f"cache-{c.name}", c.read_ahead, n, fetch_process=c.fetch_process)
     for r in range(rounds):
         for c in configs:
             cache = tmp / (f"cache-{c.name}" if c.warm else f"cold-{r}")
@@ -133,7 +150,8 @@ def run_rounds(configs: list[Config], local: str, tmp: Path, rounds: int, n: int
                 if which == "local":
                     c.local.append(measure(local, None, 0, n))
                 else:
-                    c.passes.append(measure(c.url, cache, c.read_ahead, n, 20.0 if c.warm else cold_limit_gb))
+                    limit = 20.0 if c.warm else cold_limit_gb
+                    c.passes.append(measure(c.url, cache, c.read_ahead, n, limit, c.fetch_process))
             if not c.warm:
                 shutil.rmtree(cache, ignore_errors=True)  # a fetch still in flight may finish meanwhile
         done = ", ".join(f"{c.name} {c.passes[-1].rate / c.local[-1].rate:.2f}" for c in configs)
@@ -144,7 +162,8 @@ def report(configs: list[Config]) -> str:
     local = [p for c in configs for p in c.local]
     rows = [["local disk (all pairs)", f"{median([p.rate for p in local]):.0f}", "1.00", "", "",
              f"{median([p.first_s for p in local]):.2f}",
-             f"{median([p.cpu_ms for p in local]):.2f}", f"{median([p.server_ms for p in local]):.2f}"]]  # fmt: skip
+             f"{median([p.cpu_ms for p in local]):.2f}", "",
+             f"{median([p.server_ms for p in local]):.2f}"]]  # fmt: skip
     for c in configs:
         ratios = sorted(p.rate / q.rate for p, q in zip(c.passes, c.local, strict=True))
         rows.append([
@@ -155,10 +174,11 @@ def report(configs: list[Config]) -> str:
             f"{median([p.wait_frac for p in c.passes]):.1%}",
             f"{median([p.first_s for p in c.passes]):.2f}",
             f"{median([p.cpu_ms for p in c.passes]):.2f}",
+            f"{median([p.helper_ms for p in c.passes]):.2f}" if c.fetch_process else "",
             f"{median([p.server_ms for p in c.passes]):.2f}",
         ])  # fmt: skip
     header = ["source", "windows/s", "x local", "range", "shard wait", "1st window s", "CPU ms/window",
-              "server CPU ms/window"]  # fmt: skip
+              "fetch process CPU ms/window", "server CPU ms/window"]  # fmt: skip
     return table(header, rows)
 
 
@@ -195,9 +215,11 @@ def main() -> None:
             http, endpoint = ready.get(timeout=180)
             os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
             ra = args.read_ahead
-            configs = [Config(f"{name} {temp}, read_ahead={ahead}", url, ahead, temp == "warm")
+            configs = [Config(f"{name} {temp}, read_ahead={ahead}{', threads' if not proc else ''}", url, ahead,
+                              temp == "warm", proc)
                        for name, url in (("HTTP", f"{http}/robot"), ("S3", f"s3://{BUCKET}/robot"))
-                       for ahead, temp in ((ra, "cold"), (ra, "warm"), (0, "cold"))]  # fmt: skip
+                       for ahead, temp, proc in ((ra, "cold", True), (ra, "cold", False), (ra, "warm", True),
+                                                 (0, "cold", True))]  # fmt: skip
             run_rounds(configs, local, tmp, args.rounds, n, mb / 2e3)
         finally:
             stop.set()

@@ -19,7 +19,7 @@ from vla_scale.config.schema import Config, DataConfig, SourceConfig
 from vla_scale.config.schema_data import StorageConfig
 from vla_scale.data.format import FormatError, Manifest
 from vla_scale.data.locations import FetchOptions, PipeLocation, Unreachable
-from vla_scale.data.read_ahead import open_source
+from vla_scale.data.read_ahead import fetch_pool, open_source
 from vla_scale.data.reader import BadSamples, DataError, Reader
 from vla_scale.data.shard_cache import ShardCache
 from vla_scale.data.stream import SourceStream
@@ -137,10 +137,13 @@ def test_cache_stays_under_its_limit_and_evicts_least_recently_used(robot, tmp_p
         for item in itertools.islice(it, 80):  # ~3 epochs
             assert cache.used_bytes() <= limit
             seen.append(item)
-        it.close()  # ends the read-ahead; the fetches still in flight finish before the pool's threads end
+        it.close()  # ends the read-ahead; the fetches still in flight finish (in the fetch process) meanwhile
         for t in set(threading.enumerate()) - before:
             if t.name == "shard-fetch":
                 t.join(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(p.name.endswith(".part") for p in (tmp_path / "cache").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert_same(seen, items(stream(robot), 80))
         assert sum(faults.requests.values()) > 4 + 1  # shards were evicted and fetched again in later epochs
     assert cache.used_bytes() <= limit
@@ -155,10 +158,10 @@ def test_read_ahead_runs_on_into_the_next_epoch(robot, tmp_path):
         assert fetcher is not None and not fetcher.closed  # kept for epoch 1
         n0 = len(s.manifest.shards)
         deadline = time.monotonic() + 20
-        while not {n0, n0 + 1} <= fetcher.ready.keys() and time.monotonic() < deadline:
+        while not {n0, n0 + 1} <= fetcher.fetched() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert {n0, n0 + 1} <= fetcher.ready.keys()  # epoch 1's first two shards fetched before it starts
-        assert n0 + 2 not in fetcher.ready  # and no further than read_ahead
+        assert {n0, n0 + 1} <= fetcher.fetched()  # epoch 1's first two shards fetched before it starts
+        assert n0 + 2 not in fetcher.fetched()  # and no further than read_ahead
         s.epoch = 1
         local = stream(robot)
         local.epoch = 1
@@ -209,15 +212,25 @@ def test_read_ahead_depth_is_planned_from_fetch_and_read_times_before_any_wait(r
             fetcher.close()
 
 
-def test_readers_of_a_process_share_one_pool_of_fetch_threads(robot, tmp_path):
-    """Elastic mode runs many virtual readers per worker: their streams must not each start fetch threads."""
+@pytest.mark.parametrize("fetch_process", [True, False], ids=["fetch-process", "threads"])
+def test_readers_of_a_process_share_one_pool_of_fetches(robot, tmp_path, fetch_process):
+    """Elastic mode runs many virtual readers per worker: their streams must not each start fetch threads, nor
+    have more than `fetch_threads` downloads running at a time."""
     before = {t for t in threading.enumerate() if t.name == "shard-fetch"}
     readers = [Reader(rank=v, world_size=3) for v in range(3)]
     with http_server(robot.parent) as (base, _):
-        remote = [iter(stream(f"{base}/robot", tmp_path, reader=r, fetch_threads=2)) for r in readers]
-        got = [[next(it) for it in remote] for _ in range(30)]  # round-robin, as virtual readers are drawn
+        remote = [
+            iter(stream(f"{base}/robot", tmp_path, reader=r, fetch_threads=2, fetch_process=fetch_process))
+            for r in readers
+        ]
+        pool = fetch_pool(storage(tmp_path, fetch_threads=2, fetch_process=fetch_process))
+        got, most = [], 0
+        for _ in range(30):  # round-robin, as virtual readers are drawn
+            got.append([next(it) for it in remote])
+            most = max(most, len(pool.downloads or ()))
     started = {t for t in threading.enumerate() if t.name == "shard-fetch"} - before
-    assert len(started) == 2
+    assert len(started) == (0 if fetch_process else 2)
+    assert most <= 2
     for v, r in enumerate(readers):
         assert_same([row[v] for row in got], items(stream(robot, reader=r), 30))
     for it in remote:
@@ -225,6 +238,49 @@ def test_readers_of_a_process_share_one_pool_of_fetch_threads(robot, tmp_path):
     for t in started:
         t.join(timeout=10)
         assert not t.is_alive()  # no reader left: the pool's threads end
+
+
+@pytest.mark.parametrize("fetch_process", [True, False], ids=["fetch-process", "threads"])
+def test_downloads_run_in_the_fetch_process_unless_configured_otherwise(robot, tmp_path, fetch_process):
+    log = tmp_path / "fetched-by.log"  # each file fetched, and the pid of the process that ran its pipe command
+    s = stream(f"pipe:echo {{}} $PPID >> {log}; cat {robot}/{{}}", tmp_path, fetch_process=fetch_process)
+    assert_same(items(s, 30), items(stream(robot), 30))
+    by = {line.split()[1] for line in log.read_text().splitlines() if line.startswith("shard-")}
+    assert by and "manifest.json" in log.read_text()  # the manifest is read in-process, before any shard
+    if fetch_process:
+        assert by == {str(fetch_pool(storage(tmp_path)).downloads.helper.proc.pid)} and str(os.getpid()) not in by
+    else:
+        assert by == {str(os.getpid())}
+
+
+def test_a_killed_fetch_process_is_replaced_and_its_downloads_asked_again(robot, tmp_path):
+    release = threading.Event()
+    with http_server(robot.parent) as (base, faults):
+        faults.gate = lambda name: release.wait(30) if name == "shard-000001.tar" else None
+        location, fetchers = open_source(f"{base}/robot", storage(tmp_path, read_ahead=2))
+        urls = [location.url(p.name) for p in sorted(robot.glob("shard-*.tar"))]
+        fetcher = fetchers(urls)
+        pool = fetch_pool(storage(tmp_path, read_ahead=2))
+        try:
+            fetcher.open(urls[0]).close()
+            killed = pool.downloads.helper.proc
+            killed.kill()  # while it fetches shard 1 (held back by the server) and shard 2
+            killed.wait()
+            release.set()
+            for url in urls[1:]:
+                with fetcher.open(url) as f:
+                    assert f.read() == (robot / url.rsplit("/", 1)[-1]).read_bytes()
+            assert pool.downloads.helper.proc.pid != killed.pid and pool.downloads.helper.alive
+        finally:
+            release.set()
+            fetcher.close()
+
+
+def test_a_shard_that_kills_the_fetch_process_twice_is_an_error_naming_it(robot, tmp_path):
+    command = f"pipe:case {{}} in shard-000002.tar) kill -9 $PPID;; esac; cat {robot}/{{}}"
+    s = stream(command, tmp_path, "fail", read_ahead=0)  # no other shard in flight when it dies (it too is resent once)
+    with pytest.raises(DataError, match=r"shard-000002.tar: the fetch process \d+ has exited \(status -9\)"):
+        items(s, 60)
 
 
 def test_warm_cache_is_not_fetched_again(robot, tmp_path):
@@ -336,9 +392,9 @@ def test_the_loader_starts_every_remote_sources_first_shards_before_drawing(robo
         cfg = DataConfig(sources=sources, num_workers=0, storage=storage(tmp_path, read_ahead=1))
         streams = MixedBatches(cfg, spec, tokenizer)._streams(Reader(), BadSamples("raise"), set())
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not all(0 in s._fetcher.ready for s in streams):
+        while time.monotonic() < deadline and not all(0 in s._fetcher.fetched() for s in streams):
             time.sleep(0.01)
-        assert all(0 in s._fetcher.ready for s in streams)  # fetched before any item was asked for
+        assert all(0 in s._fetcher.fetched() for s in streams)  # fetched before any item was asked for
         first_shards = [s._fetcher.rels[0] for s in streams]
         firsts = [next(iter(s)) for s in streams]
         counts = [faults.requests[name] for faults, name in zip((robot_faults, vl_faults), first_shards, strict=True)]

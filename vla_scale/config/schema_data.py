@@ -55,6 +55,7 @@ class StorageConfig:
     read_ahead: int = 2  # shards fetched ahead per reader (0: fetch each when it is reached)
     read_ahead_max: int = 8  # a reader's read-ahead grows up to this while fetching is slower than reading
     fetch_threads: int = 8  # fetches at a time per process, shared by all its readers and sources
+    fetch_process: bool = True  # downloads run in a helper process (their CPU off the reader's GIL); false: threads
     retries: int = 5  # retries of a transient failure (HTTP 5xx/429, dropped connection, timeout)
     backoff_s: float = 0.5  # first retry delay, doubled at each retry
     timeout_s: float = 60.0  # connect/read timeout per request

@@ -11,10 +11,16 @@ over the recent read time, so it is planned from the first shard on, and each ti
 for a shard fetched ahead, by as many shards as it could have read in the time it waited; and never deeper than
 the cache had room for (a read-ahead that found no room caps it). A fetch that failed is raised by `open` for
 that shard, so the error reaches the reader at the shard it concerns.
+
+Where the downloads run (`data.storage.fetch_process`): by default in the process's fetch helper
+(vla_scale/data/fetch_process.py), and then the pool starts no threads: claims are sent to the helper as they
+become possible, and its answers are collected by the reader when it opens or waits for a shard. Otherwise on
+the pool's `fetch_threads` threads.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vla_scale.config.schema_data import StorageConfig
+from vla_scale.data.fetch_process import Downloads, Request, answer_error, environment_key
 from vla_scale.data.locations import FetchOptions, Location, is_remote, open_location
 from vla_scale.data.shard_cache import NoRoom, ShardCache, default_cache_dir
 
@@ -31,22 +38,28 @@ _HANDOFF_S = 0.002  # a shorter wait for a shard fetched ahead is the thread han
 
 
 class FetchPool:
-    """The process's fetch threads for one shard cache, serving every `ShardFetcher`, most urgent first."""
+    """The process's fetches for one shard cache, serving every `ShardFetcher`, most urgent first, at most
+    `threads` at a time: by the process's fetch helper (`helper`), or on threads of this process."""
 
-    def __init__(self, cache: ShardCache, threads: int):
+    def __init__(self, cache: ShardCache, threads: int, helper: bool = False):
         self.cache = cache
         self.lock = threading.Lock()  # one lock orders all claims; each fetcher's reader waits on its own condition
         self.work = threading.Condition(self.lock)  # idle pool threads wait here, woken one per claimable shard
         self.fetchers: list[ShardFetcher] = []
         self.max_threads, self.threads = threads, 0
+        self.downloads = Downloads(cache) if helper else None
+        self.direct: dict[int, dict] = {}  # answers to `fetch_now` requests, by tag, until their caller takes them
+        self._now = itertools.count()  # tags of `fetch_now` requests
 
     def register(self, fetcher: ShardFetcher) -> None:
-        """Serve `fetcher` too; the threads are started here and end when no fetcher is left (none idle forever)."""
+        """Serve `fetcher` too; threads (without a helper) are started here and end when no fetcher is left."""
         with self.lock:
             self.fetchers.append(fetcher)
-            for _ in range(self.max_threads - self.threads):
-                threading.Thread(target=self._run, name="shard-fetch", daemon=True).start()
-            self.threads = self.max_threads
+            if self.downloads is None:
+                for _ in range(self.max_threads - self.threads):
+                    threading.Thread(target=self._run, name="shard-fetch", daemon=True).start()
+                self.threads = self.max_threads
+            self.wake()
 
     def _pick(self) -> tuple[ShardFetcher, int, bool, int] | None:
         """(fetcher, position, is read-ahead, claim generation) of the claimable shard its reader needs soonest;
@@ -56,7 +69,7 @@ class FetchPool:
             return None
         f, i = best
         f.next += 1
-        f.claimed[i] = time.perf_counter()
+        f.claimed[i] = time.monotonic()
         return f, i, i > f.current, f.generation
 
     def _soonest(self) -> tuple[ShardFetcher, int] | None:
@@ -74,10 +87,55 @@ class FetchPool:
         return None if best is None else (best[1], best[2])
 
     def wake(self) -> None:
-        """A shard may have become claimable: wake one idle thread (it wakes the next if more are); call under
-        `lock`. Why one: every thread woken for nothing costs two context switches and a GIL hand-off, and with
-        small shards the reader paid for that herd in its throughput."""
-        self.work.notify()
+        """A shard may have become claimable: send each claimable one to the helper, or wake one idle thread (it
+        wakes the next if more are); call under `lock`. Why one: every thread woken for nothing costs two context
+        switches and a GIL hand-off, and with small shards the reader paid for that herd in its throughput."""
+        if self.downloads is None:
+            self.work.notify()
+            return
+        while len(self.downloads) < self.max_threads and (job := self._pick()) is not None:
+            f, i, ahead, generation = job
+            self.downloads.start(Request(f.location, f.rels[i], ahead, (f, i, generation)))
+
+    def collect(self, block: bool) -> None:
+        """Deliver the helper's finished downloads (waiting for one first if `block`), pinned, to their fetchers;
+        call under `lock` (released while blocked)."""
+        assert self.downloads is not None
+        if block:
+            self.lock.release()
+            try:
+                self.downloads.wait()
+            finally:
+                self.lock.acquire()
+        for request, msg in self.downloads.finished():
+            if isinstance(request.tag, int):  # a `fetch_now`
+                self.direct[request.tag] = msg
+                continue
+            f, i, generation = request.tag
+            result: BinaryIO | Exception | None
+            if "done" in msg:
+                result = self.cache.pinned(request.location, request.rel)
+                if result is None:  # evicted before it was pinned: ask again
+                    self.downloads.start(request)
+                    continue
+            else:
+                result = answer_error(msg, request.location.url(request.rel))
+            f.deliver_locked(i, result, generation, msg.get("done"), msg.get("fetched", False))
+        self.wake()
+
+    def fetch_now(self, location: Location, rel: str) -> BinaryIO:
+        """The shard `rel` cached and pinned, fetched now if it is not there (even past the cache's limit)."""
+        if self.downloads is None:
+            return self.cache.open(location, rel)
+        with self.lock:
+            while (f := self.cache.pinned(location, rel)) is None:
+                tag = next(self._now)
+                self.downloads.start(Request(location, rel, False, tag))
+                while tag not in self.direct:
+                    self.collect(block=True)
+                if "done" not in (msg := self.direct.pop(tag)):
+                    raise answer_error(msg, location.url(rel))
+            return f
 
     def _run(self) -> None:
         while True:
@@ -91,11 +149,14 @@ class FetchPool:
                 if self._soonest() is not None:
                     self.work.notify()  # another shard is claimable: the next idle thread takes it
             f, i, ahead, generation = job
+            fetched = False
             try:
-                result: BinaryIO | Exception = self.cache.open(f.location, f.rels[i], ahead=ahead)
+                while (result := self.cache.pinned(f.location, f.rels[i])) is None:
+                    fetched = self.cache.ensure(f.location, f.rels[i], ahead) or fetched
             except Exception as err:  # noqa: BLE001 - handed to the reader at this shard
                 result = err
-            f.deliver(i, result, generation)
+            with f.cond:
+                f.deliver_locked(i, result, generation, fetched=fetched)
 
 
 class ShardFetcher:
@@ -118,8 +179,12 @@ class ShardFetcher:
         self.paused = False  # no new claims while the reader fetches a shard read-ahead had no room for
         self.ready: dict[int, BinaryIO | Exception] = {}
         self.claimed: dict[int, float] = {}  # when a pool thread claimed each position still being fetched
-        self.fetch_s = 0.0  # recent time from claim to delivery of a shard (moving average)
-        self.read_s = 0.0  # recent time the reader took to read a shard (moving average)
+        # recent time from claim to delivery of a shard, and the reader's time per shard (moving averages), from
+        # where the process's earlier readers of this dataset left them: a new reader (each elastic virtual reader,
+        # a resumed stream) plans its depth from its first shard on instead of waiting once to learn it
+        self.fetch_s, self.read_s = _TIMINGS.get(location.root, (0.0, 0.0))
+        if self.fetch_s and self.read_s and self.max_depth:
+            self._deepen(math.ceil(self.fetch_s / self.read_s))
         self.closed = False
         self.wait_s = 0.0  # time `open` spent waiting for shards (the data wait this hides)
         self.opened = time.perf_counter()  # when `open` last returned
@@ -134,21 +199,30 @@ class ShardFetcher:
             self.rels += rels
             self.pool.wake()
 
-    def deliver(self, i: int, result: BinaryIO | Exception, generation: int) -> None:
-        """A pool thread's result for position `i` (unpinned at once if the reader is gone or past it, or the claim
-        was given back meanwhile)."""
-        with self.cond:
-            claimed = self.claimed.pop(i, None)
-            if claimed is not None and not isinstance(result, Exception):
-                self.fetch_s = _average(self.fetch_s, time.perf_counter() - claimed)
-            if isinstance(result, NoRoom) and i > self.current:  # the cache holds no more ahead: plan no deeper
-                self.max_depth = max(1, min(self.max_depth, i - self.current - 1))
-                self.depth = min(self.depth, self.max_depth)
-            if not self.closed and i >= self.current and generation == self.generation and i not in self.ready:
-                self.ready[i] = result
-                self.cond.notify()  # the reader (one per fetcher)
-                return
+    def deliver_locked(
+        self, i: int, result: BinaryIO | Exception, generation: int, done: float | None = None, fetched: bool = True
+    ) -> None:
+        """The result for position `i`, there by `done` (time.monotonic(); None: now), unpinned at once if the
+        reader is gone or past it, or the claim was given back meanwhile; call under `cond`. `fetched`: downloaded,
+        not found in the cache (only downloads say how long fetching takes)."""
+        claimed = self.claimed.pop(i, None)
+        if claimed is not None and fetched and not isinstance(result, Exception):
+            self.fetch_s = _average(self.fetch_s, (done or time.monotonic()) - claimed)
+        if isinstance(result, NoRoom) and i > self.current:  # the cache holds no more ahead: plan no deeper
+            self.max_depth = max(1, min(self.max_depth, i - self.current - 1))
+            self.depth = min(self.depth, self.max_depth)
+        if not self.closed and i >= self.current and generation == self.generation and i not in self.ready:
+            self.ready[i] = result
+            self.cond.notify()  # the reader (one per fetcher)
+            return
         self._unpin(result)
+
+    def fetched(self) -> set[int]:
+        """Positions fetched and not read yet (the helper's finished downloads collected first)."""
+        with self.cond:
+            if self.pool.downloads is not None:
+                self.pool.collect(block=False)
+            return set(self.ready)
 
     def _give_back_ahead(self, i: int) -> None:
         """Unpin every shard fetched beyond `i` and let the pool claim them again later; call under `cond`.
@@ -172,14 +246,20 @@ class ShardFetcher:
                 raise ValueError(f"{url} is not among the shards still to read") from None
             for skipped in range(self.current + 1, i):  # never opened (not expected): unpin what was fetched
                 self._unpin(self.ready.pop(skipped, None))
+            if self.pool.downloads is not None:
+                self.pool.collect(block=False)  # downloads finished meanwhile: timings and free slots up to date
             in_flight = i not in self.ready and 0 < i < self.next  # fetched ahead, but not done yet
             if self.current >= 0 and self.max_depth:  # the previous shard was read: plan the depth from the timings
                 self.read_s = _average(self.read_s, reading)
                 self._deepen(math.ceil(self.fetch_s / max(self.read_s, 1e-3)))
+                _TIMINGS[self.location.root] = (self.fetch_s, self.read_s)
             self.current, self.next = i, max(self.next, i)
             self.pool.wake()
             while i not in self.ready:
-                self.cond.wait()
+                if self.pool.downloads is None:
+                    self.cond.wait()
+                else:
+                    self.pool.collect(block=True)
             result = self.ready.pop(i)
             if isinstance(result, NoRoom):
                 self._give_back_ahead(i)
@@ -192,7 +272,7 @@ class ShardFetcher:
         self.opened = time.perf_counter()
         if isinstance(result, NoRoom):  # read-ahead had no room: fetch it now, then let read-ahead go on
             try:
-                return self.pool.cache.open(self.location, self.rels[i])
+                return self.pool.fetch_now(self.location, self.rels[i])
             finally:
                 with self.cond:
                     self.paused = False
@@ -227,6 +307,7 @@ def _average(mean: float, sample: float) -> float:
     return sample if mean == 0.0 else 0.5 * (mean + sample)
 
 
+_TIMINGS: dict[str, tuple[float, float]] = {}  # dataset root -> (fetch_s, read_s) of its last reader here
 _POOLS: dict[tuple, FetchPool] = {}
 _POOLS_LOCK = threading.Lock()
 os.register_at_fork(after_in_child=lambda: globals().update(_POOLS={}, _POOLS_LOCK=threading.Lock()))  # no threads
@@ -235,12 +316,14 @@ os.register_at_fork(after_in_child=lambda: globals().update(_POOLS={}, _POOLS_LO
 def fetch_pool(storage: StorageConfig) -> FetchPool:
     """The process's pool (and shard cache) for this cache folder, limit and thread count."""
     folder = Path(storage.cache_dir or default_cache_dir()).resolve()
-    key = (str(folder), int(storage.cache_limit_gb * 1e9), storage.fetch_threads)
+    helper = environment_key() if storage.fetch_process else None  # a pool per helper (credentials, endpoint)
+    key = (str(folder), int(storage.cache_limit_gb * 1e9), storage.fetch_threads, helper)
     folder.mkdir(parents=True, exist_ok=True)  # again: the folder may have been deleted since the pool was made
     with _POOLS_LOCK:
-        if key not in _POOLS:
-            _POOLS[key] = FetchPool(ShardCache(folder, key[1]), storage.fetch_threads)
-        return _POOLS[key]
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = FetchPool(ShardCache(folder, key[1]), storage.fetch_threads, storage.fetch_process)
+        return pool
 
 
 def open_source(

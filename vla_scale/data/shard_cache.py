@@ -103,14 +103,26 @@ class ShardCache:
 
         `ahead`: a read-ahead fetch, abandoned with `NoRoom` rather than exceed the limit.
         """
-        url = location.url(rel)
-        path = self.path_for(url)
-        while True:
-            f = _open_pinned(path)
-            if f is not None:
-                os.utime(path)  # most recently used
-                return f
-            self._download(location, rel, path, ahead)
+        while (f := self.pinned(location, rel)) is None:
+            self.ensure(location, rel, ahead)
+        return f
+
+    def pinned(self, location: Location, rel: str) -> BinaryIO | None:
+        """The cached shard `rel` opened and pinned, or None when it is not in the cache."""
+        path = self.path_for(location.url(rel))
+        f = _open_pinned(path)
+        if f is not None:
+            os.utime(path)  # most recently used
+        return f
+
+    def ensure(self, location: Location, rel: str, ahead: bool = False) -> bool:
+        """Fetch `rel` into the cache unless it is there (not pinned: the reader pins it, possibly in another
+        process, which fetches again if it was evicted meanwhile); `ahead` as for `open`. True if it was fetched."""
+        path = self.path_for(location.url(rel))
+        if path.exists():
+            return False
+        self._download(location, rel, path, ahead)
+        return True
 
     def _download(self, location: Location, rel: str, path: Path, ahead: bool) -> None:
         part = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
