@@ -90,26 +90,38 @@ def test_build_shm_op_is_still_what_the_cpu_backend_calls(monkeypatch):
     assert comm_torch.build_shm_op() is None
 
 
-def test_zero_optimizer_check_answers_as_before_without_importing_muon():
+def test_muon_module_is_imported_with_kernels_compiled_on_first_call():
     """In a fresh interpreter: nothing else there has imported DeepSpeed's Muon module yet."""
     probe = textwrap.dedent(
         """
         import inspect, sys
         import torch
-        from deepspeed.runtime import engine
-        from deepspeed.runtime.zero import utils
+        from deepspeed.runtime import compiler, engine
+        from deepspeed.runtime.zero import stage_1_and_2, utils
         from vla_scale import compat
         from vla_scale.train.engine import GuardedAdamW, init_distributed
-        init_distributed(60)  # the original logs through deepspeed.comm
-        assert "is_zero_supported_optimizer(" in inspect.getsource(engine.DeepSpeedEngine._do_optimizer_sanity_check)
+        init_distributed(60)  # the original check logs through deepspeed.comm
+        # where DeepSpeed imports the module without using it
         assert "muon_optimizer import MuonWithAuxAdam" in inspect.getsource(utils.is_zero_supported_optimizer)
+        assert "muon_optimizer import MuonWithAuxAdam" in inspect.getsource(
+            stage_1_and_2.DeepSpeedZeroOptimizer.average_tensor)
+        eager = compiler.compile
+        compat.import_muon_with_lazy_kernels()
+        assert compat.MUON_MODULE in sys.modules and compiler.compile is eager
+        assert "torch._inductor.compile_fx" not in sys.modules  # no compiler stack imported
+        from deepspeed.runtime.zero.muon import original_muon
+        assert "@compiler.compile()" in inspect.getsource(original_muon)
+        compiled = []
+        torch.compile = lambda fn: compiled.append(fn) or fn  # the first call compiles: record it, run eagerly
+        g = torch.randn(8, 4)
+        out = original_muon.zeropower_via_newtonschulz5(g, 2)
+        assert compiled == [original_muon.zeropower_via_newtonschulz5.__wrapped__]
+        torch.testing.assert_close(out, original_muon.zeropower_via_newtonschulz5.__wrapped__(g, 2))
+        original_muon.zeropower_via_newtonschulz5(g, 2)
+        assert len(compiled) == 1  # once
         p = [torch.nn.Parameter(torch.zeros(2))]
         optimizers = [torch.optim.Adam(p), torch.optim.AdamW(p), GuardedAdamW(p), torch.optim.SGD(p)]
-        compat.skip_muon_import_in_zero_check()
-        patched = [engine.is_zero_supported_optimizer(o) for o in optimizers]
-        assert "deepspeed.runtime.zero.muon.muon_optimizer" not in sys.modules
-        assert patched == [utils.is_zero_supported_optimizer(o) for o in optimizers], patched  # the original
-        print("OK", patched)
+        print("OK", [engine.is_zero_supported_optimizer(o) for o in optimizers])
         """
     )
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}

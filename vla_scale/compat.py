@@ -8,6 +8,7 @@ finds the attribute missing raises `UpstreamChanged` instead of silently doing n
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import platform
 from collections.abc import Iterator
@@ -37,29 +38,52 @@ def skip_shm_allreduce_build() -> None:
     comm_torch.build_shm_op = lambda: None
 
 
-def skip_muon_import_in_zero_check() -> None:
-    """Let DeepSpeed's ZeRO optimizer check answer without importing its Muon optimizer (~0.8 s of CPU per rank).
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
-    `deepspeed.runtime.zero.utils.is_zero_supported_optimizer`, called by every `deepspeed.initialize` under
-    ZeRO, imports `deepspeed.runtime.zero.muon.muon_optimizer` (torch.compile, inductor) only to append
-    `MuonWithAuxAdam` to `ZERO_SUPPORTED_OPTIMIZERS`. vla_scale never builds that optimizer, so for any other
-    type the list lookup without the import gives the same answer; a Muon optimizer still gets the original.
-    The engine module imported the function by name, so its own reference is the one replaced. This spares
-    ZeRO-0 and ZeRO-3 ranks the import; ZeRO-1/2's gradient reduction (`average_tensor`) still imports the
-    module at the first backward, inside DeepSpeed's step code, where no narrow replacement fits.
+
+def import_muon_with_lazy_kernels() -> None:
+    """Import DeepSpeed's Muon optimizer module with its kernels compiled on first use, not at import (~0.6 s of
+    CPU per rank, and inductor's import with it).
+
+    DeepSpeed imports that module where vla_scale never uses it: the ZeRO optimizer check of every
+    `deepspeed.initialize` (`is_zero_supported_optimizer`, to list `MuonWithAuxAdam`) and ZeRO-1/2's gradient
+    reduction at the first backward (`average_tensor`, for an `isinstance`). Its kernels are decorated with
+    `deepspeed.runtime.compiler.compile()`, which is `torch.compile` and imports dynamo's and inductor's
+    compiler stack at decoration. Here that decorator is replaced, for this one import, by one that calls
+    `torch.compile` on the kernel's first call, so the module is complete and a Muon optimizer would still
+    get compiled kernels; vla_scale's optimizers never call them. Both later imports then find the module
+    loaded. Does nothing when the module is already imported.
     """
-    engine = importlib.import_module("deepspeed.runtime.engine")
-    zero_utils = importlib.import_module("deepspeed.runtime.zero.utils")
-    _require(engine, "is_zero_supported_optimizer", "deepspeed.runtime.engine")
-    _require(zero_utils, "ZERO_SUPPORTED_OPTIMIZERS", "deepspeed.runtime.zero.utils")
-    original = zero_utils.is_zero_supported_optimizer
+    import sys
 
-    def is_zero_supported_optimizer(optimizer: torch.optim.Optimizer) -> bool:
-        if type(optimizer).__name__ == "MuonWithAuxAdam":
-            return original(optimizer)
-        return type(optimizer) in zero_utils.ZERO_SUPPORTED_OPTIMIZERS
+    if MUON_MODULE in sys.modules:
+        return
+    compiler = importlib.import_module("deepspeed.runtime.compiler")
+    _require(compiler, "compile", "deepspeed.runtime.compiler")
+    eager = compiler.compile
+    compiler.compile = _compile_on_first_call
+    try:
+        importlib.import_module(MUON_MODULE)
+    finally:
+        compiler.compile = eager
 
-    engine.is_zero_supported_optimizer = is_zero_supported_optimizer
+
+def _compile_on_first_call() -> Any:
+    """A stand-in for `deepspeed.runtime.compiler.compile()`: the decorated function is compiled when first called."""
+
+    def decorate(fn: Any) -> Any:
+        compiled = None
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal compiled
+            if compiled is None:
+                compiled = torch.compile(fn)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    return decorate
 
 
 def fast_cpu_info() -> dict:

@@ -50,8 +50,6 @@ PRELOAD = (
     "peft",
     "wandb",
     "wandb.sdk.launch",  # wandb.init imports it (and the public API's pydantic models)
-    # ZeRO-1/2's gradient reduction imports it at the first backward (torch.compile, inductor: ~1.4 s of CPU)
-    "deepspeed.runtime.zero.muon.muon_optimizer",
 )
 START_TIMEOUT_S = 300.0  # the server's imports, on a loaded 2-core machine
 DISABLE_ENV = "VLA_TEST_RANK_SERVER"  # "0": every rank is a fresh interpreter (`python -m ...`) again
@@ -72,6 +70,8 @@ def _serve() -> dict | None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    # as every rank's engine does first (DeepSpeed's Muon module, imported at initialize and at the first backward)
+    importlib.import_module("vla_scale.compat").import_muon_with_lazy_kernels()
     if threading.active_count() != 1:
         send(error=f"the imports started threads; forking would be unsafe: {threading.enumerate()}")
         return None

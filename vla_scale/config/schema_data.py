@@ -46,8 +46,9 @@ class StorageConfig:
     """Datasets in object storage or behind HTTP (`s3://`, `http(s)://`, `pipe:` paths): cache and retries.
 
     Shards are streamed into `cache_dir` (shared by the node's readers), kept under `cache_limit_gb` by
-    evicting the least recently used; `fetch_threads` per process fetch, for every reader, `read_ahead` shards
-    beyond the one it reads, more (up to `read_ahead_max`) for a reader whose shards are read faster than fetched.
+    evicting the least recently used; up to `fetch_threads` fetches at a time per process (in its fetch process,
+    or on its threads when `fetch_process` is false) bring, for every reader, `read_ahead` shards beyond the one it
+    reads, more (up to `read_ahead_max`) for a reader whose shards are read faster than fetched.
     """
 
     cache_dir: str = ""  # "" = $VLA_SCALE_CACHE_DIR, else ~/.cache/vla_scale/shards
