@@ -67,15 +67,16 @@ def test_signal_answers_in_flight_request_then_releases_the_port(export_dir, sig
             late.infer(make_obs(np.random.default_rng(1)))
         worker.join(timeout=60)
         assert "error" not in result and result["chunk"].shape == (CHUNK, 4)  # the in-flight request was answered
-        answered = time.monotonic()
         assert proc.wait(timeout=60) == 0
-        # neither client reads its socket now, so neither answers the closing handshake: the server drops them
-        # after CLOSE_TIMEOUT_S (1 s) instead of websockets' default 10 s
-        assert time.monotonic() - answered < 8.0
         with pytest.raises(ConnectionClosed):
             busy.health()  # the connections were closed
         out = proc.stdout.read()
         assert "policy server stopped" in out and "Traceback" not in out, out
+        # neither client reads its socket now, so neither answers the closing handshake: the server drops them
+        # after CLOSE_TIMEOUT_S (1 s) instead of websockets' default 10 s (the process's own exit is not timed:
+        # under load it took over 8 s once)
+        closed_s = float(re.search(r"connections closed in ([\d.]+) s", out).group(1))
+        assert 0.5 < closed_s < 5.0, out
         with socket.socket() as s:  # a new server can listen on the port (SO_REUSEADDR, as asyncio's servers set it)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))

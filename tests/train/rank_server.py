@@ -262,9 +262,14 @@ class RankServer:
         self.stderr.unlink(missing_ok=True)
 
 
-# Environment variables that differ from job to job but that nothing reads at import time: a server is
-# shared by jobs whose environments differ only in these (the child still gets the job's own values).
-PER_JOB_ENV = ("MASTER_PORT", "PYTEST_CURRENT_TEST")
+# Environment variables that differ from job to job but that nothing the servers preload reads at import time: a
+# server is shared by jobs whose environments differ only in these (the child still gets the job's own values).
+# Besides the port and pytest's test name: S3 credentials and endpoint (boto3 reads them when a client is made),
+# MuJoCo's and PyOpenGL's backend (set in the pytest process by the in-process eval tests; neither is preloaded)
+# and the compiled-ops folder (read when an op is loaded). Each of these used to start two more servers
+# (~6 s of CPU each) on the worker that met it first.
+PER_JOB_ENV = ("MASTER_PORT", "PYTEST_CURRENT_TEST", "MUJOCO_GL", "PYOPENGL_PLATFORM", "TORCH_EXTENSIONS_DIR")
+PER_JOB_ENV_PREFIXES = ("AWS_",)
 MAX_SERVERS = 4  # the least recently used beyond this are closed (each holds torch & co. in memory)
 # Jobs of more ranks start fresh interpreters: the suite has one such job (elastic 2 -> 1 -> 4), whose servers
 # (a preload costs more CPU than a fresh rank's own imports) would serve it once and evict the 2-rank ones.
@@ -285,7 +290,7 @@ def servers_for(envs: list[dict[str, str]]) -> list[RankServer] | None:
         return None
     servers = []
     for env in envs:
-        base = {k: v for k, v in env.items() if k not in PER_JOB_ENV}
+        base = {k: v for k, v in env.items() if k not in PER_JOB_ENV and not k.startswith(PER_JOB_ENV_PREFIXES)}
         key = tuple(sorted(base.items()))
         server = _servers.pop(key, None) or RankServer(base)
         _servers[key] = server  # (re)inserted last: most recently used

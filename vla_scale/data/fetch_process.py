@@ -19,6 +19,7 @@ it was in the cache already>}` or `{"id", "error",
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -101,7 +102,9 @@ class FetchHelper:
     def _gone(self) -> None:
         """The helper has exited: every request still pending gets a "gone" error; call under `lock`."""
         self.alive = False
-        gone = f"the fetch process {self.proc.pid} has exited (status {self.proc.poll()})"
+        with contextlib.suppress(subprocess.TimeoutExpired):  # its output closed as it exited: reap it for the status
+            self.proc.wait(timeout=1.0)
+        gone = f"the fetch process {self.proc.pid} has exited (status {self.proc.returncode})"
         self.answered.update({n: {"id": n, "error": gone, "kind": "gone"} for n in self.pending})
         self.pending.clear()
 

@@ -95,6 +95,7 @@ class PolicyServer:
         self._inflight: set[asyncio.Future] = set()
         self._stopping = False
         self.abandoned = False  # set at shutdown when an inference outlived the grace
+        self.close_s = 0.0  # how long closing the connections took at shutdown
         self._served = 0
         self._connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -216,15 +217,17 @@ class PolicyServer:
             stuck = bool(self._inflight)
             for future in list(self._inflight):  # release its handler, or wait_closed() waits for the model
                 future.cancel()
+            closing = time.perf_counter()
             server.close(close_connections=True)  # idempotent: this is the only call that closes connections
             await server.wait_closed()
+            self.close_s = time.perf_counter() - closing  # clients that do not answer the close: CLOSE_TIMEOUT_S
         # An inference still running after the grace is abandoned: waiting for it could block forever.
         self._worker.shutdown(wait=not stuck, cancel_futures=True)
         self.abandoned = stuck
         if stuck:
             print(f"policy server: an inference still ran after {self.shutdown_grace_s:g} s; not waiting", flush=True)
         if announce:
-            print("policy server stopped", flush=True)
+            print(f"policy server stopped (connections closed in {self.close_s:.1f} s)", flush=True)
 
     # ----- per connection ----------------------------------------------------------------------
 
