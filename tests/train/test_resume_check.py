@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vla_scale.config import ConfigError, load_config, save_config
 from vla_scale.train import checkpoint
@@ -56,6 +57,19 @@ def test_resumable_keys_may_change_others_may_not(tmp_path):
     # nodes joining node 0's run must match in every key, resumable ones included
     with pytest.raises(ConfigError, match=r"train\.max_steps.*start every node alike"):
         check_same_run(run_dir, _cfg(tmp_path, "train.max_steps=99"), 2, exact=True, prepared=True)
+
+
+def test_a_run_from_before_a_key_existed_resumes_while_the_key_keeps_its_default(tmp_path):
+    """After an upgrade the saved config.yaml lacks the keys added since (here `data.storage.fetch_process`)."""
+    run_dir = _prepared(tmp_path)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["data"]["storage"]["fetch_process"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_same_run(run_dir, _cfg(tmp_path, "train.max_steps=99"), 2, prepared=True)
+    with pytest.raises(ConfigError, match=r"data\.storage\.fetch_process: \(absent\) -> False"):
+        check_same_run(run_dir, _cfg(tmp_path, "data.storage.fetch_process=false"), 2)  # set otherwise: another run
+    with pytest.raises(ConfigError, match=r"data\.storage\.fetch_process: \(absent\) -> True"):
+        check_same_run(run_dir, _cfg(tmp_path), 2, exact=True, prepared=True)  # nodes must run the same code
 
 
 def test_ds_config_prepared_for_another_world_size_is_refused(tmp_path):

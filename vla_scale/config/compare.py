@@ -1,7 +1,9 @@
 """Is this the same run? A stable hash of a resolved config and a readable diff between two.
 
 `config_diff` leaves out the keys a resumed run may change (`RESUMABLE_CHANGES`): a longer schedule,
-other logging and checkpoint cadence, Weights & Biases settings, the `eval:` section and the `debug:` drill hooks.
+other logging and checkpoint cadence, Weights & Biases settings, the `eval:` section and the `debug:` drill hooks;
+with `new_keys_at_default`, also the keys a newer vla_scale added to the schema, as long as they keep their default
+(a run started before the key existed resumes after an upgrade; one that sets it otherwise is another run).
 """
 
 from __future__ import annotations
@@ -59,15 +61,31 @@ def _ignored(key: str, ignore: Sequence[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in ignore)
 
 
-def config_diff(a: Config | dict, b: Config | dict, ignore: Sequence[str] = RESUMABLE_CHANGES) -> list[str]:
-    """`"key: old -> new"` for every key whose value differs from `a` to `b`, minus the keys under `ignore`.
+def config_diff(
+    a: Config | dict, b: Config | dict, ignore: Sequence[str] = RESUMABLE_CHANGES, new_keys_at_default: bool = False
+) -> list[str]:
+    """`"key: old -> new"` for every key whose value differs from `a` to `b`, minus the keys under `ignore`, and
+    with `new_keys_at_default` minus the keys `a` lacks that hold their schema default in `b`.
 
     Accepts `Config` objects or their `to_dict` trees (e.g. a saved config.yaml read as YAML); pass
     `ignore=()` to compare everything (e.g. two nodes that must start the very same run).
     """
     found: list[tuple[str, Any, Any]] = []
     _walk(_tree(a), _tree(b), "", found)
+    if new_keys_at_default:
+        defaults = _tree(Config())
+        found = [(k, old, new) for k, old, new in found if not (old is _ABSENT and _at(defaults, k) == new)]
     return [f"{key}: {_show(old)} -> {_show(new)}" for key, old, new in found if not _ignored(key, ignore)]
+
+
+def _at(tree: Any, key: str) -> Any:
+    """The value at dotted `key` in `tree`; `_ABSENT` where there is none (also inside lists: items have no
+    default in the schema's tree)."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
 
 
 def _show(value: Any) -> str:

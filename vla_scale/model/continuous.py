@@ -44,6 +44,25 @@ def build_continuous_modules(
     return token, head
 
 
+def chunk_losses(
+    model: RoboVLM,
+    batch: Batch,
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    cfg: ModelConfig,
+    binary_dims: int,
+    arm_error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, None]:
+    """A chunk-regressing head's `losses` from its `outputs` (arm, gripper, action states, attended count):
+    `chunk_loss_terms` against the batch's targets, plus `num_tokens`; (terms, action states, their mask: all)."""
+    arm, gripper, action_hidden, num_tokens = outputs
+    action, mask = chunk_targets(batch, cfg.history_type)
+    out = chunk_loss_terms(arm, gripper, action, mask, cfg.loss_weights, binary_dims, arm_error)
+    # lm_head is idle on robot batches of a chunk-regressing head: keep it in the graph with one token (zero_sync).
+    out["loss"] = out["loss"] + zero_touch(model.adapter.lm_head(action_hidden[:1, :1]))
+    out["num_tokens"] = num_tokens
+    return out, action_hidden, None
+
+
 def chunk_loss_terms(
     arm: torch.Tensor,
     gripper: torch.Tensor,
@@ -112,17 +131,12 @@ class ContinuousActions:
 
     def losses(self, model: RoboVLM, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, None]:
         """(loss terms, action-token states `[B*T', latent_num, D]` for the CLIP regulariser, their mask: all)."""
-        arm, gripper, action_hidden, num_tokens = self.outputs(model, batch.observation)
-        action, mask = chunk_targets(batch, self.cfg.history_type)
+        outputs = self.outputs(model, batch.observation)
         if self.cfg.head.arm_loss == "huber":
             arm_error = partial(F.huber_loss, reduction="none", delta=1.0)
         else:
             arm_error = partial(F.mse_loss, reduction="none")
-        out = chunk_loss_terms(arm, gripper, action, mask, self.cfg.loss_weights, self.binary_dims, arm_error)
-        # lm_head is idle on continuous robot batches: keep it in the graph with one token (see zero_sync).
-        out["loss"] = out["loss"] + zero_touch(model.adapter.lm_head(action_hidden[:1, :1]))
-        out["num_tokens"] = num_tokens
-        return out, action_hidden, None
+        return chunk_losses(model, batch, outputs, self.cfg, self.binary_dims, arm_error)
 
     def idle_outputs(self, model: RoboVLM) -> list[torch.Tensor]:
         """Outputs of the action token and head on batches that do not use them (VL), for `zero_touch`."""

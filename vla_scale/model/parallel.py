@@ -29,9 +29,8 @@ from torch import nn
 from vla_scale.config.schema import ModelConfig
 from vla_scale.data.batch import Batch
 from vla_scale.data.observation import Observation
-from vla_scale.model.continuous import chunk_loss_terms
-from vla_scale.model.sequence import chunk_targets, predicted_frames
-from vla_scale.model.zero_sync import zero_touch
+from vla_scale.model.continuous import chunk_losses
+from vla_scale.model.sequence import predicted_frames
 
 if TYPE_CHECKING:
     from vla_scale.model.robovlm import RoboVLM
@@ -106,14 +105,8 @@ class ParallelActions:
 
     def losses(self, model: RoboVLM, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, None]:
         """(loss terms, action states `[B*T', N, D]` for the CLIP regulariser, their mask: all). `loss_arm` is L1."""
-        arm, gripper, action_hidden, num_tokens = self.outputs(model, batch.observation)
-        action, mask = chunk_targets(batch, self.cfg.history_type)
-        l1 = partial(F.l1_loss, reduction="none")
-        out = chunk_loss_terms(arm, gripper, action, mask, self.cfg.loss_weights, self.binary_dims, l1)
-        # lm_head is idle on robot batches here too: keep it in the graph with one token (see zero_sync).
-        out["loss"] = out["loss"] + zero_touch(model.adapter.lm_head(action_hidden[:1, :1]))
-        out["num_tokens"] = num_tokens
-        return out, action_hidden, None
+        outputs = self.outputs(model, batch.observation)
+        return chunk_losses(model, batch, outputs, self.cfg, self.binary_dims, partial(F.l1_loss, reduction="none"))
 
     def idle_outputs(self, model: RoboVLM) -> list[torch.Tensor]:
         """The position embeddings through the head, for `zero_touch` on batches that do not use them (VL)."""

@@ -6,7 +6,8 @@ rank before it builds anything. They differ only in how strict the config compar
 whether the directory must already be prepared; the checks themselves live here once:
 
 - the global batch splits evenly over the ranks (`build_ds_config` raises otherwise);
-- the saved `config.yaml` matches (`config_diff`), up to `RESUMABLE_CHANGES` (or exactly, for nodes joining node 0);
+- the saved `config.yaml` matches (`config_diff`), up to `RESUMABLE_CHANGES` and keys added to the schema since the
+  run began that keep their defaults (or exactly, for nodes joining node 0);
 - the prepared `ds_config.json` is the one this world size produces;
 - the `latest` checkpoint was written by as many ranks (or, with `data.elastic`, may be resumed on this many:
   `world_size_change` says what will happen), in a stage the stage list still has.
@@ -54,7 +55,8 @@ def check_same_run(
             f"{config_file} is not readable YAML ({err.__class__.__name__}); it may have been cut short by a kill. "
             "Restore it from the checkpoint's run, or choose a new run.name"
         ) from None
-    changed = config_diff(saved, cfg, ignore=() if exact else RESUMABLE_CHANGES)
+    # a resume after upgrading vla_scale: keys added since the run began are fine at their defaults
+    changed = config_diff(saved, cfg, ignore=() if exact else RESUMABLE_CHANGES, new_keys_at_default=not exact)
     if changed:
         details = ", ".join(changed)
         hint = "start every node alike" if exact else "resume with the same settings or choose a new run.name"
