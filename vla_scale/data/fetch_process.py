@@ -113,7 +113,8 @@ class FetchHelper:
         with self.lock:
             self.alive = False
             if self.proc.stdin is not None:
-                self.proc.stdin.close()
+                with contextlib.suppress(OSError):  # already gone: a failed write left bytes to flush
+                    self.proc.stdin.close()
         self.proc.wait()
 
 
