@@ -11,6 +11,7 @@ import contextlib
 import functools
 import importlib
 import platform
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,6 @@ def import_muon_with_lazy_kernels() -> None:
     get compiled kernels; vla_scale's optimizers never call them. Both later imports then find the module
     loaded. Does nothing when the module is already imported.
     """
-    import sys
-
     if MUON_MODULE in sys.modules:
         return
     compiler = importlib.import_module("deepspeed.runtime.compiler")

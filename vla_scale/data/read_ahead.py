@@ -149,10 +149,10 @@ class FetchPool:
                 if self._soonest() is not None:
                     self.work.notify()  # another shard is claimable: the next idle thread takes it
             f, i, ahead, generation = job
+            result: BinaryIO | Exception
             fetched = False
             try:
-                while (result := self.cache.pinned(f.location, f.rels[i])) is None:
-                    fetched = self.cache.ensure(f.location, f.rels[i], ahead) or fetched
+                result, fetched = self.cache.open_fetched(f.location, f.rels[i], ahead)
             except Exception as err:  # noqa: BLE001 - handed to the reader at this shard
                 result = err
             with f.cond:

@@ -103,9 +103,14 @@ class ShardCache:
 
         `ahead`: a read-ahead fetch, abandoned with `NoRoom` rather than exceed the limit.
         """
+        return self.open_fetched(location, rel, ahead)[0]
+
+    def open_fetched(self, location: Location, rel: str, ahead: bool = False) -> tuple[BinaryIO, bool]:
+        """`open`, and whether the shard had to be fetched (False: it was in the cache)."""
+        fetched = False
         while (f := self.pinned(location, rel)) is None:
-            self.ensure(location, rel, ahead)
-        return f
+            fetched = self.ensure(location, rel, ahead) or fetched
+        return f, fetched
 
     def pinned(self, location: Location, rel: str) -> BinaryIO | None:
         """The cached shard `rel` opened and pinned, or None when it is not in the cache."""
