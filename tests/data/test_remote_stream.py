@@ -212,6 +212,28 @@ def test_read_ahead_depth_is_planned_from_fetch_and_read_times_before_any_wait(r
             fetcher.close()
 
 
+def test_a_new_reader_starts_from_the_last_readers_timings_and_cache_hits_do_not_count(robot, tmp_path):
+    with http_server(robot.parent) as (base, faults):
+        faults.latency_s = 0.3
+        location, fetchers = open_source(f"{base}/robot", storage(tmp_path, read_ahead=1, read_ahead_max=6))
+        urls = [location.url(s.name) for s in sorted(robot.glob("shard-*.tar"))]
+        first = fetchers(urls)
+        try:
+            first.open(urls[0]).close()
+            time.sleep(0.03)  # "reading" shard 0
+            first.open(urls[1]).close()  # its depth is planned from ~0.3 s of fetching over ~0.03 s of reading
+            assert first.depth >= 3 and first.fetch_s >= 0.25
+        finally:
+            first.close()
+        second = fetchers(urls)  # a new reader of the same dataset in this process
+        try:
+            assert second.depth >= 3 and second.fetch_s == first.fetch_s  # deep from its first shard on
+            second.open(urls[0]).close()  # in the cache: no download, so no fetch time
+            assert second.fetch_s == first.fetch_s
+        finally:
+            second.close()
+
+
 @pytest.mark.parametrize("fetch_process", [True, False], ids=["fetch-process", "threads"])
 def test_readers_of_a_process_share_one_pool_of_fetches(robot, tmp_path, fetch_process):
     """Elastic mode runs many virtual readers per worker: their streams must not each start fetch threads, nor
