@@ -83,11 +83,9 @@ def observations(n: int, seed: int = 0) -> list[dict]:
 
 
 @contextmanager
-def server_process(export: Path, threads: int, delay_ms: float = 0.0, inline_below_ms: float | None = None):
+def server_process(export: Path, threads: int, delay_ms: float = 0.0):
     """`vla-scale serve` on a free port; yields its ws:// URL; the process group is killed on exit."""
     cmd = [sys.executable, "-m", "vla_scale.cli", "serve", str(export), "--port", "0", "--delay-ms", str(delay_ms)]
-    if inline_below_ms is not None:
-        cmd += ["--inline-below-ms", str(inline_below_ms)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
@@ -225,15 +223,13 @@ def print_latency(
     inside: list[float],
     health: list[list[float]],
     loads: tuple,
-    inlined: int,
 ) -> float:
     """The latency rounds and the overhead figures; returns the server's median round trip (ms)."""
-    base, servers = "in-process", ("server", "server, worker only")
+    base, servers = "in-process", ("server",)
     print(f"$ {command_line()}")
     print(f"tiny debug model, CPU, {args.threads} torch thread(s); 2 cameras x {SIDE}x{SIDE} uint8 + state per request")
     print(f"load average (1/5/15 min) before {fmt_load(loads[0])}, after the latency rounds {fmt_load(loads[1])}")
     print(f"\nlatency: {args.rounds} rounds x {args.calls} observations, each through every path in turn (rotating)")
-    print("(server: default settings; worker only: --inline-below-ms 0, every inference handed to the worker thread)")
     med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     rows = []
     for i, r in enumerate(rounds):
@@ -241,10 +237,10 @@ def print_latency(
             [str(i + 1), f"{med(r[base]):.2f}"]
             + [f"{med(r[k]):.2f} ({med(r[k]) / med(r[base]) - 1:+.1%})" for k in servers]
         )
-    print(table(["round", "in-process ms", "server ms", "worker only ms"], rows))
+    print(table(["round", "in-process ms", "server ms"], rows))
     pooled = {k: [t for r in rounds for t in r[k]] for k in (base, *servers)}
     print("all calls, medians: " + ", ".join(f"{k} {med(v):.2f} ms" for k, v in pooled.items()))
-    print(f"inside the server (checks, inference) {statistics.median(inside):.2f} ms; {inlined} requests inlined")
+    print(f"inside the server (checks, inference) {statistics.median(inside):.2f} ms")
     hm, pm = (med(h) for h in health)
     print(f"health round trip {hm:.2f} ms; with the observation as payload (decoded, no inference) {pm:.2f} ms")
     for k in servers:
@@ -288,9 +284,7 @@ def main() -> None:
         load_before = os.getloadavg()
         with (
             server_process(export, args.threads) as url,
-            server_process(export, args.threads, inline_below_ms=0) as url_worker,
             PolicyClient(url, timeout=600) as client,
-            PolicyClient(url_worker, timeout=600) as worker_client,
         ):
             inside: list[float] = []  # the server's own time per request (checks, inference)
 
@@ -300,24 +294,23 @@ def main() -> None:
             def predict(o: dict) -> None:
                 policy.predict(o["images"], o["instruction"], o["state"])
 
-            paths = {"in-process": predict, "server": infer, "server, worker only": worker_client.infer}
+            paths = {"in-process": predict, "server": infer}
             rounds = interleaved_rounds(paths, obs, args.rounds, args.warmup)
             # the transport alone: a health request carrying the observation, which the server decodes
             health = [
                 time_calls(fn, obs, args.warmup)
                 for fn in (lambda o: client.health(), lambda o: client.request({"type": "health", "obs": o}))
             ]
-            inlined = client.health()["inlined"]
         loads = (load_before, os.getloadavg())
         if args.latency_only:
-            print_latency(args, rounds, inside, health, loads, inlined)
+            print_latency(args, rounds, inside, health, loads)
             return
         with server_process(export, args.threads) as url:
             rows = [throughput(url, n, args.seconds) for n in args.clients]
             loops = [control_loop(url, args.rate, o, args.ticks) for o in (0, *args.overlaps)]
         with server_process(export, args.threads, args.delay_ms) as url:
             slow = [control_loop(url, args.slow_rate, o, args.ticks) for o in (0, *args.overlaps)]
-    sm = print_latency(args, rounds, inside, health, loads, inlined)
+    sm = print_latency(args, rounds, inside, health, loads)
     print(f"\nthroughput, concurrent client processes, {args.seconds:.0f} s each (one model, requests serialised)")
     print(table(["clients", "requests/s", "median ms", "p90 ms"], rows))
     header = ["execution", "steps/s", "ticks waiting", "wait ms/tick", "stale rows skipped"]

@@ -16,7 +16,7 @@ from tests.serve.conftest import CHUNK, frame, make_obs, predict_local
 from vla_scale.policy import Policy
 from vla_scale.serve import PolicyClient, ServerError
 from vla_scale.serve import protocol as proto
-from vla_scale.serve.server import INLINE_WINDOW, PolicyServer, load_server
+from vla_scale.serve.server import load_server
 
 MAX_BYTES = 2**20  # 1 MiB request limit for these tests; 4 MiB closes the connection
 
@@ -60,38 +60,6 @@ def test_round_trip_equals_in_process_predict(server, local):
         text = "pousse le bloc bleu vers l'objectif, s'il te plaît"
         got = client.infer({**obs, "instruction": text.encode()})  # bytes in the (default) utf-8 encoding
         np.testing.assert_array_equal(got, predict_local(local, {**obs, "instruction": text}))
-
-
-def test_fast_inferences_move_to_the_event_loop_with_the_same_answers(export_dir, local):
-    """After INLINE_WINDOW fast inferences on the worker thread, the next run on the event loop: same chunks."""
-    rng = np.random.default_rng(5)
-    steps = INLINE_WINDOW + 3
-    with load_server(export_dir, port=0, inline_below_s=60.0) as srv, PolicyClient(srv.url, timeout=30) as client:
-        client.reset(seed=3)
-        local.reset(seed=3)
-        for _ in range(steps):
-            obs = make_obs(rng)
-            np.testing.assert_array_equal(client.infer(obs), predict_local(local, obs))
-        health = client.health()
-    assert health["served"] == 1 + steps and health["inlined"] == 1 + steps - INLINE_WINDOW, health
-
-
-def test_inline_needs_a_window_of_fast_inferences_and_an_idle_worker(local):
-    srv = PolicyServer(local, inline_below_s=0.05)  # not started: only the decision
-    fast = [0.01] * INLINE_WINDOW
-    assert not srv._inline()  # the first requests always go to the worker
-    srv._recent.extend(fast)
-    assert srv._inline()
-    srv._recent.append(0.2)  # one slow inference sends the next INLINE_WINDOW to the worker
-    for _ in range(INLINE_WINDOW):
-        assert not srv._inline()
-        srv._recent.append(0.01)
-    assert srv._inline()
-    srv._inflight.add(object())  # the worker is busy: queue behind it, never run beside it
-    assert not srv._inline()
-    srv._inflight.clear()
-    srv.inline_below_s = 0.0  # disabled
-    assert not srv._inline()
 
 
 def test_reset_isolates_episodes_of_concurrent_clients(history_export_dir, one_thread):

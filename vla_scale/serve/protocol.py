@@ -11,7 +11,7 @@ Messages (client → server; every request may carry an `id`, echoed in its repl
   "seed": int | None}` → `{"type": "actions", "actions": float32 [N, A], "server_ms": float}`
 - `{"type": "reset", "seed": int | None}` → `{"type": "reset"}`: a new episode for this connection
 - `{"type": "health"}` → `{"type": "health", "status": "ok" | "stopping", "connections": n, "sessions": n,
-  "busy": bool, "served": n, "inlined": n}` (`inlined`: requests run on the event loop, vla_scale/serve/server.py)
+  "busy": bool, "served": n}` (`busy`: an inference is running)
 - `{"type": "metadata"}` → the metadata map, which the server also sends unasked as the first frame
 
 Any request that cannot be served is answered `{"type": "error", "field": "obs.state", "message": "..."}` naming
@@ -72,7 +72,7 @@ def pack(message: dict) -> bytes:
 
 def unpack(frame: bytes | str) -> dict:
     """A frame → the message map with its arrays rebuilt; `RequestError` names what was malformed."""
-    if not isinstance(frame, bytes):
+    if isinstance(frame, str):
         raise RequestError("message", "expected a binary frame holding a msgpack map, got a text frame")
     try:
         obj = msgpack.unpackb(frame, raw=False, strict_map_key=False)
