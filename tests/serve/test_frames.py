@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from websockets.exceptions import ConnectionClosed, ConnectionClosedError, ConnectionClosedOK
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, ConnectionClosedOK, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.sync.client import connect
 
@@ -179,3 +179,22 @@ def test_an_unmasked_frame_closes_only_that_connection(server):
             bad._ws.recv(10)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1002
         assert good.health()["status"] == "ok"
+
+
+def test_connections_over_the_limit_are_refused_with_503(export_dir, one_thread):
+    with load_server(export_dir, port=0, max_connections=1) as srv, PolicyClient(srv.url, timeout=30) as first:
+        with pytest.raises(InvalidStatus) as refused:
+            PolicyClient(srv.url, timeout=30)
+        assert refused.value.response.status_code == 503
+        assert b"limit of 1 connections" in refused.value.response.body
+        assert first.health()["connections"] == 1
+        first.close()
+        deadline = time.monotonic() + 10  # the slot is free once the server saw the close
+        while True:
+            try:
+                with PolicyClient(srv.url, timeout=30) as second:
+                    assert second.health()["status"] == "ok"
+                break
+            except InvalidStatus:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)

@@ -16,6 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-mb", type=float, default=16.0, help="larger requests get an error reply (MiB)")
     p.add_argument("--control-rate", type=float, default=None, help="robot control rate in Hz, sent in the metadata")
     p.add_argument("--delay-ms", type=float, default=0.0, help="extra time per inference, to test with a slow model")
+    p.add_argument(
+        "--max-connections", type=int, default=64, help="more clients are refused (HTTP 503) (default: %(default)s)"
+    )
     p.set_defaults(fn=run_serve)
 
 
@@ -31,6 +34,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_message_bytes=int(args.max_message_mb * 2**20),
             delay_s=args.delay_ms / 1e3,
             control_rate_hz=args.control_rate,
+            max_connections=args.max_connections,
         )
     except (OSError, ValueError) as err:
         print(f"vla-scale serve: error: {err}", file=sys.stderr)

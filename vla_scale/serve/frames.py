@@ -35,7 +35,9 @@ except ImportError:  # websockets built without its C extension
 
 MAX_CONTROL = 125
 OK_CODES = (CloseCode.NORMAL_CLOSURE, CloseCode.GOING_AWAY, CloseCode.NO_STATUS_RCVD)
-BUFFER_BYTES = 1 << 20  # kept per stream; one 224 px two-camera request (~0.3 MB) arrives in one read
+# The read buffer starts at this size and grows to the largest frame seen, where it stays: after the first
+# request, a 224 px two-camera one (~0.3 MB) arrives in one read. Idle connections hold only this much.
+BUFFER_BYTES = 1 << 16
 
 
 class FrameError(Exception):
@@ -162,7 +164,7 @@ class FrameStream:
                 pending = self._end - self._start  # move the unread bytes to the front
                 self._buf[:pending] = self._buf[self._start : self._end]
                 self._start, self._end = 0, pending
-            if len(self._buf) < n:  # a message larger than the buffer: grow it to fit
+            if len(self._buf) < n:  # a frame larger than the buffer: grow it to fit (kept for the next ones)
                 self._buf.extend(bytes(n - len(self._buf)))
             self._read(deadline)
 

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ SHUTDOWN_GRACE_S = 30.0  # how long in-flight requests may take to finish at shu
 # dropped and the client's next call gets ConnectionClosed.
 CLOSE_TIMEOUT_S = 1.0
 OPEN_TIMEOUT_S = 10.0  # for a new connection's opening handshake
+MAX_CONNECTIONS = 64  # default: more are refused at the handshake (HTTP 503), each would hold a thread
 
 
 @dataclass
@@ -74,6 +76,7 @@ class PolicyServer:
         control_rate_hz: float | None = None,
         name: str = "",
         shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.policy = policy
         self.host, self.port = host, port
@@ -82,6 +85,7 @@ class PolicyServer:
         self.control_rate_hz = control_rate_hz
         self.name = name
         self.shutdown_grace_s = shutdown_grace_s  # then a stuck inference is abandoned, not waited for
+        self.max_connections = max_connections
         self.cameras = [c for c in (policy.static_camera, policy.wrist_camera) if c]
         self._stepwise = bool(getattr(policy.model, "stepwise", False))
         self._base_head = policy.model.action_head if self._stepwise else None
@@ -90,7 +94,8 @@ class PolicyServer:
         self._sessions: dict[int, Session] = {}
         self._streams: dict[int, FrameStream] = {}  # open connections
         self._busy: set[int] = set()  # connections between a request and its reply
-        self._state = threading.Condition()  # guards _streams and _busy
+        self._admitted = 0  # connections past the limit check (handshaking or open)
+        self._state = threading.Condition()  # guards _streams, _busy and _admitted
         self._stopping = False
         self.abandoned = False  # set at shutdown when an inference outlived the grace
         self.close_s = 0.0  # how long closing the connections took at shutdown
@@ -204,6 +209,7 @@ class PolicyServer:
         finally:
             listener.close()  # stop accepting; open connections still get their replies
         self._shutdown()
+        self._wake_r.close(), self._wake_w.close()
         if self.abandoned:
             print(f"policy server: an inference still ran after {self.shutdown_grace_s:g} s; not waiting", flush=True)
         if announce:
@@ -235,18 +241,24 @@ class PolicyServer:
 
     def _connection(self, sock: socket.socket) -> None:
         """A connection's thread: opening handshake, metadata, then request after request until it closes."""
+        with self._state:  # a slot is taken here, before the handshake, so the limit holds under a burst
+            refused = self._refusal()
+            self._admitted += refused is None
+        stream = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are single writes: no Nagle
             _keepalive(sock)
-            stream = _handshake(sock, self.max_message_bytes * HARD_LIMIT_FACTOR)
-        except (OSError, EOFError, ValueError, TimeoutError):
+            stream = _handshake(sock, self.max_message_bytes * HARD_LIMIT_FACTOR, refused)
+        except (OSError, EOFError, ValueError):
             sock.close()
-            return
         if stream is None:
+            with self._state:
+                self._admitted -= refused is None
             return
         key = id(stream)
         with self._state:
-            if self._stopping:
+            if self._stopping:  # shutdown began during the handshake and no longer sees this connection
+                self._admitted -= 1
                 stream.abort()
                 return
             self._streams[key] = stream
@@ -270,7 +282,16 @@ class PolicyServer:
             stream.abort()
             with self._state:
                 self._streams.pop(key, None)
+                self._admitted -= 1
                 self._state.notify_all()
+
+    def _refusal(self) -> str | None:
+        """Why a new connection is refused now (None: accepted); called holding `_state`."""
+        if self._stopping:
+            return "the policy server is shutting down"
+        if self._admitted >= self.max_connections:
+            return f"the policy server is at its limit of {self.max_connections} connections"
+        return None
 
     def _reply(self, key: int, frame: bytes | str) -> dict:
         request_id = None
@@ -342,14 +363,17 @@ class PolicyServer:
             return out
 
 
-def _handshake(sock: socket.socket, max_size: int) -> FrameStream | None:
-    """The opening handshake by websockets' `ServerProtocol`; None (connection closed) if it was refused."""
+def _handshake(sock: socket.socket, max_size: int, refused: str | None) -> FrameStream | None:
+    """The opening handshake by websockets' `ServerProtocol`; None (connection closed) if it was refused, by
+    websockets (not a websocket request) or by the server (`refused`: HTTP 503 with that reason)."""
     head, rest = read_http_head(sock, time.monotonic() + OPEN_TIMEOUT_S)
     protocol = ServerProtocol(max_size=max_size)
     protocol.receive_data(head)
     request = next((e for e in protocol.events_received() if isinstance(e, Request)), None)
     if request is not None:
         response = protocol.accept(request)  # 101, or an HTTP error saying what was wrong with the request
+        if response.status_code == 101 and refused:
+            response = protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, refused + "\n")
         protocol.send_response(response)
     for data in protocol.data_to_send():
         if data:

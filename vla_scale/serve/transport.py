@@ -50,10 +50,11 @@ class Connection:
             except (EOFError, ValueError) as err:
                 raise ConnectionClosedError(None, None) from err
             protocol.receive_data(head)
+            if not protocol.events_received():  # not a 101: websockets reads the refusal's body, then raises
+                protocol.receive_data(rest)
+                _read_refusal(sock, protocol, deadline)
             if protocol.handshake_exc is not None:
                 raise protocol.handshake_exc
-            if not any(isinstance(event, Response) for event in protocol.events_received()):
-                raise ConnectionClosedError(None, None)
         except BaseException:
             sock.close()
             raise
@@ -87,3 +88,16 @@ class Connection:
         if not stream.closed:  # read what the server said before it went
             stream.finish_close(time.monotonic() + CLOSE_TIMEOUT_S)
         return stream.closed_exception()
+
+
+def _read_refusal(sock: socket.socket, protocol: ClientProtocol, deadline: float | None) -> None:
+    """The rest of a refused handshake's HTTP response (its body says why), until websockets has parsed it."""
+    while protocol.handshake_exc is None and not any(isinstance(e, Response) for e in protocol.events_received()):
+        sock.settimeout(None if deadline is None else max(1e-3, deadline - time.monotonic()))
+        data = sock.recv(4096)
+        if data:
+            protocol.receive_data(data)
+        else:
+            protocol.receive_eof()
+            if protocol.handshake_exc is None:
+                raise ConnectionClosedError(None, None)
