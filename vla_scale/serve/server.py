@@ -3,10 +3,11 @@
 A thread per connection reads its requests, checks them and runs the inference itself; one lock on the model
 serves the requests of all connections one at a time, while the other threads keep answering health checks,
 metadata and bad requests. Why no event loop: a request then costs no hand-off between threads, and the
-reading is `FrameStream`'s (frames.py) instead of websockets' asyncio stack. With the same client, that cut
-the server's overhead over in-process `Policy.predict` from about +13% to about +8% for the tiny 5 ms model
-(tests/benchmarks/bench_server.py). websockets still does the opening handshake (its Sans-I/O
-`ServerProtocol`). A robot fleet is tens of connections, not thousands: a thread each is cheap.
+reading is `FrameStream`'s (frames.py) instead of websockets' asyncio stack. With the same client in the same
+benchmark runs (tests/benchmarks/bench_server.py, tiny 5 ms model), the overhead over in-process
+`Policy.predict` was +8.4%, +9.7% and +10.1% against +10.5%, +10.8% and +12.6% for the asyncio server.
+websockets still does the opening handshake (its Sans-I/O `ServerProtocol`). A robot fleet is tens of
+connections, not thousands: a thread each is cheap (`max_connections` caps them).
 
 Each connection is a `Session`: its own `Policy` object over the shared model (frame/state history, seeded
 noise generator) and, for a history head (lstm / gpt), its own copy of the small head with its memory,
