@@ -275,6 +275,9 @@ class FrameStream:
 
 def _send_all(sock: socket.socket, buffers: list) -> None:
     """`sendmsg` until every byte of `buffers` is out (one system call in the usual case)."""
+    if not hasattr(sock, "sendmsg"):  # Windows: one joined copy instead
+        sock.sendall(b"".join(buffers))
+        return
     views = [memoryview(b).cast("B") for b in buffers]
     while views:
         sent = sock.sendmsg(views)
