@@ -241,6 +241,8 @@ def print_latency(
     pooled = {k: [t for r in rounds for t in r[k]] for k in (base, *servers)}
     print("all calls, medians: " + ", ".join(f"{k} {med(v):.2f} ms" for k, v in pooled.items()))
     print(f"inside the server (the inference itself, server_ms) {statistics.median(inside):.2f} ms")
+    fixed = med(pooled["server"]) - statistics.median(inside)
+    print(f"round trip minus server_ms (medians): {fixed:.2f} ms per request, {fixed / statistics.median(inside):.1%}")
     hm, pm = (med(h) for h in health)
     print(f"health round trip {hm:.2f} ms; with the observation as payload (decoded, no inference) {pm:.2f} ms")
     for k in servers:
