@@ -117,6 +117,15 @@ def test_protocol_violations_close_with_their_code(case):
     a.close()
 
 
+def test_an_absurd_length_is_refused_even_without_a_size_limit(pair):
+    _, server, a, _ = pair  # max_size=None
+    a.sendall(bytes([0x82, 0x80 | 127]) + (1 << 40).to_bytes(8, "big") + b"mask")
+    a.shutdown(socket.SHUT_WR)
+    with pytest.raises(ConnectionClosedError):
+        server.recv(time.monotonic() + 10)
+    assert close_code(a) == 1009
+
+
 def test_closing_handshake_from_the_client(pair):
     client, server, _, _ = pair
     result: dict = {}

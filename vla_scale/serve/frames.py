@@ -39,6 +39,7 @@ OK_CODES = (CloseCode.NORMAL_CLOSURE, CloseCode.GOING_AWAY, CloseCode.NO_STATUS_
 # The read buffer starts at this size and grows to the largest frame seen, where it stays: after the first
 # request, a 224 px two-camera one (~0.3 MB) arrives in one read. Idle connections hold only this much.
 BUFFER_BYTES = 1 << 16
+ANY_SIZE = 1 << 31  # what max_size=None still refuses: a length no policy message has, from a broken or hostile peer
 
 
 class FrameError(Exception):
@@ -51,7 +52,7 @@ class FrameError(Exception):
 
 class FrameStream:
     """Messages over `sock` (handshake already done). `client`: this end masks what it sends and expects unmasked
-    frames; a server the opposite. Messages over `max_size` bytes (None: any) fail the stream with 1009.
+    frames; a server the opposite. Messages over `max_size` bytes (None: `ANY_SIZE`) fail the stream with 1009.
 
     One thread may `recv` at a time; `send` and `close` may come from any thread (a lock keeps frames whole)."""
 
@@ -115,10 +116,9 @@ class FrameStream:
             if (kind is Opcode.CONT) != bool(self._parts):
                 what = "continuation frame without a message" if kind is Opcode.CONT else "new message in a fragment"
                 raise FrameError(CloseCode.PROTOCOL_ERROR, f"unexpected {what}")
-            if self.max_size is not None and self._size + length > self.max_size:  # checked before reading it
-                raise FrameError(
-                    CloseCode.MESSAGE_TOO_BIG, f"over size limit ({self._size + length} > {self.max_size} bytes)"
-                )
+            limit = ANY_SIZE if self.max_size is None else self.max_size
+            if self._size + length > limit:  # checked before reading it
+                raise FrameError(CloseCode.MESSAGE_TOO_BIG, f"over size limit ({self._size + length} > {limit} bytes)")
         self._fill(header + length, deadline)
         at = self._start
         with memoryview(self._buf) as view, view[at + header : at + header + length] as payload:
