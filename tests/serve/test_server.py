@@ -89,6 +89,37 @@ def test_reset_isolates_episodes_of_concurrent_clients(history_export_dir, one_t
     assert not np.array_equal(predict_local(fresh, obs[4]), got_a[2])  # the history does change the answer
 
 
+def test_concurrent_episodes_on_a_history_head_each_get_their_own_answers(history_export_dir, one_thread):
+    """Four clients request at the same time from their own threads (one server thread each, one model lock):
+    every chunk equals what a policy of its own answers for that client's episode."""
+    episodes = [[make_obs(np.random.default_rng(10 * c + i)) for i in range(4)] for c in range(4)]
+    got: dict[int, list] = {}
+    errors: list[BaseException] = []
+    with load_server(history_export_dir, port=0) as srv:
+        start = threading.Barrier(len(episodes))
+
+        def run(c: int) -> None:
+            try:
+                with PolicyClient(srv.url, timeout=60) as client:
+                    client.reset(0)
+                    start.wait(timeout=30)
+                    got[c] = [client.infer(obs) for obs in episodes[c]]
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in range(len(episodes))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert not errors, errors
+    for c, episode in enumerate(episodes):
+        ref = Policy.from_pretrained(history_export_dir, device="cpu")
+        ref.reset(0)
+        for chunk, obs in zip(got[c], episode, strict=True):
+            np.testing.assert_array_equal(chunk, predict_local(ref, obs))
+
+
 def bad_requests() -> list[tuple[str, object, str, str]]:
     """(case, request map or raw frame, field named in the error, text the message must contain)."""
     rng = np.random.default_rng(0)
