@@ -11,7 +11,8 @@ thread.
 
 The price: nothing reads the socket between requests, so an idle connection cannot answer websocket pings. The
 policy server therefore sends none and keeps dead peers out with TCP keepalive, which the kernel answers
-(vla_scale/serve/server.py). Other websocket servers (websockets' own) work with it unchanged.
+(vla_scale/serve/server.py). It also talks to other websocket servers (websockets' own: tests/serve/
+test_transport.py), and other websocket clients talk to the policy server unchanged (tests/serve/test_frames.py).
 """
 
 from __future__ import annotations
