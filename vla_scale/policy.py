@@ -27,6 +27,7 @@ from vla_scale.data.normalize import Normalizer
 from vla_scale.data.spaces import Spaces
 from vla_scale.data.window import Window
 from vla_scale.model import RoboVLM, build_model
+from vla_scale.model.flow import inpainting_weights
 from vla_scale.model.lora import has_lora
 
 EXPORT_FORMAT_VERSION = 1
@@ -192,10 +193,17 @@ class Policy:
         instruction: str,
         state: np.ndarray | None = None,
         seed: int | None = None,
+        prefix: np.ndarray | None = None,
+        prefix_delay: int = 0,
     ) -> np.ndarray:
         """One control step: uint8 frame `[H, W, 3]` (or `{camera: frame}`), instruction, raw state `[S]`
         → action chunk `[N, A]` in the robot's units and dimension order for the current step (binary gripper
         dims as the dataset declares them, by default 0 open / 1 closed).
+
+        Real-time chunking (flow action space only): `prefix` `[P, A]` (raw, P <= N) is what the previous chunk
+        still holds for this step and the next ones, `prefix_delay` how many of them will execute before this
+        chunk arrives; the new chunk is inpainted to continue them (`flow.inpainting_weights`: those rows are
+        held, the rest of the overlap eased in), so switching chunks does not jump.
 
         The frame and state join the episode history (last `window_size` steps); call `reset()` between episodes.
         Flow action space: the chunk is sampled from noise drawn with `seed` if given, else from the generator
@@ -226,13 +234,31 @@ class Policy:
             action=np.zeros((len(frames), self.chunk_size, self.action_dim), np.float32),
             action_mask=np.ones((len(frames), self.chunk_size), bool),
         )
+        guide = None if prefix is None else self._inpainting(prefix, prefix_delay)
         batch = collate_robot([window], self.model.tokenizer, self.max_text_len).to(self.device)
         predict = self.model.predict_action_step if self.model.stepwise else self.model.predict_action
         if self.model.stepwise:
             arm, gripper = predict(batch.observation)
         else:
             generator = torch.Generator().manual_seed(seed) if seed is not None else self._generator
-            arm, gripper = predict(batch.observation, generator)
+            arm, gripper = predict(batch.observation, generator, guide)
         # One chunk per frame given ("post" mlp, "pre"), or one for the last frame ("video", stepwise heads):
         # the last is the current step's.
         return self.normalizer.unnormalize_action(arm[0, -1].cpu().numpy(), gripper[0, -1].cpu().numpy())
+
+    def _inpainting(self, prefix: np.ndarray, delay: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised target `[N, A]`, row weights `[N]`) for `predict`'s real-time chunking."""
+        space = self.model.cfg.action_space
+        if space != "flow":
+            raise ValueError(f"prefix (real-time chunking) needs the flow action space, not {space}")
+        prefix = np.asarray(prefix, dtype=np.float32)
+        n, a = self.chunk_size, self.action_dim
+        if prefix.ndim != 2 or prefix.shape[1] != a or not 1 <= len(prefix) <= n:
+            raise ValueError(f"prefix must be [P, {a}] with 1 <= P <= {n}, got {list(prefix.shape)}")
+        if not np.isfinite(prefix).all():
+            raise ValueError("prefix holds NaN/inf")
+        if not 0 <= delay <= len(prefix):
+            raise ValueError(f"prefix_delay must be in [0, {len(prefix)}] (the prefix length), got {delay}")
+        target = np.zeros((self.chunk_size, self.action_dim), np.float32)
+        target[: len(prefix)] = self.normalizer.normalize_action(prefix)
+        return torch.from_numpy(target), inpainting_weights(self.chunk_size, len(prefix), delay)

@@ -12,7 +12,13 @@ from vla_scale.config.schema import BackboneConfig, ModelConfig, TinyBackboneCon
 from vla_scale.config.schema_model import FlowConfig
 from vla_scale.model import build_model
 from vla_scale.model.backbones import build_tiny_backbone
-from vla_scale.model.flow import euler_sample, flow_matching_loss, sample_time
+from vla_scale.model.flow import (
+    euler_sample,
+    flow_matching_loss,
+    guided_euler_sample,
+    inpainting_weights,
+    sample_time,
+)
 from vla_scale.model.flow_expert import FlowExpert
 
 STEPS = 800
@@ -34,6 +40,46 @@ def test_exact_straight_line_field_reproduces_the_data_point(steps):
     conditional = euler_sample(lambda x, t: (x - x0) / t.view(-1, 1, 1), noise, steps)
     torch.testing.assert_close(constant, x0, atol=1e-5, rtol=0)
     torch.testing.assert_close(conditional, x0, atol=1e-5, rtol=0)
+
+
+def two_mode_field(modes: torch.Tensor):
+    """The exact velocity of data that is one of the chunks `modes` `[K, N, A]` with equal odds: its predicted
+    chunk is the posterior mean of the modes, which depends on x (so guidance has a gradient to follow)."""
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tt = t.view(-1, 1, 1)
+        d = ((x.unsqueeze(1) - (1 - tt).unsqueeze(1) * modes.unsqueeze(0)) ** 2).sum(dim=(2, 3))
+        w = torch.softmax(-d / (2 * tt.view(-1, 1) ** 2), dim=1)
+        return (x - torch.einsum("mk,kna->mna", w, modes)) / tt
+
+    return velocity
+
+
+def test_inpainting_weights_follow_the_rtc_schedule():
+    w = inpainting_weights(8, prefix=5, frozen=2)
+    assert w[:2].tolist() == [1.0, 1.0] and w[5:].tolist() == [0.0, 0.0, 0.0]
+    assert all(1 > a > b > 0 for a, b in zip(w[2:5], w[3:5], strict=False))  # eased in, strictly decreasing
+    assert inpainting_weights(4, prefix=2, frozen=2).tolist() == [1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="frozen"):
+        inpainting_weights(4, prefix=2, frozen=3)
+
+
+@pytest.mark.parametrize(("prefix", "frozen"), [(4, 2), (8, 0), (3, 3)])
+def test_inpainting_continues_the_previous_chunk(prefix, frozen):
+    """Two equally likely chunks (all zeros, all ones): plain sampling lands on either, depending on the noise;
+    guided toward the start of the ones chunk, every sample lands on it, and zero weights change nothing."""
+    n, a = 8, 3
+    modes = torch.stack([torch.zeros(n, a), torch.ones(n, a)])
+    velocity = two_mode_field(modes)
+    noise = torch.randn(16, n, a, generator=torch.Generator().manual_seed(0))
+    plain = euler_sample(velocity, noise, 10)
+    landed = plain.mean(dim=(1, 2))
+    assert (landed < 0.01).any() and (landed > 0.99).any()  # both modes occur without guidance
+    target = modes[1].expand(16, n, a)
+    guided = guided_euler_sample(velocity, noise, 10, target, inpainting_weights(n, prefix, frozen))
+    torch.testing.assert_close(guided, target, atol=0.01, rtol=0)
+    unguided = guided_euler_sample(velocity, noise, 10, target, torch.zeros(n))
+    assert torch.equal(unguided, plain)
 
 
 def test_flow_matching_loss_by_hand():
@@ -164,6 +210,25 @@ def test_predict_is_seeded_and_shaped(tiny_path):
     assert arm.shape == (2, 2, N, A - 1) and grip.shape == (2, 2, N, 1)
     assert torch.equal(arm, again) and torch.equal(grip, grip_again) and not torch.equal(arm, other)
     assert set(grip.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_predict_with_a_guide(tiny_path):
+    torch.manual_seed(0)
+    model = build_model(_cfg(tiny_path), action_dim=A, state_dim=S, chunk_size=N).eval()
+    obs = robot_batch(model).observation
+    plain, _ = model.predict_action(obs, torch.Generator().manual_seed(7))
+    target = torch.full((N, A), 0.5)
+    unweighted, _ = model.predict_action(obs, torch.Generator().manual_seed(7), (target, torch.zeros(N)))
+    guided, _ = model.predict_action(obs, torch.Generator().manual_seed(7), (target, inpainting_weights(N, N, 2)))
+    assert torch.equal(unweighted, plain) and not torch.equal(guided, plain)
+    held = lambda arm: (arm[..., :2, :] - 0.5).abs().mean()  # noqa: E731 - the two held rows' distance to target
+    assert held(guided) < held(plain)
+    continuous = build_model(
+        ModelConfig(backbone=BackboneConfig(pretrained=str(tiny_path)), latent_num=2), action_dim=A, state_dim=S,
+        chunk_size=N,
+    ).eval()  # fmt: skip
+    with pytest.raises(ValueError, match="needs model.action_space: flow"):
+        continuous.predict_action(robot_batch(continuous).observation, None, (target, torch.ones(N)))
 
 
 @pytest.fixture(scope="module")

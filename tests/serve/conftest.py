@@ -64,6 +64,14 @@ def history_export_dir(tmp_path_factory: pytest.TempPathFactory, toy_data: Path)
 
 
 @pytest.fixture(scope="session")
+def flow_export_dir(tmp_path_factory: pytest.TempPathFactory, toy_data: Path) -> Path:
+    """A flow-matching export (action expert sampled by Euler steps): the one action space that inpaints."""
+    flow = ("model.action_space=flow",)
+    build = lambda out: write_untrained_export(out / "policy", toy_data / "robot", overrides=flow)  # noqa: E731
+    return built_once(tmp_path_factory, "serve_flow_export", build) / "policy"
+
+
+@pytest.fixture(scope="session")
 def one_thread() -> None:
     """Server and in-process reference on one torch thread each, so their float results agree bit for bit."""
     torch.set_num_threads(1)

@@ -19,6 +19,7 @@ batches (kept in the graph for ZeRO, see zero_sync); it learns only through VL c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,57 @@ def euler_sample(velocity: Velocity, noise: torch.Tensor, num_steps: int) -> tor
     return x
 
 
+def inpainting_weights(chunk_size: int, prefix: int, frozen: int) -> torch.Tensor:
+    """Real-time chunking's soft mask `[chunk_size]` (Black et al. 2025, "Real-Time Execution of Action Chunking
+    Flow Policies"): 1 for the `frozen` rows that will execute before the new chunk arrives, decaying
+    exponentially over the rest of the `prefix` rows the previous chunk still covers, 0 after them."""
+    if not 0 <= frozen <= prefix <= chunk_size:
+        raise ValueError(f"need 0 <= frozen ({frozen}) <= prefix ({prefix}) <= chunk size ({chunk_size})")
+    w = torch.zeros(chunk_size)
+    w[:frozen] = 1.0
+    i = torch.arange(frozen, prefix, dtype=torch.float32)
+    c = (prefix - i) / (prefix - frozen + 1)
+    w[frozen:prefix] = c * torch.expm1(c) / math.expm1(1.0)
+    return w
+
+
+def guided_euler_sample(
+    velocity: Velocity,
+    noise: torch.Tensor,
+    num_steps: int,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    max_guidance: float = 5.0,
+) -> torch.Tensor:
+    """`euler_sample` with real-time chunking's inpainting: each step's velocity is corrected so the chunk it
+    points to moves toward `target` `[M, N, A]` on the rows `weights` `[N]` marks (pseudo-inverse guidance: the
+    vector-Jacobian product of the weighted error through the predicted chunk, scaled by
+    min(max_guidance, (1 - s) / (s r_s^2)) with s = 1 - t the paper's time and r_s^2 = (1 - s)^2 / (s^2 + (1 - s)^2)).
+    All-zero weights give `euler_sample` exactly."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    x = noise.float()
+    target = target.float().to(x.device)
+    w = weights.float().to(x.device).view(1, -1, 1)
+    dt = 1.0 / num_steps
+    for i in range(num_steps):
+        t_now = 1.0 - i * dt
+        t = torch.full((x.shape[0],), t_now, device=x.device)
+        if not bool(w.any()):
+            x = x - dt * velocity(x, t).float()
+            continue
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            v = velocity(xg, t).float()
+            predicted = xg - t_now * v  # the chunk this velocity points to (x_t = t noise + (1 - t) chunk)
+            (grad,) = torch.autograd.grad(predicted, xg, grad_outputs=(target - predicted.detach()) * w)
+        s = 1.0 - t_now
+        r2 = (1.0 - s) ** 2 / (s**2 + (1.0 - s) ** 2)
+        scale = max_guidance if s == 0.0 else min(max_guidance, (1.0 - s) / (s * r2))
+        x = x.detach() - dt * (v.detach() - scale * grad)
+    return x
+
+
 class FlowActions(ContinuousActions):
     """Losses and predictions of the flow path; `model` is the RoboVLM holding `action_token`, `action_expert`."""
 
@@ -108,14 +160,26 @@ class FlowActions(ContinuousActions):
         return [model.action_expert(x, torch.full((1,), 0.5, device=x.device), token)]
 
     def predict(
-        self, model: RoboVLM, obs: Observation, generator: torch.Generator | None = None
+        self,
+        model: RoboVLM,
+        obs: Observation,
+        generator: torch.Generator | None = None,
+        guide: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised regressed chunk `[B, T', N, A-G]`, hard gripper "probabilities" `[B, T', N, G]`), by
-        `model.flow.num_steps` Euler steps from noise drawn on `generator` (CPU; None: the global RNG)."""
+        `model.flow.num_steps` Euler steps from noise drawn on `generator` (CPU; None: the global RNG).
+        `guide`: (normalised target chunk `[N, A]`, row weights `[N]`) for real-time chunking's inpainting
+        (`guided_euler_sample`), the same target for every predicted frame."""
         ctx, _, _ = self.context(model, obs)
         shape = (ctx.shape[0], self.chunk_size, self.action_dim)
         noise = torch.randn(shape, generator=generator, device="cpu" if generator is None else generator.device)
-        chunk = euler_sample(lambda x, t: model.action_expert(x, t, ctx), noise.to(ctx.device), self.cfg.flow.num_steps)
+        velocity = lambda x, t: model.action_expert(x, t, ctx)  # noqa: E731
+        if guide is None:
+            chunk = euler_sample(velocity, noise.to(ctx.device), self.cfg.flow.num_steps)
+        else:
+            target, weights = guide
+            target = target.to(ctx.device).float().expand(shape)
+            chunk = guided_euler_sample(velocity, noise.to(ctx.device), self.cfg.flow.num_steps, target, weights)
         chunk = rearrange(chunk, "(b t) n a -> b t n a", b=obs.batch_size)
         regressed = self.action_dim - self.binary_dims
         return chunk[..., :regressed], (chunk[..., regressed:] > 0.5).float()

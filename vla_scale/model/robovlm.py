@@ -254,7 +254,10 @@ class RoboVLM(nn.Module):
     # --- inference ---------------------------------------------------------------------------
     @torch.no_grad()
     def predict_action(
-        self, obs: Observation, generator: torch.Generator | None = None
+        self,
+        obs: Observation,
+        generator: torch.Generator | None = None,
+        guide: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images `[B, T, C, H, W]` → (normalised regressed chunk `[B, T', N, A-G]`, gripper probabilities
         `[B, T', N, G]`, G = binary_dims): T' = T, one chunk per frame (`post`, `pre`), or T' = 1, the last
@@ -265,10 +268,13 @@ class RoboVLM(nn.Module):
         Discrete: greedy KV-cached decoding of the A x N action ids; arm dims are bin centres and the
         gripper "probability" is hard, 1.0 when the decoded gripper bin is in the closed half, else 0.0.
         Flow: Euler sampling from noise drawn on `generator` (a CPU generator; None: the global RNG), gripper
-        hard as for discrete; the other action spaces are deterministic and ignore it.
+        hard as for discrete; the other action spaces are deterministic and ignore it. `guide` (flow only):
+        (normalised target `[N, A]`, row weights `[N]`), real-time chunking's inpainting (`flow.guided_euler_sample`).
         """
         if isinstance(self.actions, FlowActions):
-            return self.actions.predict(self, obs, generator)
+            return self.actions.predict(self, obs, generator, guide)
+        if guide is not None:
+            raise ValueError("inpainting a chunk (guide) needs model.action_space: flow")
         return self.actions.predict(self, obs)
 
     @torch.no_grad()

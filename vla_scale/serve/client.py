@@ -73,9 +73,15 @@ class PolicyClient:
         """Start a new episode on the server (history and head memory cleared; `seed` seeds sampled chunks)."""
         self.request({"type": "reset", "seed": seed})
 
-    def infer(self, obs: dict[str, Any], seed: int | None = None) -> np.ndarray:
-        """`{"images": {camera: uint8 [H, W, 3]}, "state": [S], "instruction": str}` → action chunk [N, A] (float32)."""
-        return self.request({"type": "infer", "obs": obs, "seed": seed})["actions"]
+    def infer(
+        self, obs: dict[str, Any], seed: int | None = None, prefix: np.ndarray | None = None, prefix_delay: int = 0
+    ) -> np.ndarray:
+        """`{"images": {camera: uint8 [H, W, 3]}, "state": [S], "instruction": str}` → action chunk [N, A] (float32).
+        `prefix` / `prefix_delay`: real-time chunking for a flow policy (metadata `inpainting`; `Policy.predict`)."""
+        message: dict[str, Any] = {"type": "infer", "obs": obs, "seed": seed}
+        if prefix is not None:
+            message.update(prefix=np.asarray(prefix, np.float32), prefix_delay=int(prefix_delay))
+        return self.request(message)["actions"]
 
     def health(self) -> dict:
         return self.request({"type": "health"})

@@ -12,6 +12,12 @@ the rows for ticks s..t-1 (already executed from the older chunk) are skipped an
 chunk at once, row t - s first: the newest observation wins, and the actions stay aligned with the ticks they
 were predicted for. If every row is stale (inference slower than a chunk), the executor asks again,
 synchronously. A tick with no action available waits for the pending request and is counted as stalled.
+
+Real-time chunking (`inpaint=True`, flow policies): each overlapping request also carries what the current chunk
+still holds from its tick on (`prefix`) and how many of those actions will run before the reply arrives
+(`prefix_delay`: the ticks the last reply took, at least 1); the policy inpaints the new chunk to continue
+them, so the switch to it does not jump (Black et al. 2025). `request` is then called as
+`request(obs, prefix=..., prefix_delay=...)`, as `PolicyClient.infer` takes them.
 """
 
 from __future__ import annotations
@@ -53,11 +59,12 @@ def snapshot(obs: Any) -> Any:
 class AsyncChunkExecutor:
     """One action per `act(obs)` call from chunks that `request(obs) -> [N, A]` computes (e.g. `PolicyClient.infer`)."""
 
-    def __init__(self, request: Callable[[Any], np.ndarray], overlap: int = 0) -> None:
+    def __init__(self, request: Callable[..., np.ndarray], overlap: int = 0, inpaint: bool = False) -> None:
         if overlap < 0:
             raise ValueError(f"overlap must be >= 0, not {overlap}")
         self.request = request
         self.overlap = overlap
+        self.inpaint = inpaint
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-request")
         self._pending: tuple[int, Future] | None = None
         self.reset()
@@ -71,10 +78,18 @@ class AsyncChunkExecutor:
         self.t = 0
         self._chunk: np.ndarray | None = None
         self._start = 0  # the tick the current chunk's row 0 was predicted for
+        self._delay = 1  # ticks the last overlapping request took (real-time chunking's prefix_delay)
         self.stats = ExecutorStats()
 
     def _submit(self, obs: Any) -> None:
-        self._pending = (self.t, self._pool.submit(self.request, snapshot(obs)))
+        if self.inpaint and self._available():
+            assert self._chunk is not None
+            prefix = self._chunk[self.t - self._start :].copy()  # this tick's action first
+            delay = min(self._delay, len(prefix))
+            future = self._pool.submit(self.request, snapshot(obs), prefix=prefix, prefix_delay=delay)
+        else:
+            future = self._pool.submit(self.request, snapshot(obs))
+        self._pending = (self.t, future)
 
     def _adopt(self) -> None:
         """Make the finished pending chunk current (raises the request's error, if any)."""
@@ -84,6 +99,8 @@ class AsyncChunkExecutor:
         chunk = np.asarray(future.result(), dtype=np.float32)
         if chunk.ndim != 2 or chunk.shape[0] < 1:
             raise ValueError(f"an action chunk must be [N, A] with N >= 1, got {chunk.shape}")
+        if self._chunk is not None:  # an overlapping request: how many ticks it took
+            self._delay = max(1, self.t - start)
         self._chunk, self._start = chunk, start
         self.stats.chunks += 1
         self.stats.skipped_actions += min(self.t - start, len(chunk))

@@ -8,7 +8,9 @@ array. Only boolean, integer, unsigned and float dtypes are accepted.
 Messages (client → server; every request may carry an `id`, echoed in its reply):
 
 - `{"type": "infer", "obs": {"images": {camera: uint8 [H, W, 3]}, "state": float [S], "instruction": str},
-  "seed": int | None}` → `{"type": "actions", "actions": float32 [N, A], "server_ms": float}`
+  "seed": int | None, "prefix": float [P, A] | None, "prefix_delay": int}` → `{"type": "actions", "actions":
+  float32 [N, A], "server_ms": float}`; `prefix` (flow policies, metadata `inpainting`): the previous chunk's
+  actions from this step on, which the new chunk continues (real-time chunking, `Policy.predict`)
 - `{"type": "reset", "seed": int | None}` → `{"type": "reset"}`: a new episode for this connection
 - `{"type": "health"}` → `{"type": "health", "status": "ok" | "stopping", "connections": n, "sessions": n,
   "busy": bool, "served": n}` (`busy`: an inference is running)
@@ -188,3 +190,27 @@ def parse_state(obs: dict, dim: int, required: bool) -> np.ndarray | None:
         bad = [i for i, v in enumerate(state.tolist()) if not math.isfinite(v)]
         raise RequestError("obs.state", f"expected finite values, got NaN/inf at index(es) {bad}")
     return state.astype(np.float32)
+
+
+def parse_prefix(message: dict, chunk_size: int, action_dim: int, inpainting: bool) -> tuple[np.ndarray | None, int]:
+    """The optional real-time chunking `prefix` (finite float [P, A], 1 <= P <= N) and `prefix_delay` (0..P)."""
+    prefix, delay = message.get("prefix"), message.get("prefix_delay", 0)
+    if prefix is None:
+        return None, 0
+    if not inpainting:
+        raise RequestError("prefix", "this policy cannot inpaint a chunk (real-time chunking needs a flow policy)")
+    if not isinstance(prefix, np.ndarray) or prefix.dtype.kind not in "iuf":
+        raise RequestError(
+            "prefix", f"expected a float [P, {action_dim}] array, got {getattr(prefix, 'dtype', type(prefix))}"
+        )
+    if prefix.ndim != 2 or prefix.shape[1] != action_dim or not 1 <= prefix.shape[0] <= chunk_size:
+        raise RequestError(
+            "prefix", f"expected shape [P, {action_dim}] with 1 <= P <= {chunk_size}, got {list(prefix.shape)}"
+        )
+    if not np.isfinite(prefix).all():
+        raise RequestError("prefix", "expected finite values, got NaN/inf")
+    if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= prefix.shape[0]:
+        raise RequestError(
+            "prefix_delay", f"expected an integer in [0, {prefix.shape[0]}] (the prefix length), got {delay!r}"
+        )
+    return prefix.astype(np.float32), delay

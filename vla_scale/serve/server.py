@@ -91,6 +91,7 @@ class PolicyServer:
         self._stepwise = bool(getattr(policy.model, "stepwise", False))
         self._base_head = policy.model.action_head if self._stepwise else None
         self._state_required = policy.model.state_encoder is not None
+        self._inpainting = policy.model.cfg.action_space == "flow"
         self._model = threading.Lock()  # one inference at a time, whichever connection asks
         self._sessions: dict[int, Session] = {}
         self._streams: dict[int, FrameStream] = {}  # open connections
@@ -136,6 +137,7 @@ class PolicyServer:
             "chunk_size": p.chunk_size,
             "window_size": p.window_size,
             "stepwise": self._stepwise,
+            "inpainting": self._inpainting,  # infer accepts a prefix (real-time chunking, flow policies)
             "control_rate_hz": self.control_rate_hz,
             "instruction": {"type": "str", "encodings": list(proto.INSTRUCTION_ENCODINGS)},
             "max_message_bytes": self.max_message_bytes,
@@ -321,9 +323,13 @@ class PolicyServer:
             state = proto.parse_state(obs, self.policy.state_dim, self._state_required)
             instruction = proto.parse_instruction(obs)
             seed = proto.parse_seed(message)
-            frames: Any = images if self.policy.wrist_camera else images[self.cameras[0]]
+            p = self.policy
+            prefix, delay = proto.parse_prefix(message, p.chunk_size, p.action_dim, self._inpainting)
+            frames: Any = images if p.wrist_camera else images[self.cameras[0]]
             start = time.perf_counter()
-            actions = self._run(key, lambda policy: policy.predict(frames, instruction, state, seed=seed))
+            actions = self._run(
+                key, lambda policy: policy.predict(frames, instruction, state, seed, prefix=prefix, prefix_delay=delay)
+            )
             ms = (time.perf_counter() - start) * 1e3
             return {"type": "actions", "id": request_id, "actions": np.asarray(actions, np.float32), "server_ms": ms}
         except proto.RequestError as err:
