@@ -1,6 +1,9 @@
 """Policy server figures (issue 15): request latency via `vla-scale serve` vs in-process `Policy.predict` on the same
 export, throughput with 1/4/16 concurrent client processes, and a fixed-rate control loop with synchronous vs
-asynchronous chunk execution (steps/s and the fraction of ticks that waited for a chunk).
+asynchronous chunk execution (steps/s and the fraction of ticks that waited for a chunk). The latency rounds also
+time a floor: the same observation bytes over a plain TCP socket to another process running the same
+`Policy.predict`, with no websocket framing, no msgpack and no checks, which is what moving a request between two
+processes costs on this machine before the protocol adds anything.
 
 The export is the debug config's tiny random-weight LLaVA (8-step chunks) declared with two cameras; every request
 carries two 224 x 224 frames, state and instruction, which the policy resizes to the tiny backbone's input. The
@@ -19,7 +22,9 @@ import re
 import select
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -108,6 +113,68 @@ def server_process(export: Path, threads: int, delay_ms: float = 0.0):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
+
+
+def raw_floor_server(export: str, threads: int, ports: Any) -> None:
+    """The floor's server process: one connection; each request is the two frames and the state as raw bytes in a
+    fixed layout, answered with the chunk's float32 bytes and the inference time (float64 ms)."""
+    import torch
+
+    from vla_scale.policy import Policy
+
+    torch.set_num_threads(threads)
+    quiet_libraries()
+    policy = Policy.from_pretrained(export, device="cpu")
+    sizes = [SIDE * SIDE * 3] * len(CAMERAS) + [4 * 4]
+    buf = bytearray(sum(sizes))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ports.put(listener.getsockname()[1])
+        sock, _ = listener.accept()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with sock, memoryview(buf) as view:
+        while True:
+            got = 0
+            while got < len(buf):
+                n = sock.recv_into(view[got:])
+                if not n:
+                    return
+                got += n
+            parts, at = [], 0
+            for size in sizes:
+                parts.append(np.frombuffer(buf, np.uint8, size, at))
+                at += size
+            images = {c: parts[i].reshape(SIDE, SIDE, 3) for i, c in enumerate(CAMERAS)}
+            start = time.perf_counter()
+            actions = policy.predict(images, INSTRUCTION, parts[-1].view(np.float32))
+            ms = (time.perf_counter() - start) * 1e3
+            sock.sendall(np.asarray(actions, np.float32).tobytes() + struct.pack("<d", ms))
+
+
+@contextmanager
+def raw_floor(export: Path, threads: int, action_dim: int):
+    """Start the floor's server; yields `infer(obs) -> server ms` over its socket (the frames sent in place)."""
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    proc = ctx.Process(target=raw_floor_server, args=(str(export), threads, ports), daemon=True)
+    proc.start()
+    reply = CHUNK * action_dim * 4 + 8
+    try:
+        sock = socket.create_connection(("127.0.0.1", ports.get(timeout=300)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def infer(o: dict) -> float:
+            sock.sendmsg([*(o["images"][c] for c in CAMERAS), o["state"]])
+            data = b""
+            while len(data) < reply:
+                data += sock.recv(reply - len(data))
+            np.frombuffer(data, np.float32, CHUNK * action_dim)
+            return struct.unpack("<d", data[-8:])[0]
+
+        with sock:
+            yield infer
+    finally:
+        proc.kill()
+        proc.join(timeout=30)
 
 
 def fmt_load(load: tuple[float, float, float]) -> str:
@@ -221,11 +288,12 @@ def print_latency(
     args: argparse.Namespace,
     rounds: list[dict],
     inside: list[float],
+    raw_inside: list[float],
     health: list[list[float]],
     loads: tuple,
 ) -> float:
     """The latency rounds and the overhead figures; returns the server's median round trip (ms)."""
-    base, servers = "in-process", ("server",)
+    base, servers = "in-process", ("server", "raw socket")
     print(f"$ {command_line()}")
     print(f"tiny debug model, CPU, {args.threads} torch thread(s); 2 cameras x {SIDE}x{SIDE} uint8 + state per request")
     print(f"load average (1/5/15 min) before {fmt_load(loads[0])}, after the latency rounds {fmt_load(loads[1])}")
@@ -237,12 +305,17 @@ def print_latency(
             [str(i + 1), f"{med(r[base]):.2f}"]
             + [f"{med(r[k]):.2f} ({med(r[k]) / med(r[base]) - 1:+.1%})" for k in servers]
         )
-    print(table(["round", "in-process ms", "server ms"], rows))
+    print(table(["round", "in-process ms", "server ms", "raw socket ms (floor)"], rows))
     pooled = {k: [t for r in rounds for t in r[k]] for k in (base, *servers)}
     print("all calls, medians: " + ", ".join(f"{k} {med(v):.2f} ms" for k, v in pooled.items()))
     print(f"inside the server (the inference itself, server_ms) {statistics.median(inside):.2f} ms")
     fixed = med(pooled["server"]) - statistics.median(inside)
     print(f"round trip minus server_ms (medians): {fixed:.2f} ms per request, {fixed / statistics.median(inside):.1%}")
+    floor = med(pooled["raw socket"]) - statistics.median(raw_inside)
+    print(
+        f"raw socket floor (same bytes, no framing, encoding or checks): round trip minus its inference "
+        f"{floor:.2f} ms, {floor / statistics.median(raw_inside):.1%}; the server adds {fixed - floor:.2f} ms to it"
+    )
     hm, pm = (med(h) for h in health)
     print(f"health round trip {hm:.2f} ms; with the observation as payload (decoded, no inference) {pm:.2f} ms")
     for k in servers:
@@ -287,16 +360,21 @@ def main() -> None:
         with (
             server_process(export, args.threads) as url,
             PolicyClient(url, timeout=600) as client,
+            raw_floor(export, args.threads, policy.action_dim) as raw_infer,
         ):
             inside: list[float] = []  # the server's own time per request (checks, inference)
+            raw_inside: list[float] = []  # the floor server's inference time
 
             def infer(o: dict) -> None:
                 inside.append(client.request({"type": "infer", "obs": o})["server_ms"])
 
+            def raw(o: dict) -> None:
+                raw_inside.append(raw_infer(o))
+
             def predict(o: dict) -> None:
                 policy.predict(o["images"], o["instruction"], o["state"])
 
-            paths = {"in-process": predict, "server": infer}
+            paths = {"in-process": predict, "server": infer, "raw socket": raw}
             rounds = interleaved_rounds(paths, obs, args.rounds, args.warmup)
             # the transport alone: a health request carrying the observation, which the server decodes
             health = [
@@ -305,14 +383,14 @@ def main() -> None:
             ]
         loads = (load_before, os.getloadavg())
         if args.latency_only:
-            print_latency(args, rounds, inside, health, loads)
+            print_latency(args, rounds, inside, raw_inside, health, loads)
             return
         with server_process(export, args.threads) as url:
             rows = [throughput(url, n, args.seconds) for n in args.clients]
             loops = [control_loop(url, args.rate, o, args.ticks) for o in (0, *args.overlaps)]
         with server_process(export, args.threads, args.delay_ms) as url:
             slow = [control_loop(url, args.slow_rate, o, args.ticks) for o in (0, *args.overlaps)]
-    sm = print_latency(args, rounds, inside, health, loads)
+    sm = print_latency(args, rounds, inside, raw_inside, health, loads)
     print(f"\nthroughput, concurrent client processes, {args.seconds:.0f} s each (one model, requests serialised)")
     print(table(["clients", "requests/s", "median ms", "p90 ms"], rows))
     header = ["execution", "steps/s", "ticks waiting", "wait ms/tick", "stale rows skipped"]

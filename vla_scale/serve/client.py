@@ -46,7 +46,8 @@ class PolicyClient:
         with self._lock:
             self._next_id += 1
             message = {**message, "id": self._next_id}
-            self._ws.send(proto.pack(message))
+            with proto.packed(message) as frame:
+                self._ws.send(frame)
             reply = self._reply_to(message["id"])
         if reply.get("type") == "error":
             raise proto.ServerError(str(reply.get("field")), str(reply.get("message")))

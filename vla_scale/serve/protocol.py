@@ -23,6 +23,9 @@ the offending field and what was expected; the connection stays open.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgpack
@@ -72,20 +75,55 @@ def pack(message: dict) -> bytes:
     return msgpack.packb(message, default=_default, use_bin_type=True)
 
 
+_local = threading.local()
+
+
+@contextmanager
+def packed(message: dict) -> Iterator[memoryview]:
+    """`pack` into this thread's kept buffer, for sending inside the block. Why: a 0.3 MB request packed by
+    `packb` is written into a fresh 256 KiB buffer, copied again as it outgrows it and once more into the
+    returned bytes; a kept buffer is already large enough and the frame goes out from it directly."""
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=False)
+    try:
+        packer.pack(message)
+    except BaseException:
+        _local.packer = None  # it may hold part of the message
+        raise
+    view = packer.getbuffer()
+    try:
+        yield view
+    finally:
+        view.release()
+        try:
+            packer.reset()
+        except BufferError:  # a view of the buffer outlived the block (held by a traceback): start a new one
+            _local.packer = None
+
+
 def unpack(frame: bytes | str) -> dict:
     """A frame → the message map with its arrays rebuilt; `RequestError` names what was malformed."""
     if isinstance(frame, str):
         raise RequestError("message", "expected a binary frame holding a msgpack map, got a text frame")
     try:
-        obj = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=False, object_hook=_array_hook)
+    except RequestError:  # a malformed array: decoded again the slow way, which names where it is
+        obj = _arrays(msgpack.unpackb(frame, raw=False, strict_map_key=False), "")
     except Exception as err:  # noqa: BLE001 - msgpack raises several unrelated types on bad input
         raise RequestError("message", f"expected a msgpack map, got undecodable bytes ({err})") from None
     if not isinstance(obj, dict):
         raise RequestError("message", f"expected a msgpack map, got a {type(obj).__name__}")
-    return _arrays(obj, "")
+    return obj
+
+
+def _array_hook(obj: dict) -> Any:
+    """msgpack's hook for every decoded map: arrays are rebuilt inside its C loop, no walk over the message."""
+    return _decode_array(obj, "message") if obj.get(NDARRAY_KEY) is True else obj
 
 
 def _arrays(obj: Any, path: str) -> Any:
+    """Arrays rebuilt by walking the message, each checked under its dotted path (for the error reply)."""
     if isinstance(obj, dict):
         if obj.get(NDARRAY_KEY) is True:
             return _decode_array(obj, path or "message")

@@ -273,7 +273,8 @@ class PolicyServer:
                     self._busy.add(key)
                 try:
                     reply = self._reply(key, frame)
-                    stream.send(proto.pack(reply))
+                    with proto.packed(reply) as data:
+                        stream.send(data)
                 finally:
                     with self._state:
                         self._busy.discard(key)

@@ -61,8 +61,8 @@ class Connection:
             raise
         self._stream = FrameStream(sock, client=True, max_size=max_size, pending=rest)
 
-    def send(self, message: bytes | str) -> None:
-        """One message: bytes as a binary frame, str as a text frame."""
+    def send(self, message: bytes | memoryview | str) -> None:
+        """One message: bytes (or a buffer) as a binary frame, str as a text frame."""
         try:
             self._stream.send(message)
         except OSError:  # the peer is gone; its close frame, if any, is read below
