@@ -46,3 +46,19 @@ def test_summary_per_task_and_overall():
     swapped = summarize_episodes([{**e, "followed": e["success"], "original": False} for e in eps], ["a", "b"], True)
     assert swapped["overall"]["followed"]["rate"] == pytest.approx(2 / 3)
     assert swapped["overall"]["original"]["rate"] == 0
+
+
+def test_chunk_figures_pool_every_step_of_the_episodes():
+    eps = [
+        {"task": "a", "success": True, "length": 9, "chunk_switches": 2, "steps_within_chunks": 6,
+         "planned_switches": 2, "switch_jump": 1.0, "step_jump": 0.5, "switch_departure": 0.2,
+         "stalled_steps": 1, "stale_rows_skipped": 4},
+        {"task": "a", "success": False, "length": 5, "chunk_switches": 1, "steps_within_chunks": 3,
+         "planned_switches": 0, "switch_jump": 4.0, "step_jump": 0.5, "switch_departure": None,
+         "stalled_steps": 1, "stale_rows_skipped": 2},
+    ]  # fmt: skip
+    o = summarize_episodes(eps, ["a"])["overall"]
+    assert o["switch_jump"] == pytest.approx((2 * 1.0 + 4.0) / 3)  # per switch, not per episode
+    assert o["step_jump"] == pytest.approx(0.5) and o["switch_departure"] == pytest.approx(0.2)
+    assert (o["chunk_switches"], o["planned_switches"], o["stalled_steps"], o["stale_rows_skipped"]) == (3, 2, 2, 6)
+    assert "switch_jump" not in summarize_episodes([{"task": "a", "success": True, "length": 3}], ["a"])["overall"]

@@ -94,3 +94,59 @@ def test_executor_request_errors_reach_the_control_loop(slow_url):
         executor.close()
     with pytest.raises(ValueError, match="overlap"):
         AsyncChunkExecutor(client.infer, overlap=-1)
+
+
+class Recorder:
+    """A request function whose chunk k (row i = 100 k + i) is numbered by call order; it records each call."""
+
+    def __init__(self, chunk: int = CHUNK) -> None:
+        self.chunk, self.calls = chunk, []
+
+    def __call__(self, obs: dict, prefix: np.ndarray | None = None, prefix_delay: int = 0) -> np.ndarray:
+        self.calls.append((obs["tick"], None if prefix is None else prefix[:, 0].tolist(), prefix_delay))
+        k = len(self.calls) - 1
+        return (100 * k + np.arange(self.chunk, dtype=np.float32))[:, None].repeat(2, 1)
+
+
+@pytest.mark.parametrize("delay", [1, 2, 3])
+def test_simulated_delay_makes_each_chunk_available_delay_ticks_after_its_request(delay):
+    overlap, ticks = 3, 3 * CHUNK
+    req = Recorder()
+    executor = AsyncChunkExecutor(req, overlap=overlap, delay_ticks=delay)
+    executed = [float(executor.act({"tick": t})[0]) for t in range(ticks)]
+    stats = executor.stats
+    assert stats.stalled_ticks == 1 and stats.ticks == ticks  # the first tick only: every delay is covered
+    requested = [tick for tick, _, _ in req.calls]
+    assert requested[:3] == [0, CHUNK - overlap, 2 * (CHUNK - overlap)]  # a chunk is aligned to its request
+    for t, (tick, start, row) in enumerate(stats.log):
+        k = requested.index(start)
+        assert tick == t and row == t - start and executed[t] == 100 * k + row
+        if k:  # a later chunk is first executed exactly `delay` ticks after its request: rows before are stale
+            assert min(r for _, s, r in stats.log if s == start) == delay
+    assert stats.skipped_actions == delay * (stats.chunks - 1)
+
+
+def test_simulated_delay_sends_the_rows_still_to_run_and_the_delay_with_real_time_chunking():
+    req = Recorder()
+    executor = AsyncChunkExecutor(req, overlap=4, inpaint=True, delay_ticks=2)
+    for t in range(2 * CHUNK):
+        executor.act({"tick": t})
+    (_, first, _), (tick, prefix, delay), *_ = req.calls
+    assert first is None and tick == CHUNK - 4 and delay == 2
+    assert prefix == [float(r) for r in range(CHUNK - 4, CHUNK)]  # chunk 0's rows from the request's tick on
+
+
+def test_simulated_delay_that_outlasts_a_short_chunk_stalls_without_advancing_the_clock():
+    req = Recorder(chunk=4)
+    executor = AsyncChunkExecutor(req, overlap=3, delay_ticks=3)  # adopted at row 3: 1 row left, delay 3
+    for t in range(12):
+        executor.act({"tick": t})
+    assert executor.stats.stalled_ticks > 1 and executor.stats.ticks == 12
+    assert [tick for tick, _, _ in executor.stats.log] == list(range(12))
+
+
+def test_simulated_delay_is_checked():
+    with pytest.raises(ValueError, match="overlap >= 3"):
+        AsyncChunkExecutor(Recorder(), overlap=2, delay_ticks=3)
+    with pytest.raises(ValueError, match="delay_ticks must be >= 1"):
+        AsyncChunkExecutor(Recorder(), overlap=2, delay_ticks=0)

@@ -5,14 +5,22 @@ per step: it executes the first `exec_steps` actions open-loop before asking aga
 `ensemble` it averages every chunk that covers the current step with exponential weights
 that favour the oldest prediction (temporal ensembling, ACT, Zhao et al. 2023), which smooths
 the seams between chunks.
+
+With a simulated inference delay (`Execution.delay`: `vla-scale eval --delay D --overlap K [--rtc]`) the
+policy's chunks go through the deploy-side `AsyncChunkExecutor` instead: the next chunk is requested when K
+actions remain and executed from D steps after its request (its first D rows stale), as on a robot whose
+inference takes D control steps; `--rtc` adds real-time chunking (flow policies). Every policy agent reports per
+episode how far the action jumps where a new chunk takes over against between steps of one chunk
+(`episode_info`), the smoothness real-time chunking is for.
 """
 
 from __future__ import annotations
 
 import abc
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,6 +61,13 @@ class ChunkExecutor:
             self._chunks.clear()
         self._chunks.append((self.t, chunk))
 
+    def planned(self) -> np.ndarray | None:
+        """The newest chunk's action for the current step, None if it does not cover it."""
+        if not self._chunks:
+            return None
+        start, chunk = self._chunks[-1]
+        return chunk[self.t - start] if self.t < start + len(chunk) else None
+
     def pop(self) -> np.ndarray:
         """This step's action; advances to the next step."""
         while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= self.t:
@@ -77,6 +92,10 @@ class Agent(abc.ABC):
     @abc.abstractmethod
     def act(self, obs: EnvObservation) -> np.ndarray:
         """The action for this step (raw units of the env's action space)."""
+
+    def episode_info(self) -> dict[str, Any]:
+        """Figures about the episode just run, added to its record in results.json."""
+        return {}
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free what the agent holds (model, files)."""
@@ -118,26 +137,145 @@ class ExpertAgent(Agent):
         return np.asarray(self._env.expert_action(), dtype=np.float32)
 
 
-class PolicyAgent(Agent):
-    """A `vla_scale.policy.Policy` (export folder) run through a `ChunkExecutor`."""
+@dataclass(frozen=True)
+class Execution:
+    """How a policy's chunks become actions: `ChunkExecutor` (exec_steps, ensemble), or with `delay` (simulated
+    inference latency in steps) the asynchronous executor requesting at `overlap` remaining actions (default:
+    `delay`), with real-time chunking if `rtc`."""
+
+    exec_steps: int = 1
+    ensemble: bool = False
+    ensemble_k: float = 0.01
+    delay: int | None = None
+    overlap: int | None = None
+    rtc: bool = False
+
+    def check(self) -> None:
+        if self.delay is None:
+            if self.overlap is not None or self.rtc:
+                raise ValueError("--overlap and --rtc need --delay D (the simulated inference latency in steps)")
+            return
+        if self.exec_steps != 1 or self.ensemble:
+            raise ValueError(
+                "--delay runs chunks asynchronously (a new one every `overlap` steps): drop --exec-steps/--ensemble"
+            )
+        if self.delay < 1:
+            raise ValueError(f"--delay must be >= 1 step, not {self.delay}")
+        if self.overlap is not None and self.overlap < self.delay:
+            raise ValueError(
+                f"--overlap {self.overlap} < --delay {self.delay}: the next chunk is requested when `overlap` "
+                "actions remain and must arrive before they run out"
+            )
+
+
+class ChunkingAgent(Agent):
+    """A policy queried for action chunks (`_query`), executed per `Execution`; subclasses say where the policy
+    runs (in-process `PolicyAgent`, or behind a server: `vla_scale.serve.agent.ServerPolicyAgent`)."""
 
     name = "policy"
 
-    def __init__(
-        self,
-        path: str | Path,
-        exec_steps: int = 1,
-        ensemble: bool = False,
-        ensemble_k: float = 0.01,
-        device: str = "cpu",
-    ) -> None:
+    def _setup(self, execution: Execution, query_every_step: bool, can_inpaint: bool) -> None:
+        execution.check()
+        self.execution = execution
+        # A frame history (window > 1) or a recurrent head must see every frame, so such a policy
+        # is queried at every step and only the queries at replanning steps are executed.
+        self._query_every_step = query_every_step
+        self.executor = ChunkExecutor(execution.exec_steps, execution.ensemble, execution.ensemble_k)
+        self.async_executor = None
+        if execution.delay is not None:
+            if query_every_step:
+                raise ValueError(
+                    "--delay: this policy keeps a frame history or a recurrent head, which must see every frame; "
+                    "asynchronous execution queries it only when a chunk is requested"
+                )
+            if execution.rtc and not can_inpaint:
+                raise ValueError("--rtc (real-time chunking) needs a flow policy (model.action_space: flow)")
+            from vla_scale.serve.executor import AsyncChunkExecutor
+
+            self.async_executor = AsyncChunkExecutor(
+                self._query,
+                overlap=execution.overlap or execution.delay,
+                inpaint=execution.rtc,
+                delay_ticks=execution.delay,
+            )
+        self._reset_tracking()
+
+    def _query(self, obs: EnvObservation, prefix: np.ndarray | None = None, prefix_delay: int = 0) -> np.ndarray:
+        """The action chunk [N, A] for this step's observation."""
+        raise NotImplementedError
+
+    def _reset_tracking(self) -> None:
+        self._last: np.ndarray | None = None
+        self._source: object = None  # which chunk the last action came from
+        self._pushed_at = -1  # the step the synchronous executor's newest chunk was predicted at
+        self._jumps: dict[bool, list[float]] = {True: [], False: []}  # at a chunk switch / within a chunk
+        self._departures: list[float] = []  # at a switch: the new chunk's action against the old chunk's plan
+
+    def _start_episode(self) -> None:
+        self.executor.reset()
+        if self.async_executor is not None:
+            self.async_executor.reset()
+        self._reset_tracking()
+
+    def act(self, obs: EnvObservation) -> np.ndarray:
+        plan = (self.async_executor or self.executor).planned()  # the current chunk's plan for this step
+        if self.async_executor is not None:
+            action = self.async_executor.act(obs)
+            source: object = self.async_executor.stats.log[-1][1]  # the tick its chunk was requested at
+        else:
+            due = self.executor.due()
+            if due or self._query_every_step:
+                chunk = self._query(obs)
+                if due:
+                    self.executor.push(chunk)
+                    self._pushed_at = self.executor.t
+            source = self._pushed_at
+            action = self.executor.pop()
+        switch = source != self._source
+        if self._last is not None:
+            self._jumps[switch].append(float(np.linalg.norm(action - self._last)))
+            if switch and plan is not None:
+                self._departures.append(float(np.linalg.norm(action - plan)))
+        self._last, self._source = np.asarray(action, np.float32), source
+        return action
+
+    def episode_info(self) -> dict[str, Any]:
+        """Raw action units, L2: the mean change of the action where a new chunk takes over (`switch_jump`) and
+        between two steps of one chunk (`step_jump`), and at a switch how far the new chunk's action departs from
+        what the replaced chunk planned for that step (`switch_departure`, switches where it still covered it);
+        with --delay also the executor's stalled steps and stale rows skipped."""
+        mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+        info: dict[str, Any] = {
+            "chunk_switches": len(self._jumps[True]),
+            "steps_within_chunks": len(self._jumps[False]),
+            "planned_switches": len(self._departures),
+            "switch_jump": mean(self._jumps[True]),
+            "step_jump": mean(self._jumps[False]),
+            "switch_departure": mean(self._departures),
+        }
+        if self.async_executor is not None:
+            stats = self.async_executor.stats
+            info.update(stalled_steps=stats.stalled_ticks, stale_rows_skipped=stats.skipped_actions)
+        return info
+
+    def close(self) -> None:
+        if self.async_executor is not None:
+            self.async_executor.close()
+
+
+class PolicyAgent(ChunkingAgent):
+    """A `vla_scale.policy.Policy` (export folder) loaded in this process."""
+
+    def __init__(self, path: str | Path, execution: Execution | None = None, device: str = "cpu") -> None:
         from vla_scale.policy import Policy
 
         self.policy = Policy.from_pretrained(path, device=device)
-        self.executor = ChunkExecutor(exec_steps, ensemble, ensemble_k)
-        # A frame history (window > 1) or a recurrent head must see every frame, so such a policy
-        # is queried at every step and only the queries at replanning steps are executed.
-        self._query_every_step = self.policy.window_size > 1 or bool(getattr(self.policy.model, "stepwise", False))
+        model = self.policy.model
+        self._setup(
+            execution or Execution(),
+            query_every_step=self.policy.window_size > 1 or bool(getattr(model, "stepwise", False)),
+            can_inpaint=model.cfg.action_space == "flow",
+        )
 
     def reset(self, env: Env, seed: int) -> None:
         if env.state_dim != self.policy.state_dim or env.action_space.dim != self.policy.action_dim:
@@ -146,15 +284,12 @@ class PolicyAgent(Agent):
                 f"suite {env.suite} has {env.state_dim} / {env.action_space.dim}"
             )
         self.policy.reset(seed)  # a flow policy's sampled chunks then depend on the episode's seed only
-        self.executor.reset()
+        self._start_episode()
 
-    def act(self, obs: EnvObservation) -> np.ndarray:
-        due = self.executor.due()
-        if due or self._query_every_step:
-            chunk = self.policy.predict(self._frames(obs), obs.instruction, obs.state)
-            if due:
-                self.executor.push(chunk)
-        return self.executor.pop()
+    def _query(self, obs: EnvObservation, prefix: np.ndarray | None = None, prefix_delay: int = 0) -> np.ndarray:
+        return self.policy.predict(
+            self._frames(obs), obs.instruction, obs.state, prefix=prefix, prefix_delay=prefix_delay
+        )
 
     def _frames(self, obs: EnvObservation) -> np.ndarray | dict[str, np.ndarray]:
         if obs.wrist_image is None or not self.policy.wrist_camera:
@@ -170,19 +305,25 @@ def make_agent(
     ensemble: bool = False,
     device: str = "cpu",
     server: str | None = None,
+    delay: int | None = None,
+    overlap: int | None = None,
+    rtc: bool = False,
 ) -> Agent:
     """An agent by name (what `EvalConfig`'s agent factory calls in each worker); a policy agent with `server`
-    (ws://host:port of `vla-scale serve`) queries the served policy instead of loading `path`."""
+    (ws://host:port of `vla-scale serve`) queries the served policy instead of loading `path`. `delay`,
+    `overlap`, `rtc`: simulated inference latency with asynchronous execution (`Execution`)."""
     if kind == "random":
         return RandomAgent()
     if kind == "expert":
         return ExpertAgent()
     if kind == "policy":
+        execution = Execution(exec_steps=exec_steps, ensemble=ensemble, delay=delay, overlap=overlap, rtc=rtc)
+        execution.check()  # before a model is loaded or a server contacted
         if server is not None:
             from vla_scale.serve.agent import ServerPolicyAgent
 
-            return ServerPolicyAgent(server, exec_steps=exec_steps, ensemble=ensemble)
+            return ServerPolicyAgent(server, execution)
         if path is None:
             raise ValueError("the policy agent needs the path of an export folder")
-        return PolicyAgent(path, exec_steps=exec_steps, ensemble=ensemble, device=device)
+        return PolicyAgent(path, execution, device=device)
     raise ValueError(f"unknown agent {kind!r}; choose one of {', '.join(AGENTS)}")

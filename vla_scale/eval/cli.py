@@ -28,6 +28,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exec-steps", type=int, default=1, help="actions of each chunk run open-loop (default: 1)")
     p.add_argument("--ensemble", action="store_true", help="temporal ensembling of overlapping chunks (ACT)")
     p.add_argument(
+        "--delay",
+        type=int,
+        default=None,
+        metavar="D",
+        help="simulated inference latency in steps: chunks run asynchronously, each from D steps after its request",
+    )
+    p.add_argument(
+        "--overlap", type=int, default=None, metavar="K", help="with --delay: request at K actions left (default: D)"
+    )
+    p.add_argument("--rtc", action="store_true", help="with --delay: real-time chunking (flow policies)")
+    p.add_argument(
         "--swap-instruction",
         action="store_true",
         help="show another task's instruction in each scene and score whether the named task was done",
@@ -66,6 +77,9 @@ def run_eval(args: argparse.Namespace) -> int:
         workers=args.workers,
         exec_steps=args.exec_steps,
         ensemble=args.ensemble,
+        delay=args.delay,
+        overlap=args.overlap,
+        rtc=args.rtc,
         swap_instruction=args.swap_instruction,
         videos=args.videos,
         video_format=args.video_format,
@@ -86,6 +100,9 @@ def run_eval(args: argparse.Namespace) -> int:
                 path=None if policy is None else str(policy),
                 exec_steps=args.exec_steps,
                 ensemble=args.ensemble,
+                delay=args.delay,
+                overlap=args.overlap,
+                rtc=args.rtc,
                 device=args.device,
                 server=args.server if args.agent == "policy" else None,
             )

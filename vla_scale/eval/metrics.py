@@ -46,7 +46,29 @@ def summarize_episodes(episodes: Iterable[dict], tasks: Sequence[str], swap: boo
         out = {key: rate([e[key] for e in eps]) for key in keys}
         out["episodes"] = len(eps)
         out["mean_length"] = sum(e["length"] for e in eps) / len(eps) if eps else float("nan")
+        out.update(_chunk_figures(eps))
         return out
 
     per_task = {task: block([e for e in episodes if e["task"] == task]) for task in tasks}
     return {"tasks": per_task, "overall": block(episodes)}
+
+
+def _chunk_figures(episodes: list[dict]) -> dict:
+    """How a policy's chunks joined (policy agents' `episode_info`): the action's mean L2 change at a chunk
+    switch and within a chunk, and the departure from the replaced chunk's plan at a switch, pooled over every
+    step of these episodes; the counts, stalled steps and stale rows summed."""
+    out: dict = {}
+    weighted = (
+        ("switch_jump", "chunk_switches"),
+        ("step_jump", "steps_within_chunks"),
+        ("switch_departure", "planned_switches"),
+    )
+    for key, count in weighted:
+        pairs = [(e[key], e[count]) for e in episodes if e.get(key) is not None]
+        weight = sum(n for _, n in pairs)
+        if weight:
+            out[key] = sum(v * n for v, n in pairs) / weight
+    for key in ("chunk_switches", "steps_within_chunks", "planned_switches", "stalled_steps", "stale_rows_skipped"):
+        if any(key in e for e in episodes):
+            out[key] = sum(e.get(key, 0) for e in episodes)
+    return out

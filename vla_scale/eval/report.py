@@ -43,6 +43,17 @@ def format_results(results: dict) -> str:
         if swap:
             row += f"  {_cell(block['original']):<24}"
         lines.append(row.rstrip())
+    o = results["overall"]
+    if "switch_jump" in o:
+        text = (
+            f"action change (L2, raw units): {o['switch_jump']:.4f} at the {o['chunk_switches']} chunk switches, "
+            f"{o.get('step_jump', float('nan')):.4f} between steps of one chunk"
+        )
+        if "switch_departure" in o:
+            text += f"; a new chunk departs {o['switch_departure']:.4f} from the replaced chunk's plan"
+        if "stalled_steps" in o:
+            text += f"; {o['stalled_steps']} stalled steps, {o['stale_rows_skipped']} stale rows skipped"
+        lines.append(text)
     return "\n".join(lines)
 
 

@@ -50,6 +50,9 @@ class EvalConfig:
     workers: int = 1  # 0: run in this process (no isolation, no timeout)
     exec_steps: int = 1
     ensemble: bool = False
+    delay: int | None = None  # simulated inference latency in steps: asynchronous execution (agents.Execution)
+    overlap: int | None = None
+    rtc: bool = False
     swap_instruction: bool = False
     videos: int = 0  # episodes per task with a video (the first ones)
     video_format: str = "mp4"  # or "gif"
@@ -137,6 +140,7 @@ def run_episode(env: Any, agent: Agent, job: EpisodeJob) -> dict:
     }
     if swap:
         record.update(named_task=job.named_task, followed=success, original=original)
+    record.update(agent.episode_info())
     if job.video:
         record["video"] = str(write_video(frames, job.video))
     return record

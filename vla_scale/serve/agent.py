@@ -1,7 +1,7 @@
 """The eval runner's policy agent with the policy behind a server (`vla-scale eval --server ws://...`).
 
 It makes exactly the queries the in-process `PolicyAgent` makes (same frames, same reset seed per episode,
-same replanning through `ChunkExecutor`), so a served policy acts identically to the same export loaded
+same execution of the chunks: `ChunkingAgent`), so a served policy acts identically to the same export loaded
 in-process. Each eval worker holds its own connection, so its episodes have their own state on the server.
 """
 
@@ -11,26 +11,29 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vla_scale.eval.agents import Agent, ChunkExecutor
+from vla_scale.eval.agents import ChunkingAgent, Execution
 from vla_scale.serve.client import PolicyClient
 
 if TYPE_CHECKING:
     from vla_scale.eval.env import Env, EnvObservation
 
 
-class ServerPolicyAgent(Agent):
-    """A policy served by `vla-scale serve`, run through a `ChunkExecutor`."""
+class ServerPolicyAgent(ChunkingAgent):
+    """A policy served by `vla-scale serve`."""
 
-    name = "policy"
-
-    def __init__(
-        self, url: str, exec_steps: int = 1, ensemble: bool = False, ensemble_k: float = 0.01, timeout: float = 300.0
-    ) -> None:
+    def __init__(self, url: str, execution: Execution | None = None, timeout: float = 300.0) -> None:
         self.client = PolicyClient(url, timeout=timeout)
         meta = self.client.metadata
-        self.executor = ChunkExecutor(exec_steps, ensemble, ensemble_k)
-        self._query_every_step = int(meta["window_size"]) > 1 or bool(meta["stepwise"])
         self._static, self._wrist = meta["static_camera"], meta["wrist_camera"]
+        try:
+            self._setup(
+                execution or Execution(),
+                query_every_step=int(meta["window_size"]) > 1 or bool(meta["stepwise"]),
+                can_inpaint=bool(meta.get("inpainting")),
+            )
+        except ValueError:
+            self.client.close()
+            raise
 
     def reset(self, env: Env, seed: int) -> None:
         meta = self.client.metadata
@@ -41,20 +44,17 @@ class ServerPolicyAgent(Agent):
                 f"suite {env.suite} has {env.state_dim} / {env.action_space.dim}"
             )
         self.client.reset(seed)
-        self.executor.reset()
+        self._start_episode()
 
-    def act(self, obs: EnvObservation) -> np.ndarray:
-        due = self.executor.due()
-        if due or self._query_every_step:
-            images = {self._static: obs.image}
-            if self._wrist:
-                if obs.wrist_image is None:
-                    raise ValueError(f"the served policy needs a wrist camera ({self._wrist}); this env renders none")
-                images[self._wrist] = obs.wrist_image
-            chunk = self.client.infer({"images": images, "state": obs.state, "instruction": obs.instruction})
-            if due:
-                self.executor.push(chunk)
-        return self.executor.pop()
+    def _query(self, obs: EnvObservation, prefix: np.ndarray | None = None, prefix_delay: int = 0) -> np.ndarray:
+        images = {self._static: obs.image}
+        if self._wrist:
+            if obs.wrist_image is None:
+                raise ValueError(f"the served policy needs a wrist camera ({self._wrist}); this env renders none")
+            images[self._wrist] = obs.wrist_image
+        request = {"images": images, "state": obs.state, "instruction": obs.instruction}
+        return self.client.infer(request, prefix=prefix, prefix_delay=prefix_delay)
 
     def close(self) -> None:
+        super().close()
         self.client.close()

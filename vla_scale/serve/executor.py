@@ -18,6 +18,14 @@ still holds from its tick on (`prefix`) and how many of those actions will run b
 (`prefix_delay`: the ticks the last reply took, at least 1); the policy inpaints the new chunk to continue
 them, so the switch to it does not jump (Black et al. 2025). `request` is then called as
 `request(obs, prefix=..., prefix_delay=...)`, as `PolicyClient.infer` takes them.
+
+Simulated latency (`delay_ticks=d >= 1`, closed-loop evaluation in a simulator, `vla-scale eval --delay`): a request
+is computed at once in the calling thread, but its chunk (row i for tick s + i, s the request's tick) only becomes
+available at tick s + d, so a simulator
+sees what a robot would with an inference that takes d control ticks, independent of how fast this machine runs
+the model (as real-time chunking's simulated-delay experiments do). As for a real robot, a tick with no chunk
+waits for the pending one without advancing the clock (counted as stalled): with overlap >= d that happens only
+at an episode's first tick, or when a chunk is too short to cover the next request's delay.
 """
 
 from __future__ import annotations
@@ -59,12 +67,27 @@ def snapshot(obs: Any) -> Any:
 class AsyncChunkExecutor:
     """One action per `act(obs)` call from chunks that `request(obs) -> [N, A]` computes (e.g. `PolicyClient.infer`)."""
 
-    def __init__(self, request: Callable[..., np.ndarray], overlap: int = 0, inpaint: bool = False) -> None:
+    def __init__(
+        self,
+        request: Callable[..., np.ndarray],
+        overlap: int = 0,
+        inpaint: bool = False,
+        delay_ticks: int | None = None,
+    ) -> None:
         if overlap < 0:
             raise ValueError(f"overlap must be >= 0, not {overlap}")
+        if delay_ticks is not None:
+            if delay_ticks < 1:  # a request is sent after its tick's action: its chunk can serve the next tick first
+                raise ValueError(f"delay_ticks must be >= 1, not {delay_ticks}")
+            if overlap and delay_ticks > overlap:
+                raise ValueError(
+                    f"a simulated delay of {delay_ticks} ticks needs overlap >= {delay_ticks} (got {overlap}): the "
+                    "next chunk is requested when `overlap` actions remain, and must arrive before they run out"
+                )
         self.request = request
         self.overlap = overlap
         self.inpaint = inpaint
+        self.delay_ticks = delay_ticks
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-request")
         self._pending: tuple[int, Future] | None = None
         self.reset()
@@ -78,18 +101,31 @@ class AsyncChunkExecutor:
         self.t = 0
         self._chunk: np.ndarray | None = None
         self._start = 0  # the tick the current chunk's row 0 was predicted for
-        self._delay = 1  # ticks the last overlapping request took (real-time chunking's prefix_delay)
+        # ticks the last overlapping request took (real-time chunking's prefix_delay); known when simulated
+        self._delay = self.delay_ticks or 1
         self.stats = ExecutorStats()
 
     def _submit(self, obs: Any) -> None:
+        kwargs: dict[str, Any] = {}
         if self.inpaint and self._available():
             assert self._chunk is not None
             prefix = self._chunk[self.t - self._start :].copy()  # this tick's action first
-            delay = min(self._delay, len(prefix))
-            future = self._pool.submit(self.request, snapshot(obs), prefix=prefix, prefix_delay=delay)
-        else:
-            future = self._pool.submit(self.request, snapshot(obs))
+            kwargs = {"prefix": prefix, "prefix_delay": min(self._delay, len(prefix))}
+        if self.delay_ticks is None:
+            future = self._pool.submit(self.request, snapshot(obs), **kwargs)
+        else:  # simulated latency: computed now, available delay_ticks ticks from now (`_ready`)
+            future = Future()
+            try:
+                future.set_result(self.request(obs, **kwargs))
+            except Exception as err:  # noqa: BLE001 - raised where the chunk is adopted, as in the threaded case
+                future.set_exception(err)
         self._pending = (self.t, future)
+
+    def _ready(self) -> bool:
+        """Whether the pending request's chunk has arrived."""
+        assert self._pending is not None
+        start, future = self._pending
+        return future.done() and (self.delay_ticks is None or self.t >= start + self.delay_ticks)
 
     def _adopt(self) -> None:
         """Make the finished pending chunk current (raises the request's error, if any)."""
@@ -105,12 +141,17 @@ class AsyncChunkExecutor:
         self.stats.chunks += 1
         self.stats.skipped_actions += min(self.t - start, len(chunk))
 
+    def planned(self) -> np.ndarray | None:
+        """What the current chunk holds for the coming tick (None if it does not cover it): compared with the
+        action `act` then returns, it says how far a newly adopted chunk departs from the plan it replaced."""
+        return self._chunk[self.t - self._start] if self._available() else None
+
     def _available(self) -> bool:
         return self._chunk is not None and self.t < self._start + len(self._chunk)
 
     def act(self, obs: Any) -> np.ndarray:
         """The action for this tick (observation `obs`); advances to the next tick."""
-        if self._pending is not None and self._pending[1].done():
+        if self._pending is not None and self._ready():
             self._adopt()
         if not self._available():
             began = time.perf_counter()
