@@ -12,12 +12,13 @@ rate (did the named task / did the original one), training samples/s (mean over 
 and `Policy.predict` median latency of the export (batch 1, one torch thread, tests/benchmarks/bench_policy_latency.py).
 
 Where a head cannot take the recipe as it is, the difference is printed in the table's last column: the recipe's
-spatial-softmax keypoints feed only the continuous heads (the other action spaces refuse them), the history heads
-(lstm, gpt) see a 2-frame window (with one frame they have no history to fuse), and the flow expert's gradient
-reaches the VLM (the recipe has no VL loss that would otherwise train it). Every phase runs in its own process group,
-killed on timeout; figures go to <out>/compare_heads.json. The default budget (300 steps x batch 64, 20 episodes per
-task) is sized for about 25 minutes on 2 idle cores for the six heads (an estimate from closed_loop.py's instruct
-training, 0.4 s per step, and a tiny-budget run of this script; not yet measured end to end).
+spatial-softmax keypoints feed only the continuous heads and the flow expert (the token and parallel heads refuse
+them), the history heads (lstm, gpt) see a 2-frame window (with one frame they have no history to fuse), and the
+flow expert's gradient reaches the VLM (the recipe has no VL loss that would otherwise train it). Every phase runs
+in its own process group, killed on timeout; figures go to <out>/compare_heads.json. The default budget (300 steps
+x batch 64, 20 episodes per task) is sized for about 25 minutes on 2 idle cores for the six heads (an estimate from
+closed_loop.py's instruct training, 0.4 s per step, and a tiny-budget run of this script; not yet measured end to
+end).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ HEADS: dict[str, Head] = {
     "gpt": Head(("model.head.type=gpt", "model.head.num_heads=4", *HISTORY), "window 2"),
     "discrete": Head(("model.action_space=discrete", NO_KEYPOINTS), "no keypoints"),
     "parallel": Head(("model.action_space=parallel", NO_KEYPOINTS), "no keypoints"),
-    "flow": Head(("model.action_space=flow", NO_KEYPOINTS, "model.flow.stop_gradient_to_vlm=false"), "no keypoints"),
+    "flow": Head(("model.action_space=flow", "model.flow.stop_gradient_to_vlm=false"), "expert's gradient to the VLM"),
     "fast": Head(("model.action_space=discrete", "model.discrete.tokenizer=fast", NO_KEYPOINTS), "no keypoints"),
 }
 DEFAULT_STEPS = 300  # x batch 64 (the recipe's): ~2.5 min per one-frame head, ~4.5 min per history head (2 idle cores)

@@ -8,14 +8,18 @@ import torch
 from tests.model.batches import A, N, S, robot_batch, vl_batch
 from vla_scale.config.errors import ConfigError
 from vla_scale.config.schema import BackboneConfig, ModelConfig, ResamplerConfig
+from vla_scale.config.schema_model import FlowConfig
 from vla_scale.model import build_model
 from vla_scale.model.keypoints import SpatialKeypoints, keypoint_coordinates
 
 
-def _model(tiny_path, keypoints: int, film: bool = False, history_type: str = "post"):
+def _model(tiny_path, keypoints: int, film: bool = False, history_type: str = "post", space: str = "continuous"):
     torch.manual_seed(0)
     backbone = BackboneConfig(family="llava", pretrained=str(tiny_path))
-    cfg = ModelConfig(backbone=backbone, latent_num=2, film=film, keypoints=keypoints, history_type=history_type)
+    cfg = ModelConfig(
+        backbone=backbone, latent_num=2, film=film, keypoints=keypoints, history_type=history_type, action_space=space
+    )
+    cfg.validate()
     return build_model(cfg, action_dim=A, state_dim=S, chunk_size=N).eval()
 
 
@@ -72,11 +76,33 @@ def test_keypoints_stay_in_the_graph_of_vl_batches_with_zero_gradient(tiny_path)
     assert grad is not None and grad.abs().sum() == 0
 
 
+def test_the_flow_expert_reads_the_keypoints_and_they_learn_from_its_loss(tiny_path):
+    model = _model(tiny_path, 8, film=True, space="flow").train()
+    model(robot_batch(model))["loss"].backward()
+    assert model.keypoints.proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.keypoints.proj.weight.normal_(std=0.5)
+    model.zero_grad(set_to_none=True)
+    model(robot_batch(model))["loss"].backward()
+    assert model.keypoints.score[0].weight.grad.abs().sum() > 0  # the maps learn once the projection passes them on
+    model.eval()
+    batch = robot_batch(model)
+    noise = torch.Generator().manual_seed(0)
+    with_keypoints, _ = model.predict_action(batch.observation, noise)
+    with torch.no_grad():
+        model.keypoints.proj.weight.zero_()
+    without, _ = model.predict_action(batch.observation, torch.Generator().manual_seed(0))
+    assert not torch.allclose(with_keypoints, without)
+
+
 def test_config_refuses_keypoints_with_a_resampler_or_discrete_actions():
     with pytest.raises(ConfigError, match="model.resampler"):
         ModelConfig(keypoints=4, resampler=ResamplerConfig(enabled=True)).validate()
     with pytest.raises(ConfigError, match="model.keypoints: 0"):
         ModelConfig(keypoints=4, action_space="discrete").validate()
+    with pytest.raises(ConfigError, match="stop_gradient_to_vlm: false"):  # the keypoints would never learn
+        ModelConfig(keypoints=4, action_space="flow", flow=FlowConfig(stop_gradient_to_vlm=True)).validate()
+    ModelConfig(BackboneConfig(family="llava", pretrained="x"), keypoints=4, action_space="flow").validate()
     with pytest.raises(ConfigError, match="model.keypoints"):
         ModelConfig(keypoints=-1).validate()
 

@@ -130,7 +130,8 @@ class ModelConfig:
     instruction_first: bool = False
     film: bool = False  # the instruction scales/shifts the image tokens (FiLM) before the LM (model/film.py)
     # Spatial-softmax keypoints of the static camera's image tokens (after FiLM), added to the action states:
-    # how many (0: off). Continuous action space; needs a square image-token grid (model/keypoints.py).
+    # how many (0: off). Continuous and flow action spaces (the flow expert reads the same action states);
+    # needs a square image-token grid (model/keypoints.py).
     keypoints: int = 0
     # Average-pool each image's square token grid k x k before the LM (1: off); keypoints still see the full grid.
     image_pool: int = 1
@@ -152,10 +153,15 @@ class ModelConfig:
                 f"{prefix}.image_pool pools the image-token grid, which {prefix}.resampler replaces by latents: "
                 "turn one of them off"
             )
-        if self.keypoints and self.action_space != "continuous":
+        if self.keypoints and self.action_space not in ("continuous", "flow"):
             raise ConfigError(
-                f"{prefix}.keypoints feeds the continuous action head; with {prefix}.action_space: "
-                f"{self.action_space} set {prefix}.keypoints: 0"
+                f"{prefix}.keypoints feeds the action states of the continuous head and the flow expert; with "
+                f"{prefix}.action_space: {self.action_space} set {prefix}.keypoints: 0"
+            )
+        if self.keypoints and self.action_space == "flow" and self.flow.stop_gradient_to_vlm:
+            raise ConfigError(
+                f"{prefix}.keypoints learn from the action loss, which {prefix}.flow.stop_gradient_to_vlm keeps from "
+                f"everything before the expert: set {prefix}.flow.stop_gradient_to_vlm: false or {prefix}.keypoints: 0"
             )
         if self.keypoints and self.resampler.enabled:
             raise ConfigError(

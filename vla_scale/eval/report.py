@@ -45,10 +45,9 @@ def format_results(results: dict) -> str:
         lines.append(row.rstrip())
     o = results["overall"]
     if "switch_jump" in o:
-        text = (
-            f"action change (L2, raw units): {o['switch_jump']:.4f} at the {o['chunk_switches']} chunk switches, "
-            f"{o.get('step_jump', float('nan')):.4f} between steps of one chunk"
-        )
+        text = f"action change (L2, raw units): {o['switch_jump']:.4f} at the {o['chunk_switches']} chunk switches"
+        if "step_jump" in o:  # none when every step starts a chunk (--exec-steps 1)
+            text += f", {o['step_jump']:.4f} between steps of one chunk"
         if "switch_departure" in o:
             text += f"; a new chunk departs {o['switch_departure']:.4f} from the replaced chunk's plan"
         if "stalled_steps" in o:
