@@ -200,9 +200,9 @@ class ChunkingAgent(Agent):
             )
         self._reset_tracking()
 
+    @abc.abstractmethod
     def _query(self, obs: EnvObservation, prefix: np.ndarray | None = None, prefix_delay: int = 0) -> np.ndarray:
-        """The action chunk [N, A] for this step's observation."""
-        raise NotImplementedError
+        """The action chunk [N, A] for this step's observation (`prefix`, `prefix_delay`: real-time chunking)."""
 
     def _reset_tracking(self) -> None:
         self._last: np.ndarray | None = None

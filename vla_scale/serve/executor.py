@@ -19,13 +19,13 @@ still holds from its tick on (`prefix`) and how many of those actions will run b
 them, so the switch to it does not jump (Black et al. 2025). `request` is then called as
 `request(obs, prefix=..., prefix_delay=...)`, as `PolicyClient.infer` takes them.
 
-Simulated latency (`delay_ticks=d >= 1`, closed-loop evaluation in a simulator, `vla-scale eval --delay`): a request
-is computed at once in the calling thread, but its chunk (row i for tick s + i, s the request's tick) only becomes
-available at tick s + d, so a simulator
-sees what a robot would with an inference that takes d control ticks, independent of how fast this machine runs
-the model (as real-time chunking's simulated-delay experiments do). As for a real robot, a tick with no chunk
-waits for the pending one without advancing the clock (counted as stalled): with overlap >= d that happens only
-at an episode's first tick, or when a chunk is too short to cover the next request's delay.
+Simulated latency (`delay_ticks=d >= 1`, closed-loop evaluation in a simulator, `vla-scale eval --delay`): a
+request is computed at once in the calling thread, but its chunk (row i for tick s + i, s the request's tick)
+only becomes available at tick s + d, so a simulator sees what a robot would with an inference that takes d
+control ticks, however fast this machine runs the model (as real-time chunking's simulated-delay experiments do);
+`prefix_delay` is then d. As for a real robot, a tick with no chunk waits for the pending one without advancing
+the clock (counted as stalled): with overlap >= d that happens only at an episode's first tick, or when a chunk
+is too short to cover the next request's delay.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class AsyncChunkExecutor:
         chunk = np.asarray(future.result(), dtype=np.float32)
         if chunk.ndim != 2 or chunk.shape[0] < 1:
             raise ValueError(f"an action chunk must be [N, A] with N >= 1, got {chunk.shape}")
-        if self._chunk is not None:  # an overlapping request: how many ticks it took
+        if self._chunk is not None and self.delay_ticks is None:  # an overlapping request: how many ticks it took
             self._delay = max(1, self.t - start)
         self._chunk, self._start = chunk, start
         self.stats.chunks += 1
