@@ -163,10 +163,19 @@ def raw_floor(export: Path, threads: int, action_dim: int):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def infer(o: dict) -> float:
-            sock.sendmsg([*(o["images"][c] for c in CAMERAS), o["state"]])
+            views = [memoryview(a).cast("B") for a in (*(o["images"][c] for c in CAMERAS), o["state"])]
+            while views:  # one sendmsg in the usual case, straight from the arrays
+                sent = sock.sendmsg(views)
+                while views and sent >= views[0].nbytes:
+                    sent -= views.pop(0).nbytes
+                if views and sent:
+                    views[0] = views[0][sent:]
             data = b""
             while len(data) < reply:
-                data += sock.recv(reply - len(data))
+                chunk = sock.recv(reply - len(data))
+                if not chunk:
+                    raise RuntimeError("the raw-socket floor server closed the connection")
+                data += chunk
             np.frombuffer(data, np.float32, CHUNK * action_dim)
             return struct.unpack("<d", data[-8:])[0]
 

@@ -113,7 +113,8 @@ def test_simulated_delay_acts_the_same_served_and_in_process(flow_server, flow_e
     np.testing.assert_array_equal(local[1], served[1])
     for r in local[0]:  # the first step waits for the first chunk; each later chunk lost its 2 stale rows
         assert r["stalled_steps"] == 1 and r["stale_rows_skipped"] == 2 * r["chunk_switches"]
-        assert r["chunk_switches"] == (r["length"] - 1) // (CHUNK - 3)  # a new chunk every chunk - overlap steps
+        # chunk k > 0 is requested at step k (CHUNK - 3) and takes over 2 steps later
+        assert r["chunk_switches"] == (r["length"] - 1 - 2) // (CHUNK - 3)
         assert r["chunk_switches"] + r["steps_within_chunks"] == r["length"] - 1
 
 
@@ -142,6 +143,7 @@ def test_eval_cli_checks_the_execution_options(export_dir, history_export_dir, t
         ([str(export_dir), "--delay", "2", "--exec-steps", "4"], "drop --exec-steps"),
         ([str(export_dir), "--delay", "2", "--rtc"], "needs a flow policy"),
         ([str(history_export_dir), "--delay", "2"], "frame history or a recurrent head"),
+        (["--agent", "random", "--delay", "2"], "apply to --agent policy only"),
     ]
     for args, message in cases:
         assert cli(["eval", *args, *base, "--out", str(tmp_path / "x")]) == 2, args

@@ -48,6 +48,10 @@ def test_arrays_anywhere_in_the_message_round_trip():
 
 def test_kept_buffer_is_reused_and_survives_a_view_that_outlives_the_block():
     msg, small = message(), {"type": "health", "id": 3}
+    with proto.packed(small):
+        kept = proto._local.packer
+    with proto.packed(msg):
+        assert proto._local.packer is kept  # one packer per thread, reused
     with proto.packed(msg) as frame:
         held = frame[:10]  # a view of the packer's buffer kept past the block: the buffer cannot be reset
     with proto.packed(small) as frame:
@@ -74,6 +78,15 @@ def test_a_malformed_array_is_refused_under_its_path(array, path, text):
     with pytest.raises(proto.RequestError, match=text) as err:
         proto.unpack(frame)
     assert err.value.field == path
+
+
+def test_a_malformed_array_in_an_otherwise_undecodable_frame_is_an_undecodable_message():
+    bad = {"__ndarray__": True, "dtype": "<f4", "shape": [4], "data": b"\0" * 12}
+    frame = proto.pack({"type": "infer", "x": bad})
+    for broken in (frame + b"\xc1", frame[:-1]):  # trailing garbage; cut short
+        with pytest.raises(proto.RequestError, match="undecodable") as err:
+            proto.unpack(broken)
+        assert err.value.field == "message"
 
 
 def test_an_array_in_a_list_is_refused_under_its_index():

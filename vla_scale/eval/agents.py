@@ -206,8 +206,8 @@ class ChunkingAgent(Agent):
 
     def _reset_tracking(self) -> None:
         self._last: np.ndarray | None = None
-        self._source: object = None  # which chunk the last action came from
-        self._pushed_at = -1  # the step the synchronous executor's newest chunk was predicted at
+        self._source = -1  # which chunk (counted from the episode's first) the last action came from
+        self._pushes = 0  # chunks given to the synchronous executor
         self._jumps: dict[bool, list[float]] = {True: [], False: []}  # at a chunk switch / within a chunk
         self._departures: list[float] = []  # at a switch: the new chunk's action against the old chunk's plan
 
@@ -221,20 +221,21 @@ class ChunkingAgent(Agent):
         plan = (self.async_executor or self.executor).planned()  # the current chunk's plan for this step
         if self.async_executor is not None:
             action = self.async_executor.act(obs)
-            source: object = self.async_executor.stats.log[-1][1]  # the tick its chunk was requested at
+            source = self.async_executor.stats.chunks  # chunks adopted so far: the newest is this action's
         else:
             due = self.executor.due()
             if due or self._query_every_step:
                 chunk = self._query(obs)
                 if due:
                     self.executor.push(chunk)
-                    self._pushed_at = self.executor.t
-            source = self._pushed_at
+                    self._pushes += 1
+            source = self._pushes
             action = self.executor.pop()
         switch = source != self._source
         if self._last is not None:
             self._jumps[switch].append(float(np.linalg.norm(action - self._last)))
-            if switch and plan is not None:
+            # ensembling blends the new chunk with the ones it overlaps instead of replacing one: no departure
+            if switch and plan is not None and not self.execution.ensemble:
                 self._departures.append(float(np.linalg.norm(action - plan)))
         self._last, self._source = np.asarray(action, np.float32), source
         return action
@@ -242,8 +243,9 @@ class ChunkingAgent(Agent):
     def episode_info(self) -> dict[str, Any]:
         """Raw action units, L2: the mean change of the action where a new chunk takes over (`switch_jump`) and
         between two steps of one chunk (`step_jump`), and at a switch how far the new chunk's action departs from
-        what the replaced chunk planned for that step (`switch_departure`, switches where it still covered it);
-        with --delay also the executor's stalled steps and stale rows skipped."""
+        what the replaced chunk planned for that step (`switch_departure`, switches where it still covered it; not
+        with --ensemble, which blends chunks instead of replacing one); with --delay also the executor's stalled
+        steps and stale rows skipped."""
         mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
         info: dict[str, Any] = {
             "chunk_switches": len(self._jumps[True]),

@@ -59,7 +59,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from vla_scale.eval.agents import make_agent
+    from vla_scale.eval.agents import Execution, make_agent
     from vla_scale.eval.report import format_results
     from vla_scale.eval.runner import EvalConfig, EvalError, evaluate
 
@@ -69,6 +69,14 @@ def run_eval(args: argparse.Namespace) -> int:
             "or --agent random|expert",
             file=sys.stderr,
         )
+        return 2
+    if args.agent != "policy" and (args.delay is not None or args.overlap is not None or args.rtc):
+        print("vla-scale eval: error: --delay, --overlap and --rtc apply to --agent policy only", file=sys.stderr)
+        return 2
+    try:  # what can be checked before a worker loads the policy
+        Execution(args.exec_steps, args.ensemble, delay=args.delay, overlap=args.overlap, rtc=args.rtc).check()
+    except ValueError as err:
+        print(f"vla-scale eval: error: {err}", file=sys.stderr)
         return 2
     cfg = EvalConfig(
         suite=args.suite,

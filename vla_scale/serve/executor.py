@@ -79,7 +79,7 @@ class AsyncChunkExecutor:
         if delay_ticks is not None:
             if delay_ticks < 1:  # a request is sent after its tick's action: its chunk can serve the next tick first
                 raise ValueError(f"delay_ticks must be >= 1, not {delay_ticks}")
-            if overlap and delay_ticks > overlap:
+            if delay_ticks > overlap:  # overlap 0 (synchronous) would wait for every chunk at no simulated cost
                 raise ValueError(
                     f"a simulated delay of {delay_ticks} ticks needs overlap >= {delay_ticks} (got {overlap}): the "
                     "next chunk is requested when `overlap` actions remain, and must arrive before they run out"

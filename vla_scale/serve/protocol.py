@@ -82,7 +82,8 @@ _local = threading.local()
 def packed(message: dict) -> Iterator[memoryview]:
     """`pack` into this thread's kept buffer, for sending inside the block. Why: a 0.3 MB request packed by
     `packb` is written into a fresh 256 KiB buffer, copied again as it outgrows it and once more into the
-    returned bytes; a kept buffer is already large enough and the frame goes out from it directly."""
+    returned bytes; a kept buffer is already large enough, and a server's reply goes out from it directly (a
+    client's frame is masked from it into one copy)."""
     packer = getattr(_local, "packer", None)
     if packer is None:
         packer = _local.packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=False)
@@ -107,9 +108,12 @@ def unpack(frame: bytes | str) -> dict:
     if isinstance(frame, str):
         raise RequestError("message", "expected a binary frame holding a msgpack map, got a text frame")
     try:
-        obj = msgpack.unpackb(frame, raw=False, strict_map_key=False, object_hook=_array_hook)
-    except RequestError:  # a malformed array: decoded again the slow way, which names where it is
-        obj = _arrays(msgpack.unpackb(frame, raw=False, strict_map_key=False), "")
+        try:
+            obj = msgpack.unpackb(frame, raw=False, strict_map_key=False, object_hook=_array_hook)
+        except RequestError:  # a malformed array: decoded again the slow way, which names where it is
+            obj = _arrays(msgpack.unpackb(frame, raw=False, strict_map_key=False), "")
+    except RequestError:
+        raise
     except Exception as err:  # noqa: BLE001 - msgpack raises several unrelated types on bad input
         raise RequestError("message", f"expected a msgpack map, got undecodable bytes ({err})") from None
     if not isinstance(obj, dict):
