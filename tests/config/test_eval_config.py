@@ -48,6 +48,9 @@ def test_cadence_ignored_while_off():
         ("eval.workers=-1", r"eval\.workers must be >= 0"),
         ("eval.final_wait_s=-1", r"eval\.final_wait_s must be >= 0"),
         ("eval.at_end=false", r"nothing would be evaluated"),
+        ("eval.rtc=true", r"eval\.overlap and eval\.rtc need eval\.delay"),
+        ("eval.overlap=3", r"eval\.overlap and eval\.rtc need eval\.delay"),
+        ("eval.delay=-1", r"eval\.delay must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(override, pattern):
@@ -66,3 +69,18 @@ def test_eval_settings_may_change_on_resume(tmp_path):
     del old["eval"]
     assert config_diff(old, to_dict(after)) == []
     assert config_diff(old, to_dict(load_config(DEBUG, ["train.zero_stage=3"]))) == ["train.zero_stage: 2 -> 3"]
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["eval.delay=3", "eval.overlap=2"], r"eval\.overlap \(2\) < eval\.delay \(3\)"),
+        (["eval.delay=2", "eval.exec_steps=4"], r"leave eval\.exec_steps at 1 and eval\.ensemble off"),
+        (["eval.delay=2", "eval.ensemble=true"], r"leave eval\.exec_steps at 1 and eval\.ensemble off"),
+    ],
+)
+def test_simulated_delay_settings_are_checked(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(DEBUG, ["eval.suite=instruct", *overrides])
+    ok = load_config(DEBUG, ["eval.suite=instruct", "eval.delay=2", "eval.overlap=4", "eval.rtc=true"]).eval
+    assert (ok.delay, ok.overlap, ok.rtc) == (2, 4, True)

@@ -7,10 +7,12 @@ hook (rank 0 of a resumed run at step 6) is asked what it will log and what it w
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from tests.train.jobs import CONFIG
 from vla_scale.config import load_config
 from vla_scale.config.schema import WandbConfig
-from vla_scale.train.eval_hook import EvalHook, eval_dir, eval_values
+from vla_scale.train.eval_hook import EvalHook, eval_dir, eval_setup, eval_values
 from vla_scale.train.metrics import MetricsWriter, read_metrics
 
 
@@ -47,3 +49,20 @@ def test_eval_values():
     values = eval_values(results({"touch_red": 0.0, "touch_blue": 1.0}), 4)
     expected = {"eval/success/touch_red": 0.0, "eval/success/touch_blue": 1.0, "eval/success": 0.5, "eval/step": 4}
     assert values == expected
+    chunked = results({"touch_red": 1.0})
+    chunked["overall"].update(switch_jump=0.5, step_jump=0.25, chunk_switches=7)  # no departure: not logged
+    values = eval_values(chunked, 6)
+    assert values["eval/switch_jump"] == 0.5 and values["eval/step_jump"] == 0.25
+    assert "eval/switch_departure" not in values and "eval/chunk_switches" not in values
+
+
+@pytest.mark.parametrize(("delay", "overlap", "rtc"), [(0, 0, False), (2, 0, False), (2, 4, True)])
+def test_eval_section_reaches_the_runner_and_the_policy_agent(tmp_path, delay, overlap, rtc):
+    settings = [f"eval.delay={delay}", f"eval.overlap={overlap}", f"eval.rtc={str(rtc).lower()}"]
+    cfg = load_config(CONFIG, ["eval.suite=instruct", "eval.every_steps=2", "eval.episodes=3", *settings])
+    ecfg, factory = eval_setup(cfg.eval, tmp_path / "policy", tmp_path, 32)
+    assert (ecfg.episodes, ecfg.image_size, ecfg.out_dir) == (3, 32, str(tmp_path))
+    assert (ecfg.delay, ecfg.overlap, ecfg.rtc) == (delay or None, overlap or None, rtc)
+    kwargs = factory.keywords
+    assert (kwargs["delay"], kwargs["overlap"], kwargs["rtc"]) == (delay or None, overlap or None, rtc)
+    assert kwargs["path"] == str(tmp_path / "policy") and kwargs["kind"] == "policy"

@@ -25,6 +25,11 @@ class PeriodicEvalConfig:
     workers: int = 1  # simulator worker processes of the background evaluation
     exec_steps: int = 1  # actions of each predicted chunk executed open-loop before the next query
     ensemble: bool = False  # temporal ensembling of overlapping chunks
+    # Simulated inference latency in steps (0: off): chunks run asynchronously, each from `delay` steps after its
+    # request, the next one requested at `overlap` actions left (0: the delay); `rtc`: real-time chunking (flow).
+    delay: int = 0
+    overlap: int = 0
+    rtc: bool = False
     videos: int = 0  # episodes per task saved as a video (and sent to wandb when online)
     image_size: int = 0  # rendered frame size in pixels; 0: the robot dataset's frame size
     device: str = "cpu"  # where the background evaluation runs the policy
@@ -44,8 +49,19 @@ class PeriodicEvalConfig:
 
         if self.suite not in SUITES:
             raise ConfigError(f"{prefix}.suite: unknown simulator suite {self.suite!r}.{suggest(self.suite, SUITES)}")
-        check_at_least(self, prefix, ("every_steps", "image_size", "videos", "workers"), 0)
+        check_at_least(self, prefix, ("every_steps", "image_size", "videos", "workers", "delay", "overlap"), 0)
         check_at_least(self, prefix, ("episodes", "exec_steps"), 1)
+        if not self.delay and (self.overlap or self.rtc):
+            raise ConfigError(f"{prefix}.overlap and {prefix}.rtc need {prefix}.delay (simulated latency in steps)")
+        if self.delay and (self.exec_steps != 1 or self.ensemble):
+            raise ConfigError(
+                f"{prefix}.delay runs chunks asynchronously: leave {prefix}.exec_steps at 1 and {prefix}.ensemble off"
+            )
+        if self.delay and self.overlap and self.overlap < self.delay:
+            raise ConfigError(
+                f"{prefix}.overlap ({self.overlap}) < {prefix}.delay ({self.delay}): the next chunk is requested "
+                "when `overlap` actions remain and must arrive before they run out"
+            )
         if self.final_wait_s < 0:
             raise ConfigError(f"{prefix}.final_wait_s must be >= 0, got {self.final_wait_s}")
         if self.every_steps == 0 and not self.at_end:

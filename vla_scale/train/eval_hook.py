@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,8 @@ from vla_scale.train.log_window import collective_device as _device
 from vla_scale.train.metrics import MetricsWriter, read_metrics, wandb_mode
 
 if TYPE_CHECKING:
+    from vla_scale.config.schema_eval import PeriodicEvalConfig
+    from vla_scale.eval.runner import EvalConfig
     from vla_scale.train.state import RunState
 
 RESULTS = "results.json"
@@ -54,10 +57,16 @@ def eval_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "eval" / checkpoint.tag_for(step)
 
 
+CHUNK_FIGURES = ("switch_jump", "step_jump", "switch_departure")  # how the policy's chunks joined (eval/metrics.py)
+
+
 def eval_values(results: dict, step: int) -> dict[str, float]:
-    """The metrics of one results.json: `eval/success/<task>`, `eval/success` (all episodes), `eval/step`."""
+    """The metrics of one results.json: `eval/success/<task>`, `eval/success` (all episodes), `eval/step`, and
+    the overall chunk figures it has (`eval/switch_jump`, `eval/step_jump`, `eval/switch_departure`)."""
     values = {f"eval/success/{task}": block["success"]["rate"] for task, block in results["tasks"].items()}
-    values["eval/success"] = results["overall"]["success"]["rate"]
+    overall = results["overall"]
+    values["eval/success"] = overall["success"]["rate"]
+    values.update({f"eval/{key}": overall[key] for key in CHUNK_FIGURES if key in overall})
     values["eval/step"] = step
     return values
 
@@ -265,13 +274,42 @@ def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 
 
 # ----- the background job ---------------------------------------------------------------------------
-def run_job(folder: str | Path) -> dict:
-    """Export the snapshotted checkpoint in `folder` and evaluate it closed loop; returns the results."""
+def eval_setup(ev: PeriodicEvalConfig, policy: Path, folder: Path, image_size: int) -> tuple[EvalConfig, Callable]:
+    """The runner's config and the policy agent factory for the `eval:` section `ev` (export `policy`)."""
     from functools import partial
 
-    from vla_scale.config import load_config
     from vla_scale.eval.agents import make_agent
-    from vla_scale.eval.runner import EvalConfig, evaluate
+    from vla_scale.eval.runner import EvalConfig
+
+    execution = {"delay": ev.delay or None, "overlap": ev.overlap or None, "rtc": ev.rtc}
+    ecfg = EvalConfig(
+        suite=ev.suite,
+        tasks=list(ev.tasks),
+        episodes=ev.episodes,
+        workers=ev.workers,
+        exec_steps=ev.exec_steps,
+        ensemble=ev.ensemble,
+        **execution,
+        videos=ev.videos,
+        image_size=image_size,
+        out_dir=str(folder),
+    )
+    factory = partial(
+        make_agent,
+        kind="policy",
+        path=str(policy),
+        exec_steps=ev.exec_steps,
+        ensemble=ev.ensemble,
+        device=ev.device,
+        **execution,
+    )
+    return ecfg, factory
+
+
+def run_job(folder: str | Path) -> dict:
+    """Export the snapshotted checkpoint in `folder` and evaluate it closed loop; returns the results."""
+    from vla_scale.config import load_config
+    from vla_scale.eval.runner import evaluate
     from vla_scale.train.export import export_policy, robot_manifest
 
     folder = Path(folder)
@@ -284,20 +322,7 @@ def run_job(folder: str | Path) -> dict:
         export_policy(folder, policy, tag=tag)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the export holds what evaluation needs
     image_size = ev.image_size or robot_manifest(cfg)[1].image_size[0]
-    ecfg = EvalConfig(
-        suite=ev.suite,
-        tasks=list(ev.tasks),
-        episodes=ev.episodes,
-        workers=ev.workers,
-        exec_steps=ev.exec_steps,
-        ensemble=ev.ensemble,
-        videos=ev.videos,
-        image_size=image_size,
-        out_dir=str(folder),
-    )
-    agent = partial(
-        make_agent, kind="policy", path=str(policy), exec_steps=ev.exec_steps, ensemble=ev.ensemble, device=ev.device
-    )
+    ecfg, agent = eval_setup(ev, policy, folder, image_size)
     results = evaluate(agent, ecfg)
     if not ev.keep_exports:
         shutil.rmtree(policy, ignore_errors=True)
