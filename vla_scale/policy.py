@@ -92,6 +92,11 @@ class Policy:
         self._generator: torch.Generator | None = None  # sampling noise (flow action space), seeded by reset
         self.model.reset()
 
+    @property
+    def can_inpaint(self) -> bool:
+        """Whether `predict` takes a `prefix` (real-time chunking): the flow action space only."""
+        return self.model.cfg.action_space == "flow"
+
     @classmethod
     def from_pretrained(
         cls,
@@ -248,8 +253,8 @@ class Policy:
 
     def _inpainting(self, prefix: np.ndarray, delay: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised target `[N, A]`, row weights `[N]`) for `predict`'s real-time chunking."""
-        space = self.model.cfg.action_space
-        if space != "flow":
+        if not self.can_inpaint:
+            space = self.model.cfg.action_space
             raise ValueError(f"prefix (real-time chunking) needs the flow action space, not {space}")
         prefix = np.asarray(prefix, dtype=np.float32)
         n, a = self.chunk_size, self.action_dim

@@ -276,7 +276,7 @@ class PolicyAgent(ChunkingAgent):
         self._setup(
             execution or Execution(),
             query_every_step=self.policy.window_size > 1 or bool(getattr(model, "stepwise", False)),
-            can_inpaint=model.cfg.action_space == "flow",
+            can_inpaint=self.policy.can_inpaint,
         )
 
     def reset(self, env: Env, seed: int) -> None:

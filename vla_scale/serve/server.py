@@ -91,7 +91,7 @@ class PolicyServer:
         self._stepwise = bool(getattr(policy.model, "stepwise", False))
         self._base_head = policy.model.action_head if self._stepwise else None
         self._state_required = policy.model.state_encoder is not None
-        self._inpainting = policy.model.cfg.action_space == "flow"
+        self._inpainting = policy.can_inpaint
         self._model = threading.Lock()  # one inference at a time, whichever connection asks
         self._sessions: dict[int, Session] = {}
         self._streams: dict[int, FrameStream] = {}  # open connections
