@@ -97,6 +97,8 @@ def guided_euler_sample(
     vector-Jacobian product of the weighted error through the predicted chunk, scaled by
     min(max_guidance, (1 - s) / (s r_s^2)) with s = 1 - t the paper's time and r_s^2 = (1 - s)^2 / (s^2 + (1 - s)^2)).
     All-zero weights give `euler_sample` exactly."""
+    if not bool(weights.any()):  # nothing to hold: plain sampling, no gradients
+        return euler_sample(velocity, noise, num_steps)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     x = noise.float()
@@ -106,9 +108,6 @@ def guided_euler_sample(
     for i in range(num_steps):
         t_now = 1.0 - i * dt
         t = torch.full((x.shape[0],), t_now, device=x.device)
-        if not bool(w.any()):
-            x = x - dt * velocity(x, t).float()
-            continue
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             v = velocity(xg, t).float()
