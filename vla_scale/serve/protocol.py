@@ -108,17 +108,22 @@ def unpack(frame: bytes | str) -> dict:
     if isinstance(frame, str):
         raise RequestError("message", "expected a binary frame holding a msgpack map, got a text frame")
     try:
-        try:
-            obj = msgpack.unpackb(frame, raw=False, strict_map_key=False, object_hook=_array_hook)
-        except RequestError:  # a malformed array: decoded again the slow way, which names where it is
-            obj = _arrays(msgpack.unpackb(frame, raw=False, strict_map_key=False), "")
-    except RequestError:
-        raise
-    except Exception as err:  # noqa: BLE001 - msgpack raises several unrelated types on bad input
-        raise RequestError("message", f"expected a msgpack map, got undecodable bytes ({err})") from None
+        obj = _decode(frame, _array_hook)
+    except RequestError:  # a malformed array (or undecodable bytes): decoded again the slow way, naming where
+        obj = _arrays(_decode(frame), "")
     if not isinstance(obj, dict):
         raise RequestError("message", f"expected a msgpack map, got a {type(obj).__name__}")
     return obj
+
+
+def _decode(frame: bytes, hook: Any = None) -> Any:
+    """msgpack's decoding of `frame`; whatever it raises on bad bytes becomes an "undecodable" `RequestError`."""
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=False, object_hook=hook)
+    except RequestError:
+        raise  # from the hook
+    except Exception as err:  # noqa: BLE001 - msgpack raises several unrelated types on bad input
+        raise RequestError("message", f"expected a msgpack map, got undecodable bytes ({err})") from None
 
 
 def _array_hook(obj: dict) -> Any:
