@@ -153,6 +153,8 @@ def raw_floor_server(export: str, threads: int, ports: Any) -> None:
 @contextmanager
 def raw_floor(export: Path, threads: int, action_dim: int):
     """Start the floor's server; yields `infer(obs) -> server ms` over its socket (the frames sent in place)."""
+    from vla_scale.serve.frames import send_all
+
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
     proc = ctx.Process(target=raw_floor_server, args=(str(export), threads, ports), daemon=True)
@@ -163,13 +165,7 @@ def raw_floor(export: Path, threads: int, action_dim: int):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def infer(o: dict) -> float:
-            views = [memoryview(a).cast("B") for a in (*(o["images"][c] for c in CAMERAS), o["state"])]
-            while views:  # one sendmsg in the usual case, straight from the arrays
-                sent = sock.sendmsg(views)
-                while views and sent >= views[0].nbytes:
-                    sent -= views.pop(0).nbytes
-                if views and sent:
-                    views[0] = views[0][sent:]
+            send_all(sock, [*(o["images"][c] for c in CAMERAS), o["state"]])  # one sendmsg, from the arrays
             data = b""
             while len(data) < reply:
                 chunk = sock.recv(reply - len(data))

@@ -213,7 +213,7 @@ class FrameStream:
             header += mask
             payload = apply_mask(payload, mask)
         with self._send_lock:
-            _send_all(self.sock, [header, payload] if n else [header])
+            send_all(self.sock, [header, payload] if n else [header])
 
     def _send_close(self, close: Close, raw: bytes | None = None) -> None:
         self.close_sent = close
@@ -273,7 +273,7 @@ class FrameStream:
         return (ConnectionClosedOK if ok else ConnectionClosedError)(rcvd, sent, self._rcvd_then_sent)
 
 
-def _send_all(sock: socket.socket, buffers: list) -> None:
+def send_all(sock: socket.socket, buffers: list) -> None:
     """`sendmsg` until every byte of `buffers` is out (one system call in the usual case)."""
     if not hasattr(sock, "sendmsg"):  # Windows: one joined copy instead
         sock.sendall(b"".join(buffers))
